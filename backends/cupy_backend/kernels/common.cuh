@@ -1,0 +1,68 @@
+// common.cuh — helpers shared by the qlora-ref kernels (included by every kernels/*.cu file).
+//
+// Rules every kernel here follows (specs/blockwise.md, STYLE.md habit 5):
+//   * float32 arithmetic one operation at a time, each rounded to nearest even: __fmul_rn / __fadd_rn / __fdiv_rn,
+//     and the module is compiled with --fmad=false so no multiply-add is ever contracted;
+//   * conversions to the output dtype round once (__float2bfloat16_rn, __float2half_rn);
+//   * a kernel's only check is its bounds guard: validation happens in Python (backends/cupy_backend/ops.py).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+typedef unsigned char u8;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+// --- exact widening of the input dtypes to float32 (BW-1) --------------------------------------------------------
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// --- one rounding from float32 to the output dtype (BW-7) ---------------------------------------------------------
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Two float32 values -> two output values packed in 32 bits, `a` at the lower address (one rounding each).
+template <typename T> __device__ __forceinline__ u32 pack2(float a, float b);
+template <> __device__ __forceinline__ u32 pack2<__half>(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<u32*>(&h);
+}
+template <> __device__ __forceinline__ u32 pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<u32*>(&h);
+}
+
+// Unpack 16 bytes of T into float32 (8 values for 16-bit types, 4 for float32).
+template <typename T> struct Vec16;
+template <> struct Vec16<float> {
+    static constexpr int N = 4;
+    __device__ __forceinline__ static void unpack(uint4 q, float* v) {
+        v[0] = __uint_as_float(q.x); v[1] = __uint_as_float(q.y); v[2] = __uint_as_float(q.z); v[3] = __uint_as_float(q.w);
+    }
+};
+template <> struct Vec16<__half> {
+    static constexpr int N = 8;
+    __device__ __forceinline__ static void unpack(uint4 q, float* v) {
+        const __half2* h = reinterpret_cast<const __half2*>(&q);
+#pragma unroll
+        for (int k = 0; k < 4; k++) { float2 f = __half22float2(h[k]); v[2 * k] = f.x; v[2 * k + 1] = f.y; }
+    }
+};
+template <> struct Vec16<__nv_bfloat16> {
+    static constexpr int N = 8;
+    __device__ __forceinline__ static void unpack(uint4 q, float* v) {
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) { v[2 * k] = __uint_as_float(w[k] << 16); v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u); }
+    }
+};
+
+__device__ __forceinline__ float warp_max(float m) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    return m;
+}

@@ -1,0 +1,301 @@
+"""Instruction data: read, format, tokenize with the model's own tokenizer, mask the prompt, batch by length.
+
+Formats (all give ``Example(prompt, completion)``; the loss goes on the completion only, as in QLoRA's Guanaco runs):
+
+    alpaca             .json array of {"instruction", "input", "output"}  -> the Alpaca prompt (qlora.py's
+                       ALPACA_PROMPT_DICT) + output
+    oasst              .jsonl, {"input": "### Human: ... ### Assistant:", "output": ...}   or
+                       {"text": "### Human: ... ### Assistant: ..."} (split at the last "### Assistant:")
+    prompt-completion  .jsonl, {"prompt": ..., "completion": ...}
+
+Tokenization (one example, T tokens):
+
+    input_ids = tok(prompt) + tok(completion) + [eos]                       (T,)
+    labels    = [-100] * len(tok(prompt)) + tok(completion) + [eos]         (T,)   -100 = ignored by the loss
+
+Every problem with the input is a ``DataError`` (a ValueError) naming the file, the line or example, and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: "
+)
+ASSISTANT_TAG = "### Assistant:"
+
+
+class DataError(ValueError):
+    """Bad training/eval data: missing file, malformed line, empty set, an example too long for the model."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    answer: str | None = None  # the exact-match target, for generated tasks
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_target(self) -> int:
+        return sum(1 for v in self.labels if v != IGNORE_INDEX)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path!r}")
+    if os.path.isdir(path):
+        raise DataError(f"data path is a directory, expected a .json or .jsonl file: {path!r}")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """One JSON object per non-blank line; a bad line is reported by its 1-based number."""
+    _check_file(path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    return records
+
+
+def read_json_array(path: str) -> list[dict]:
+    _check_file(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: record {i} is a {type(rec).__name__}, expected a JSON object")
+    return data
+
+
+def _require_str(rec: dict, key: str, where: str) -> str:
+    v = rec.get(key)
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def detect_format(rec: dict) -> str:
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "completion" in rec and "prompt" in rec:
+        return "prompt-completion"
+    if ("input" in rec and "output" in rec) or "text" in rec:
+        return "oasst"
+    raise DataError(
+        f"cannot tell the data format from the fields {sorted(rec)[:8]}; expected alpaca (instruction/input/output), "
+        "oasst (input/output or text with '### Assistant:') or prompt-completion (prompt/completion)"
+    )
+
+
+def to_example(rec: dict, fmt: str, where: str) -> Example:
+    if fmt == "alpaca":
+        instruction = _require_str(rec, "instruction", where)
+        inp = rec.get("input", "") or ""
+        template = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
+        return Example(template.format(instruction=instruction, input=inp), _require_str(rec, "output", where))
+    if fmt == "prompt-completion":
+        return Example(_require_str(rec, "prompt", where), _require_str(rec, "completion", where))
+    if fmt == "oasst":
+        if "input" in rec and "output" in rec:
+            return Example(_require_str(rec, "input", where), _require_str(rec, "output", where))
+        text = _require_str(rec, "text", where)
+        cut = text.rfind(ASSISTANT_TAG)
+        if cut < 0 or not text[cut + len(ASSISTANT_TAG) :].strip():
+            raise DataError(f"{where}: 'text' has no '{ASSISTANT_TAG}' followed by a response to train on")
+        cut += len(ASSISTANT_TAG)
+        return Example(text[:cut], text[cut:])
+    raise DataError(f"unknown data format {fmt!r}; use alpaca, oasst or prompt-completion")
+
+
+def read_examples(path: str, fmt: str = "auto") -> list[Example]:
+    """Alpaca .json array or .jsonl (oasst / prompt-completion) -> examples; empty input is an error."""
+    _check_file(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    is_array = head.startswith("[")
+    records = read_json_array(path) if is_array else read_jsonl(path)
+    if not records:
+        raise DataError(f"{path}: empty dataset (no records)")
+    examples = []
+    for i, rec in enumerate(records):
+        where = f"{path}: record {i}" if is_array else f"{path}: record {i} (non-blank line {i + 1})"
+        f_i = detect_format(rec) if fmt == "auto" else fmt
+        examples.append(to_example(rec, f_i, where))
+    return examples
+
+
+# --- tokenization ----------------------------------------------------------------------------------------------
+
+
+def model_max_length(model) -> int | None:
+    """The longest sequence the model's position embeddings allow (None if it does not say)."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def tokenize_example(ex: Example, tokenizer, *, train_on_source: bool = False) -> TokenizedExample:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos token; cannot mark the end of a response")
+    prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [eos]
+    input_ids = list(prompt_ids) + list(completion_ids)
+    labels = input_ids.copy() if train_on_source else [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids)
+    return TokenizedExample(input_ids, labels)
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer,
+    *,
+    max_len: int,
+    model_max: int | None = None,
+    train_on_source: bool = False,
+    source: str = "data",
+) -> list[TokenizedExample]:
+    """Tokenize all; an example longer than min(max_len, model_max) is an error (never silently truncated)."""
+    if not examples:
+        raise DataError(f"{source}: empty dataset (no examples)")
+    limit = max_len if model_max is None else min(max_len, model_max)
+    out = []
+    for i, ex in enumerate(examples):
+        t = tokenize_example(ex, tokenizer, train_on_source=train_on_source)
+        if len(t) > limit:
+            who = f"the model's limit of {model_max} positions" if model_max is not None and len(t) > model_max else ""
+            raise DataError(
+                f"{source}: example {i} is {len(t)} tokens, longer than "
+                + (who or f"--max-len {max_len}")
+                + "; shorten or drop it, or raise --max-len"
+                + (f" (the model allows at most {model_max})" if model_max is not None else "")
+            )
+        if t.n_target == 0:
+            raise DataError(f"{source}: example {i} has no response tokens to train on")
+        out.append(t)
+    return out
+
+
+# --- batching --------------------------------------------------------------------------------------------------
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, rng: random.Random, mega: int = 50) -> list[list[int]]:
+    """Group-by-length (as HF's LengthGroupedSampler): shuffle, cut into megabatches of mega*batch_size, sort each by
+    length (longest first), cut into batches, then shuffle the batches.  Similar lengths share a batch, so little
+    padding; the order stays random from step to step."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    batches = []
+    step = mega * batch_size
+    for s in range(0, len(idx), step):
+        group = sorted(idx[s : s + step], key=lambda i: -lengths[i])
+        batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def random_order(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    idx = list(range(n))
+    rng.shuffle(idx)
+    return [idx[k : k + batch_size] for k in range(0, n, batch_size)]
+
+
+def collate(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids/attention_mask/labels, each (B, T) int64."""
+    T = max(len(t) for t in batch)
+    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
+    for b, t in enumerate(batch):
+        n = len(t)
+        input_ids[b, :n] = torch.tensor(t.input_ids)
+        labels[b, :n] = torch.tensor(t.labels)
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchStream:
+    """Endless micro-batches over epochs.  The order of epoch e depends only on (seed, e), so the position
+    (epoch, index) is all a checkpoint needs to continue the same sequence of batches."""
+
+    def __init__(self, data: list[TokenizedExample], batch_size: int, *, seed: int, group_by_length: bool = True):
+        if not data:
+            raise DataError("empty dataset (no training examples)")
+        self.data, self.batch_size, self.seed, self.group_by_length = data, batch_size, seed, group_by_length
+        self.epoch, self.index = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}-{epoch}")
+        if self.group_by_length:
+            return length_grouped_order([len(t) for t in self.data], self.batch_size, rng)
+        return random_order(len(self.data), self.batch_size, rng)
+
+    def next_batch(self) -> list[TokenizedExample]:
+        if self.index >= len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        batch = [self.data[i] for i in self._order[self.index]]
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n": len(self.data)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != len(self.data) or state["seed"] != self.seed:
+            raise DataError(
+                f"checkpoint was made on {state['n']} examples with seed {state['seed']}, this run has "
+                f"{len(self.data)} examples with seed {self.seed}; resume with the same data and --seed"
+            )
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._epoch_order(self.epoch)
+
+
+def split_eval(data: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic held-out split: (train, eval); eval is at least one example when fraction > 0."""
+    if fraction <= 0 or len(data) < 2:
+        return data, []
+    idx = list(range(len(data)))
+    random.Random(f"split-{seed}").shuffle(idx)
+    n_eval = max(1, int(round(len(data) * fraction)))
+    ev = set(idx[:n_eval])
+    return [d for i, d in enumerate(data) if i not in ev], [d for i, d in enumerate(data) if i in ev]

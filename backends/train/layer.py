@@ -1,0 +1,360 @@
+"""The QLoRA linear layer: a frozen 4-bit base weight plus a trainable low-rank update (specs/lora.md).
+
+    y = x W_hat^T + b + s * (drop(x) A^T) B^T          W_hat = dequantize_4bit(q)   (BW-7)
+      s = alpha / r   (LoRA)   or   alpha / sqrt(r)    (rsLoRA)
+
+    x       (..., in)      activations, compute dtype
+    q       Quantized4bit  frozen base of shape (out, in): packed codes + (double-quantized) absmax, never a Parameter
+    A       (r, in)        trainable, lora_dtype (PEFT's ``lora_A.weight``), PEFT init: kaiming_uniform(a=sqrt(5))
+    B       (out, r)       trainable, lora_dtype (PEFT's ``lora_B.weight``), zero init so training starts at W_hat
+    b       (out,)         frozen bias (a buffer), if the original layer had one
+
+Forward: dequantize q into one scratch buffer shared by every layer of the same device and dtype, y = x W_hat^T
+(GEMM), then the LoRA term is added to y in place.  Backward, with dY (..., out):
+
+    dX = dY W_hat + drop'(s dY B A)     W_hat dequantized again into the scratch buffer (never stored)
+    dB = s dY^T u                        u = drop(x) A^T, (..., r), saved by the forward
+    dA = (s dY B)^T drop(x)              drop(x) recomputed from the saved x and the dropout seed
+
+Saved per layer for backward (the memory ledger's "LoRA activations" line): x (shared with the other consumers of the
+same tensor, e.g. q/k/v projections) and u = drop(x) A^T (r values per token), plus one integer seed and references to
+the parameters A and B (no copies).  The dropout mask is regenerated from the seed in backward rather than stored.
+Nothing proportional to the weight is saved.
+
+Compute dtype: float32 on the CPU (torch's bf16 GEMM on the CPU is slow), bfloat16 by default on CUDA.  On the CPU the
+dequantization is a 65,536-entry lookup table over pairs of packed bytes followed by one float32 multiply per element,
+bit-identical to ``qlora_ref.dequantize_4bit`` (tested); on CUDA it is the CuPy backend's kernel writing straight into
+the torch scratch tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+import qlora_ref
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def as_torch_dtype(dtype) -> torch.dtype:
+    """'bfloat16' | torch.bfloat16 -> torch.bfloat16 (float32, float16, bfloat16; float64 for CPU gradient checks)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES:
+        return dtype
+    if isinstance(dtype, str) and dtype in TORCH_DTYPES:
+        return TORCH_DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)} (str or torch.dtype), got {dtype!r}")
+
+
+# --- the CPU dequantization: qlora_ref's formula, table-driven ---------------------------------------------------
+
+
+_LUT_CACHE: dict[bytes, np.ndarray] = {}
+
+
+def _pair_lut(code: np.ndarray) -> np.ndarray:
+    """LUT[p] = the 4 table values of the two packed bytes read as one little-endian uint16 p, as complex128[65536].
+
+    p = byte0 | byte1 << 8, elements in order: code[byte0 >> 4], code[byte0 & 15], code[byte1 >> 4], code[byte1 & 15]
+    (PK-1: first element in the high nibble).  16 bytes a row = four float32 lanes, so one gather writes 4 values.
+    """
+    key = code.astype(np.float32).tobytes()
+    lut = _LUT_CACHE.get(key)
+    if lut is None:
+        p = np.arange(65536, dtype=np.uint32)
+        byte0, byte1 = p & 0xFF, p >> 8
+        vals = np.stack([code[byte0 >> 4], code[byte0 & 15], code[byte1 >> 4], code[byte1 & 15]], axis=1)  # (65536, 4)
+        lut = np.ascontiguousarray(vals, np.float32).view(np.complex128).ravel()  # (65536,) x 16 bytes
+        _LUT_CACHE[key] = lut
+    return lut
+
+
+def dequantize_4bit_cpu(q, out32: np.ndarray) -> np.ndarray:
+    """Write table[code_i] * absmax[i // blocksize] (float32, BW-7) into out32[:n]; returns out32[:n].
+
+    out32: float32, contiguous, at least nblocks * blocksize long (the tail past n is scratch).  Same arithmetic as
+    ``qlora_ref.dequantize_4bit(q, "float32")``: the table values are copied exactly, then one float32 product.
+    """
+    n, bs, nblocks = q.n, q.blocksize, q.nblocks
+    if out32.dtype != np.float32 or out32.ndim != 1 or out32.size < nblocks * bs or not out32.flags.c_contiguous:
+        raise ValueError(f"out32 must be contiguous float32 with >= {nblocks * bs} elements, got {out32.dtype} {out32.shape}")
+    packed = np.asarray(q.packed)  # (nbytes,) uint8
+    nbytes = packed.size
+    code = np.asarray(q.code, np.float32)
+    npairs = nbytes // 2
+    if sys.byteorder == "little" and npairs:
+        pairs = packed[: 2 * npairs].view(np.uint16)  # (npairs,)
+        np.take(_pair_lut(code), pairs, out=out32[: 4 * npairs].view(np.complex128), mode="clip")
+    else:
+        npairs = 0
+    if nbytes > 2 * npairs:  # odd byte count (or a big-endian host): byte by byte
+        tail = packed[2 * npairs :]
+        out32[4 * npairs : 2 * nbytes : 2] = code[tail >> 4]
+        out32[4 * npairs + 1 : 2 * nbytes : 2] = code[tail & 15]
+    blocks = out32[: nblocks * bs].reshape(nblocks, bs)  # (nblocks, blocksize); past 2*nbytes is don't-care
+    np.multiply(blocks, np.asarray(q.absmax_f32(), np.float32)[:, None], out=blocks)
+    return out32[:n]
+
+
+# --- one scratch buffer per (device, dtype) ------------------------------------------------------------------------
+
+
+_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def scratch_buffer(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor of >= numel elements, shared by every QLoRALinear on this device and dtype (grown on demand).
+
+    Its contents are valid only until the next dequantization on the same device/dtype: callers use it immediately
+    (same stream on CUDA, so the kernel order protects it).
+    """
+    key = (str(torch.device(device)), dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.pop(key, None)  # let the old one go before allocating the larger one
+        buf = torch.empty(numel, device=device, dtype=dtype)
+        _SCRATCH[key] = buf
+    return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Drop every scratch buffer (they are re-created at the next forward)."""
+    _SCRATCH.clear()
+
+
+# --- the autograd function -----------------------------------------------------------------------------------------
+
+
+def dropout_noise(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
+    """keep / (1 - p) with keep ~ Bernoulli(1 - p), drawn from a generator seeded with `seed` (LORA-3): 0 or 1/(1-p).
+
+    Seeded per call, so backward redraws the exact mask the forward used instead of storing it.
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=g).div_(1.0 - p)
+
+
+def _dropout(v: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """v * keep / (1 - p) (inverted dropout with the seed's mask)."""
+    return v * dropout_noise(v.shape, p, seed, v.device, v.dtype)
+
+
+def draw_dropout_seed() -> int:
+    """The seed of one dropout mask, from torch's global CPU generator (so checkpoint recompute draws it again)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def round_f64(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 -> dtype with ONE rounding to nearest even (LORA-6).
+
+    float32: a direct cast.  float16/bfloat16: torch casts through float32 (two roundings), so round to odd into
+    float32 first (truncate, set the last bit if inexact), then to nearest even: one correct rounding because float32
+    keeps >= p + 2 bits of the 16-bit format (Boldo & Melquiond 2008), as qlora_ref.lora.lora_merge does.
+    """
+    y = x64.to(torch.float32)
+    if dtype == torch.float32:
+        return y
+    y = torch.where(y.double().abs() > x64.abs(), torch.nextafter(y, torch.zeros_like(y)), y)  # toward zero
+    inexact = (y.double() != x64).to(torch.int32)
+    return (y.view(torch.int32) | inexact).view(torch.float32).to(dtype)
+
+
+class QLoRAFunction(torch.autograd.Function):
+    """y = x W_hat^T + b + s * (drop(x) A^T) B^T; saves x and u = drop(x) A^T only (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, layer, seed):
+        in_f, out_f = layer.in_features, layer.out_features
+        x2 = x.reshape(-1, in_f)  # (M, in)
+        W = layer._dequantize_scratch()  # (out, in) compute dtype, scratch
+        y = torch.mm(x2, W.t())  # (M, out)
+        if layer.bias is not None:
+            y.add_(layer.bias)
+        xl = x2.to(lora_A.dtype)
+        xd = _dropout(xl, layer.dropout, seed) if seed is not None else xl  # (M, in)
+        u = torch.mm(xd, lora_A.t())  # (M, r)
+        if lora_B.dtype == y.dtype:
+            y.addmm_(u, lora_B.t(), alpha=layer.scaling)
+        else:
+            y.add_(torch.mm(u, lora_B.t()).mul_(layer.scaling).to(y.dtype))
+        ctx.save_for_backward(x, u, lora_A, lora_B)  # activations: x and u only; A, B are the parameters themselves
+        ctx.layer, ctx.seed = layer, seed
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, dY):
+        x, u, lora_A, lora_B = ctx.saved_tensors
+        layer, seed = ctx.layer, ctx.seed
+        s = layer.scaling
+        dY2 = dY.reshape(-1, layer.out_features)  # (M, out)
+        dYl = dY2.to(lora_B.dtype)
+        dB = torch.mm(dYl.t(), u).mul_(s)  # (out, r)
+        du = torch.mm(dYl, lora_B).mul_(s)  # (M, r)
+        xl = x.reshape(-1, layer.in_features).to(lora_A.dtype)
+        xd = _dropout(xl, layer.dropout, seed) if seed is not None else xl  # (M, in)
+        dA = torch.mm(du.t(), xd)  # (r, in)
+        dX = None
+        if ctx.needs_input_grad[0]:
+            W = layer._dequantize_scratch()  # (out, in), dequantized again
+            dX = torch.mm(dY2.to(W.dtype), W)  # (M, in)
+            dXl = torch.mm(du, lora_A)  # (M, in)
+            if seed is not None:
+                dXl = _dropout(dXl, layer.dropout, seed)
+            dX.add_(dXl.to(dX.dtype))
+            dX = dX.view(x.shape).to(x.dtype)
+        return dX, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, None
+
+
+# --- the module ----------------------------------------------------------------------------------------------------
+
+
+class QLoRALinear(nn.Module):
+    """A frozen 4-bit linear layer with a trainable LoRA update (module docstring has the math).
+
+    q: the base weight of shape (out, in) as a ``Quantized4bit`` whose arrays live on the backend's device (numpy for
+    the "numpy" backend, CuPy for "cupy").  It is a plain attribute, not a Parameter or buffer: no gradient, no
+    optimizer state, not moved by ``.to()`` (the backend fixes the device).  ``state_dict()`` holds only lora_A,
+    lora_B and bias; the 4-bit weight is written by ``backends.train.export``.
+    """
+
+    def __init__(
+        self,
+        q,
+        *,
+        bias: torch.Tensor | None = None,
+        backend="numpy",
+        r: int = 64,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        lora_dtype=torch.float32,
+        compute_dtype=None,
+        init: str = "peft",
+    ):
+        super().__init__()
+        from backends import get_backend
+
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend.device == "cuda" else None
+        self.device = self.device or torch.device("cpu")
+        if len(q.shape) != 2:
+            raise ValueError(f"QLoRALinear needs a 2-D (out, in) weight, got a Quantized4bit of shape {q.shape}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.q = q
+        self.out_features, self.in_features = q.shape
+        self.r, self.alpha, self.dropout, self.rslora = r, float(alpha), float(dropout), bool(rslora)
+        self.scaling = self.alpha / math.sqrt(r) if rslora else self.alpha / r
+        default_compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.compute_dtype = as_torch_dtype(compute_dtype) if compute_dtype is not None else default_compute
+        if self.device.type == "cuda" and self.compute_dtype == torch.float64:
+            raise ValueError("float64 compute is for CPU gradient checks only; use bfloat16/float16/float32 on CUDA")
+        lora_dtype = as_torch_dtype(lora_dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=self.device, dtype=lora_dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=self.device, dtype=lora_dtype))
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            bias = bias.detach().to(self.device, self.compute_dtype)
+        self.register_buffer("bias", bias)
+        self.reset_lora_parameters(init)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, backend="numpy", quant_type="nf4", blocksize=64, double_quant=True, **kw):
+        """Quantize an ``nn.Linear``'s weight with the backend (on the backend's device) and wrap it."""
+        from backends import get_backend
+
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"from_linear needs a torch.nn.Linear, got {type(linear).__module__}.{type(linear).__name__}")
+        be = get_backend(backend) if isinstance(backend, str) else backend
+        w = linear.weight.detach()
+        w = w.to("cuda") if be.device == "cuda" else w.cpu()
+        q = be.quantize_4bit(w.contiguous(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        return cls(q, bias=linear.bias, backend=be, **kw)
+
+    def reset_lora_parameters(self, init: str = "peft") -> None:
+        """PEFT's default init ("peft"): A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+
+        "gaussian": A ~ N(0, 1/r), B = 0.  "random": both A and B nonzero (tests only: the LoRA term is then active).
+        """
+        with torch.no_grad():
+            if init == "peft":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+                nn.init.zeros_(self.lora_B)
+            elif init == "random":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                raise ValueError(f"init must be 'peft', 'gaussian' or 'random', got {init!r}")
+
+    # -- dequantization --
+
+    def _dequantize_scratch(self) -> torch.Tensor:
+        """W_hat (out, in) in the compute dtype, written into the shared scratch buffer (valid until the next call)."""
+        q, dt = self.q, self.compute_dtype
+        padded = q.nblocks * q.blocksize
+        if self.device.type == "cpu":
+            if dt == torch.float32:
+                buf = scratch_buffer(padded, self.device, torch.float32)
+                dequantize_4bit_cpu(q, buf.numpy())
+                return buf[: q.n].view(q.shape)
+            tmp = scratch_buffer(padded, self.device, torch.float32)  # float32 product, then one rounding
+            dequantize_4bit_cpu(q, tmp.numpy())
+            out = scratch_buffer(q.n, self.device, dt)
+            out.copy_(tmp[: q.n])
+            return out.view(q.shape)
+        out = scratch_buffer(q.n, self.device, dt).view(q.shape)
+        self.backend.dequantize_4bit(q, dtype=DTYPE_NAMES[dt], out=out)
+        return out
+
+    def dequantize_weight(self, dtype=None) -> torch.Tensor:
+        """A fresh copy of W_hat (out, in) in ``dtype`` (default: the compute dtype), one rounding (BW-7)."""
+        dt = as_torch_dtype(dtype) if dtype is not None else self.compute_dtype
+        if self.device.type == "cpu":
+            tmp = np.empty(self.q.nblocks * self.q.blocksize, np.float32)
+            w32 = torch.from_numpy(dequantize_4bit_cpu(self.q, tmp)).view(self.q.shape)
+            return w32.to(dt) if dt != torch.float32 else w32
+        out = torch.empty(self.q.shape, device=self.device, dtype=dt)
+        self.backend.dequantize_4bit(self.q, dtype=DTYPE_NAMES[dt], out=out)
+        return out
+
+    def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """W' = T(W_hat + s * B A): W_hat in float32 (exact), the sum in float64, one rounding to T (LORA-6)."""
+        with torch.no_grad():
+            W64 = self.dequantize_weight(torch.float32).double()  # (out, in)
+            BA = torch.mm(self.lora_B.double(), self.lora_A.double())  # (out, in)
+            return round_f64(W64 + self.scaling * BA, as_torch_dtype(dtype))
+
+    # -- forward --
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, this layer takes {self.in_features}")
+        if x.device.type != self.device.type:
+            raise ValueError(f"input is on {x.device} but this layer's 4-bit weight is on {self.device}")
+        in_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        seed = None
+        if self.training and self.dropout > 0.0:
+            seed = draw_dropout_seed()
+        y = QLoRAFunction.apply(x, self.lora_A, self.lora_B, self, seed)
+        return y.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, {self.q.quant_type}, blocksize={self.q.blocksize}, "
+            f"double_quant={self.q.double_quant}, r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+            f"dropout={self.dropout:g}, compute={DTYPE_NAMES[self.compute_dtype]}, lora={DTYPE_NAMES[self.lora_A.dtype]}, "
+            f"backend={self.backend.name}"
+        )

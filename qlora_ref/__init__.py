@@ -1,0 +1,35 @@
+"""qlora_ref: QLoRA (Dettmers et al., 2023) as an executable NumPy/SciPy spec.
+
+Every function states its math and the spec rule it implements (specs/*.md); the CuPy backend and the torch training
+layer are tested against these functions.  Imports nothing but numpy (and scipy to derive the NF4 table).
+"""
+
+from .blockwise import dequantize_blockwise_8bit, quantize_blockwise_8bit
+from .checks import BLOCKSIZES, NonFiniteError
+from .codebooks import codebook, dynamic_map, fp4_table, int4_table, nf4_table, nf4_thresholds
+from .double_quant import double_dequantize, double_quantize
+from .dtypes import bf16_to_f32, f32_to_bf16
+from .packing import pack_4bit, unpack_4bit
+from .quantized import Quantized4bit, dequantize_4bit, quantize_4bit
+
+__all__ = [
+    "BLOCKSIZES",
+    "NonFiniteError",
+    "Quantized4bit",
+    "bf16_to_f32",
+    "codebook",
+    "dequantize_4bit",
+    "dequantize_blockwise_8bit",
+    "double_dequantize",
+    "double_quantize",
+    "dynamic_map",
+    "f32_to_bf16",
+    "fp4_table",
+    "int4_table",
+    "nf4_table",
+    "nf4_thresholds",
+    "pack_4bit",
+    "quantize_4bit",
+    "quantize_blockwise_8bit",
+    "unpack_4bit",
+]
