@@ -171,9 +171,9 @@ def adamw_step_8bit(
 ) -> tuple[np.ndarray, AdamW8bitState]:
     """AdamW with 8-bit blockwise state (ADAMW-7, ADAMW-8): returns the new p and a new state; inputs untouched.
 
-        m, v        = state.dequantize()                      float32[n]
-        p, m', v'   = adamw_step(p, g, m, v, t, ...)          the 32-bit step, p from the unquantized m', v'
-        state'      = AdamW8bitState.quantize(m', v')         new absmax per 256-block, then codes
+    m, v        = state.dequantize()                      float32[n]
+    p, m', v'   = adamw_step(p, g, m, v, t, ...)          the 32-bit step, p from the unquantized m', v'
+    state'      = AdamW8bitState.quantize(m', v')         new absmax per 256-block, then codes
     """
     if not isinstance(state, AdamW8bitState):
         raise TypeError(f"state must be an AdamW8bitState (AdamW8bitState.zeros(p.size)), got {type(state).__name__}")
@@ -194,9 +194,9 @@ def adamw_step_8bit(
 def clip_grad_norm(grads: Sequence[np.ndarray], max_norm: float) -> tuple[list[np.ndarray], np.float32]:
     """Scale all grads by one factor so their global 2-norm is at most max_norm (ADAMW-10); returns (clipped, norm).
 
-        total_norm = f32( sqrt( sum_i sum_j g_ij^2 ) )          the sum in float64, one rounding to float32
-        coef       = f32(max_norm) / (total_norm + f32(1e-6))   float32
-        g_i       <- g_i * min(coef, 1)                         float32, every tensor (torch multiplies even by 1)
+    total_norm = f32( sqrt( sum_i sum_j g_ij^2 ) )          the sum in float64, one rounding to float32
+    coef       = f32(max_norm) / (total_norm + f32(1e-6))   float32
+    g_i       <- g_i * min(coef, 1)                         float32, every tensor (torch multiplies even by 1)
     """
     if isinstance(grads, np.ndarray) or not isinstance(grads, Sequence) or len(grads) == 0:
         raise TypeError(f"grads must be a non-empty list/tuple of float32 arrays, got {type(grads).__name__}")

@@ -167,7 +167,9 @@ def lora_merge(
     out_f, in_f = W32.shape
     r = A.shape[0]
     if A.shape != (r, in_f) or B.shape != (out_f, r):
-        raise ValueError(f"with W [out, in] = {W32.shape}, A must be [r, {in_f}] and B [{out_f}, r]; got {A.shape}, {B.shape}")
+        raise ValueError(
+            f"with W [out, in] = {W32.shape}, A must be [r, {in_f}] and B [{out_f}, r]; got {A.shape}, {B.shape}"
+        )
     for name, arr in (("W", W32), ("A", A), ("B", B)):
         check_finite(arr, name)
     s = lora_scaling(alpha, r, rslora=rslora)
@@ -207,7 +209,9 @@ def _check_p(p: float) -> float:
 def _expect_f32(a: np.ndarray, name: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype != np.float32:
-        raise TypeError(f"{name} must be float32 (the trained adapter), got {a.dtype}; cast it with .astype(np.float32)")
+        raise TypeError(
+            f"{name} must be float32 (the trained adapter), got {a.dtype}; cast it with .astype(np.float32)"
+        )
     return a
 
 
@@ -227,7 +231,9 @@ def _prepare(x, W, A, B, *, alpha, rslora, p, keep):
             )
         W = to_float32(W, None)[0].astype(dt)
     if x.ndim < 1 or W.ndim != 2 or A.ndim != 2 or B.ndim != 2:
-        raise ValueError(f"need x [..., in], W [out, in], A [r, in], B [out, r]; got ndim {x.ndim}, {W.ndim}, {A.ndim}, {B.ndim}")
+        raise ValueError(
+            f"need x [..., in], W [out, in], A [r, in], B [out, r]; got ndim {x.ndim}, {W.ndim}, {A.ndim}, {B.ndim}"
+        )
     out_f, in_f = W.shape
     r = A.shape[0]
     if x.shape[-1] != in_f or A.shape != (r, in_f) or B.shape != (out_f, r):

@@ -30,6 +30,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QT = {"nf4": 0, "int4": 0, "fp4": 1}  # 0: sorted table (code = count), 1: FP4 sign-magnitude
 DEQUANT_CHUNKS = (1, 2, 4)  # variants of dequantize_4bit_v2: 16-byte chunks in flight per thread
 DEQUANT_CHUNKS_DEFAULT = 2  # chosen by benchmarks/bench_quant.py (all variants give the same bits: tested)
+SUM_LOADS_AHEAD = 32  # loads in flight per chain in absmax_sum_chains
 FINITE_CHUNKS = 4  # 16-byte vectors in flight per thread in check_finite_v2
 
 
@@ -54,8 +55,8 @@ def _names() -> dict[str, tuple[str, ...]]:
             "quantize_blockwise_8bit_v2<true>",
             "dequantize_blockwise_8bit_v1",
             "dequantize_blockwise_8bit_v2",
-            "sum_f64_partial",
-            "sum_f64_final",
+            f"absmax_sum_chains<{SUM_LOADS_AHEAD}>",
+            "absmax_sum_fold",
         ),
         "packing.cu": ("pack_4bit_v1", "pack_4bit_v2", "unpack_4bit_v1", "unpack_4bit_v2"),
         "check_finite.cu": tuple(
@@ -81,14 +82,15 @@ def source(filename: str) -> str:
     return text.replace('#include "common.cuh"', common)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module(filename: str):
     """The compiled ``cupy.RawModule`` of ``kernels/<filename>`` (compiled on first use, then cached)."""
     import cupy
 
     if filename not in NAME_EXPRESSIONS:
-        raise ValueError(f"unknown kernel file {filename!r}: register its name expressions first; known: "
-                         f"{sorted(NAME_EXPRESSIONS)}")
+        raise ValueError(
+            f"unknown kernel file {filename!r}: register its name expressions first; known: {sorted(NAME_EXPRESSIONS)}"
+        )
     mod = cupy.RawModule(code=source(filename), options=OPTIONS, name_expressions=NAME_EXPRESSIONS[filename])
     mod.compile()
     return mod
@@ -102,7 +104,8 @@ def kernel(filename: str, name: str):
 def instantiation_unit(filename: str) -> str:
     """C++ text that includes ``filename`` and forces every name expression to be instantiated (for nvcc -c)."""
     refs = ",\n    ".join(f"(const void*)&{name}" for name in NAME_EXPRESSIONS[filename])
-    return f'#include "{KERNEL_DIR / filename}"\n__attribute__((used)) static const void* qlora_ref_kernels[] = {{\n    {refs}}};\n'
+    head = f'#include "{KERNEL_DIR / filename}"\n'
+    return head + f"__attribute__((used)) static const void* qlora_ref_kernels[] = {{\n    {refs}}};\n"
 
 
 if __name__ == "__main__":  # python -m backends.cupy_backend.build FILE.cu  -> instantiation unit on stdout

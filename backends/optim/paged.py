@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from qlora_ref import adamw as spec
+from qlora_ref.checks import NonFiniteError
 from qlora_ref.codebooks import dynamic_map
 
 BLOCKSIZE_8BIT = 256  # AD-4: 8-bit state blocks (bitsandbytes' blockwise optimizers)
@@ -119,6 +120,8 @@ class PagedAdamW(torch.optim.Optimizer):
         free_memory_fn: returns free device bytes (default cudaMemGetInfo); the allocation check also always
             consults cudaMemGetInfo itself.
         chunk: elements per CUDA block in the fused kernel (a multiple of 1024); any value gives the same bits.
+        check_finite: raise NonFiniteError before writing anything when a gradient holds NaN/Inf (ADAMW-12, as the
+            spec does); on CUDA this is one fused check and one host sync per step.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class PagedAdamW(torch.optim.Optimizer):
         margin_bytes: int | None = None,
         free_memory_fn: Callable[[], int] | None = None,
         chunk: int = 4096,
+        check_finite: bool = True,
     ):
         _check_hyper(lr, betas, eps, weight_decay)
         if decay not in ("after", "before"):
@@ -150,6 +154,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self.state_bits = state_bits
         self.paged = bool(paged)
         self.page_threshold_bytes = int(page_threshold_bytes)
+        self.check_finite = bool(check_finite)
         self._built = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -164,9 +169,7 @@ class PagedAdamW(torch.optim.Optimizer):
         if device.type == "cpu":
             self._impl = _HostStates(self._params, state_bits)
         else:
-            self._impl = _CudaStates(
-                self._params, device, state_bits, self.paged, chunk, margin_bytes, free_memory_fn
-            )
+            self._impl = _CudaStates(self._params, device, state_bits, self.paged, chunk, margin_bytes, free_memory_fn)
         self._built = True
 
     def add_param_group(self, param_group: dict) -> None:
@@ -218,26 +221,33 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []  # (index, param, grad, scalars)
+        todo = []  # (index, param, group) of every parameter with a gradient
         for group in self.param_groups:
             _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-            cache: dict[int, StepScalars] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                i = self._index[id(p)]
-                _check_grad(i, p)
-                st = self.state[p]
-                st["step"] += 1
-                t = st["step"]
-                if t not in cache:
-                    cache[t] = step_scalars(
-                        t, lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"]
-                    )
-                work.append((i, p, p.grad, t, cache[t], group))
-        if work:
-            self._impl.step(work, self.decay)
-            self.maybe_page_out()
+                if p.grad is not None:
+                    i = self._index[id(p)]
+                    _check_grad(i, p)
+                    todo.append((i, p, group))
+        if not todo:
+            return loss
+        if self.check_finite:
+            self._impl.check_finite([(i, p.grad) for i, p, _ in todo])  # ADAMW-12, before anything is written
+        self._impl.page_in()  # may refuse (DeviceMemoryError) before any step count moves
+        work = []  # (index, param, grad, t, scalars, group)
+        cache: dict[tuple[int, int], StepScalars] = {}
+        for i, p, group in todo:
+            st = self.state[p]
+            t = st["step"] + 1
+            key = (id(group), t)
+            if key not in cache:
+                cache[key] = step_scalars(
+                    t, lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"]
+                )
+            st["step"] = t
+            work.append((i, p, p.grad, t, cache[key], group))
+        self._impl.step(work, self.decay)
+        self.maybe_page_out()
         return loss
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -352,7 +362,8 @@ def _common_device(params: list[torch.Tensor]) -> torch.device:
         raise ValueError("PagedAdamW got no parameters")
     devices = {p.device for p in params}
     if len(devices) != 1:
-        raise ValueError(f"all parameters must be on one device (CPU or one CUDA device), got {sorted(map(str, devices))}")
+        got = sorted(map(str, devices))
+        raise ValueError(f"all parameters must be on one device (CPU or one CUDA device), got {got}")
     return devices.pop()
 
 
@@ -404,6 +415,10 @@ class _HostStates:
     def page_in(self) -> None:
         return None
 
+    def check_finite(self, grads) -> None:
+        for i, g in grads:
+            _raise_nonfinite(i, g.detach().to(torch.float32).reshape(-1).numpy())
+
     def step(self, work, decay: str) -> None:
         for i, p, g, t, _, group in work:
             kw = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
@@ -437,6 +452,17 @@ class _HostStates:
                 )
                 for a in arrays
             ]  # fmt: skip
+
+
+def _raise_nonfinite(i: int, g32: np.ndarray) -> None:
+    finite = np.isfinite(g32)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise NonFiniteError(
+            f"gradient of parameter {i} has {finite.size - int(np.count_nonzero(finite))} non-finite value(s) "
+            f"(NaN/Inf); the first is {g32[first]} at flat index {first}. Nothing was updated: skip this step "
+            "(loss-scale overflow?) or find where the NaN comes from."
+        )
 
 
 def _state_nbytes(n: int, state_bits: int) -> int:
@@ -558,6 +584,7 @@ class _CudaStates:
             self.kernels = _kernels()
             self._blocks_cache: dict[tuple[int, ...], object] = {}
             self._keep = None  # the last uploaded table, alive until the next step's launch is queued
+            self.naive = False  # tests: run the v1 kernel (adamw32_naive, one launch per tensor) instead
 
     # -- memory ---------------------------------------------------------------------------------------------------
 
@@ -605,6 +632,16 @@ class _CudaStates:
 
     # -- step -----------------------------------------------------------------------------------------------------
 
+    def check_finite(self, grads) -> None:
+        """Fused foreach L1 norms (read-only multi-tensor kernels): NaN/Inf anywhere makes a norm non-finite."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for _, g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        norms = [n.float() for gs in by_dtype.values() for n in torch._foreach_norm(gs, 1)]
+        if not bool(torch.isfinite(torch.stack(norms)).all()):  # the one sync; the slow path names the culprit
+            for i, g in grads:
+                _raise_nonfinite(i, g.detach().to(torch.float32).reshape(-1).cpu().numpy())
+
     def _blocks(self, active: tuple[int, ...]):
         """(tensor position in the launch table, chunk index) per CUDA block, int32[nblocks, 2]; cached by layout."""
         cached = self._blocks_cache.get(active)
@@ -626,21 +663,26 @@ class _CudaStates:
         with cp.cuda.Device(self.device_id):
             self.page_in()
             active = tuple(i for i, *_ in work)
-            args = self.static[list(active)]
-            for k, (_, p, g, _, s, _) in enumerate(work):
-                row = args[k]
-                row["p"], row["g"] = p.data_ptr(), g.data_ptr()
-                row["dtype"] = _DTYPE_CODE[p.dtype]
-                row["decay_before"] = 1 if decay == "before" else 0
-                row["b1"], row["one_minus_b1"], row["b2"], row["one_minus_b2"] = (
-                    s.b1, s.one_minus_b1, s.b2, s.one_minus_b2)  # fmt: skip
-                row["step_size"], row["eps_c2"], row["decay"] = s.step_size, s.eps_c2, s.decay
+            args = self.static[list(active)]  # (k,) copy of the static rows
+            args["p"] = [p.data_ptr() for _, p, *_ in work]
+            args["g"] = [g.data_ptr() for _, _, g, *_ in work]
+            args["dtype"] = [_DTYPE_CODE[p.dtype] for _, p, *_ in work]
+            args["decay_before"] = 1 if decay == "before" else 0
+            scalars = [s for *_, s, _ in work]
+            first = scalars[0]
+            same = all(s is first for s in scalars)
+            for name in StepScalars.__dataclass_fields__:
+                args[name] = getattr(first, name) if same else [getattr(s, name) for s in scalars]
             stream = self._stream()
             with stream:
                 blocks = self._blocks(active)
                 table = cp.asarray(args.view(np.uint8))  # async H2D from pinned staging, stream-ordered
                 grid = (int(blocks.shape[0]),)
-                if self.state_bits == 32:
+                if self.naive and self.state_bits == 32:
+                    kern = self.kernels.get_function("adamw32_naive")
+                    for k, i in enumerate(active):
+                        kern((-(-self.sizes[i] // _THREADS),), (_THREADS,), (table, np.int32(k)))
+                elif self.state_bits == 32:
                     kern = self.kernels.get_function("adamw32_multi")
                     kern(grid, (_THREADS,), (table, blocks, np.int64(self.chunk)))
                 else:

@@ -135,7 +135,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: dict |
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
-        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        default = (defaults or {}).get(
+            f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        )
         tp = _base_type(hints[f.name])
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
         if tp is bool:
@@ -143,7 +145,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: dict |
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
         else:
-            group.add_argument(_flag(f.name), dest=f.name, type=tp, default=default, help=help_text, metavar=tp.__name__)
+            group.add_argument(
+                _flag(f.name), dest=f.name, type=tp, default=default, help=help_text, metavar=tp.__name__
+            )
 
 
 def dataclass_from_args(cls, ns: argparse.Namespace):
@@ -171,14 +175,20 @@ def validate(cfg: RunConfig) -> None:
         (m.quant_type in ("nf4", "fp4", "int4"), f"--quant-type must be nf4, fp4 or int4, got {m.quant_type!r}"),
         (m.r >= 1, f"--r must be >= 1, got {m.r}"),
         (0.0 <= m.dropout < 1.0, f"--dropout must be in [0, 1), got {m.dropout}"),
-        (m.compute_dtype in ("auto", "float32", "bfloat16"), f"--compute-dtype auto|float32|bfloat16, got {m.compute_dtype!r}"),
+        (
+            m.compute_dtype in ("auto", "float32", "bfloat16"),
+            f"--compute-dtype auto|float32|bfloat16, got {m.compute_dtype!r}",
+        ),
         (d.format in ("auto", "alpaca", "oasst", "prompt-completion"), f"--format: unknown format {d.format!r}"),
         (0.0 <= d.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {d.eval_fraction}"),
         (d.max_len >= 8, f"--max-len must be >= 8, got {d.max_len}"),
         (d.task_train >= 1 and d.task_eval >= 1, "--task-train and --task-eval must be >= 1"),
         (t.lr > 0, f"--lr must be > 0, got {t.lr}"),
         (t.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {t.max_grad_norm}"),
-        (t.batch_size >= 1 and t.grad_accum >= 1, f"--batch-size/--grad-accum must be >= 1, got {t.batch_size}/{t.grad_accum}"),
+        (
+            t.batch_size >= 1 and t.grad_accum >= 1,
+            f"--batch-size/--grad-accum must be >= 1, got {t.batch_size}/{t.grad_accum}",
+        ),
         (t.max_steps >= 0, f"--max-steps must be >= 0, got {t.max_steps}"),
         (t.optim_bits in (8, 32), f"--optim-bits must be 8 or 32, got {t.optim_bits}"),
     ]

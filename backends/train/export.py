@@ -250,8 +250,10 @@ def load_peft_adapter(model, adapter_dir):
     if not wpath.is_file():
         raise ValueError(f"{wpath} does not exist (only safetensors adapters are read)")
     sd = load_file(str(wpath))
-    sd = {k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight"): v
-          for k, v in sd.items()}
+    sd = {
+        k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight"): v
+        for k, v in sd.items()
+    }
     expected = peft_state_dict(model)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

@@ -36,9 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-import qlora_ref
+from qlora_ref.codebooks import dequant_table
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -82,10 +87,12 @@ def dequantize_4bit_cpu(q, out32: np.ndarray) -> np.ndarray:
     """
     n, bs, nblocks = q.n, q.blocksize, q.nblocks
     if out32.dtype != np.float32 or out32.ndim != 1 or out32.size < nblocks * bs or not out32.flags.c_contiguous:
-        raise ValueError(f"out32 must be contiguous float32 with >= {nblocks * bs} elements, got {out32.dtype} {out32.shape}")
+        raise ValueError(
+            f"out32 must be contiguous float32 with >= {nblocks * bs} elements, got {out32.dtype} {out32.shape}"
+        )
     packed = np.asarray(q.packed)  # (nbytes,) uint8
     nbytes = packed.size
-    code = np.asarray(q.code, np.float32)
+    code = dequant_table(q.quant_type)  # (16,) float32; FP4's code 8 decodes to -0.0 (CB-6)
     npairs = nbytes // 2
     if sys.byteorder == "little" and npairs:
         pairs = packed[: 2 * npairs].view(np.uint16)  # (npairs,)
@@ -268,12 +275,16 @@ class QLoRALinear(nn.Module):
         self.reset_lora_parameters(init)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, backend="numpy", quant_type="nf4", blocksize=64, double_quant=True, **kw):
+    def from_linear(
+        cls, linear: nn.Linear, *, backend="numpy", quant_type="nf4", blocksize=64, double_quant=True, **kw
+    ):
         """Quantize an ``nn.Linear``'s weight with the backend (on the backend's device) and wrap it."""
         from backends import get_backend
 
         if type(linear) is not nn.Linear:
-            raise TypeError(f"from_linear needs a torch.nn.Linear, got {type(linear).__module__}.{type(linear).__name__}")
+            raise TypeError(
+                f"from_linear needs a torch.nn.Linear, got {type(linear).__module__}.{type(linear).__name__}"
+            )
         be = get_backend(backend) if isinstance(backend, str) else backend
         w = linear.weight.detach()
         w = w.to("cuda") if be.device == "cuda" else w.cpu()

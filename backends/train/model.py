@@ -219,7 +219,9 @@ def _resolve(path_or_gguf) -> tuple[str, str | None]:
             raise ValueError(f"{str(p)!r} is a file but not a .gguf; pass a .gguf file or a model directory")
         return str(p.parent), p.name
     if not (p / "config.json").is_file():
-        raise ValueError(f"{str(p)!r} has no config.json; a Hugging Face model directory (safetensors shards) is needed")
+        raise ValueError(
+            f"{str(p)!r} has no config.json; a Hugging Face model directory (safetensors shards) is needed"
+        )
     if not any(p.glob("*.safetensors")):
         raise ValueError(f"{str(p)!r} has no *.safetensors weights; convert the checkpoint to safetensors first")
     return str(p), None

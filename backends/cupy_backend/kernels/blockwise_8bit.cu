@@ -4,21 +4,22 @@
 // What (specs/double_quant.md DQ-1..DQ-3; reference: qlora_ref/blockwise.py quantize_blockwise_8bit / encode_dynamic /
 //   dequantize_blockwise_8bit, qlora_ref/double_quant.py absmax_mean):
 //     v         = x                      or  f32(x - offset)  (double quantization centres the absmax first)
-//     absmax[b] = max |v| over block b   (NaN propagates, as np.max does)
-//     y         = v * f32(1 / absmax[b])
+//     absmax[b] = ftz(max |v|) over block b   (NaN propagates, as np.max does; BW-2, BW-8)
+//     y         = ftz(ftz(v) * rcp(absmax[b]))  rcp.approx.ftz.f32 and mul.rn.ftz.f32 (BW-3, BW-8)
 //     code      = bitsandbytes' dQuantize<0>: 7 halving steps from pivot 127 (right when y > code[pivot]), then the
 //                 float32 midpoint (neighbour + code[pivot]) * 0.5 on y's side decides neighbour vs pivot; the bracket
 //                 starts at -1 / +1 and is code[0] / code[255] at the table's ends.  NaN -> 0.
-//     decode:   x_hat = f32(code[q] * absmax[i / blocksize])
-//     offset    = f32(f32(sum_f64(absmax)) / f32(n))    the sum in float64; Python checks that the float32 rounding of
-//                 the sum cannot depend on the summation order (else it recomputes the offset with the spec itself).
+//     decode:   x_hat = ftz(code[q] * absmax[i / blocksize])   (DQ-3, BW-8)
+//     offset    = torch_block_sum(absmax) * (1.0f / n)          float32, the spec's fixed summation tree (DQ-1)
 // Kernels:
 //   quantize_blockwise_8bit_v1<SUB>   naive: one thread per block, sequential.  Second oracle.
 //   quantize_blockwise_8bit_v2<SUB>   one warp per block (8 blocks per 256-thread CTA), the map in shared memory.
 //   dequantize_blockwise_8bit_v1      one thread per value.
 //   dequantize_blockwise_8bit_v2      16 codes per thread (one 16-byte load, four 16-byte stores); blocksize % 16 == 0.
-//   sum_f64_partial / sum_f64_final   two-stage float64 sum (fixed order for a given n), final stage writes the sum and
-//                                     the offset into the status words status[2] (double bits) / status[3] (float bits).
+//   absmax_sum_chains<D>              the 4W sequential float32 chains of the spec's tree, one per thread, D loads ahead.
+//   absmax_sum_fold                   one CTA: combine each lane's 4 accumulators, fold the lanes in halves, write the
+//                                     offset's bits to status[3].  (No naive twin: the order IS the spec; tested against
+//                                     qlora_ref.double_quant.absmax_mean at many n.)
 // Launch configs: backends/cupy_backend/ops.py.  Build: -std=c++17 --fmad=false.
 #include "common.cuh"
 
@@ -56,9 +57,10 @@ __global__ void quantize_blockwise_8bit_v1(const float* __restrict__ x, i64 n, i
     const float offset = SUB ? *offset_ptr : 0.0f;
     float m = 0.0f;
     for (i64 i = start; i < stop; i++) m = nan_max(m, fabsf(centred<SUB>(x, i, offset)));
+    m = ftz(m);
     absmax[b] = m;
-    const float r = __fdiv_rn(1.0f, m);
-    for (i64 i = start; i < stop; i++) codes[i] = encode_dynamic(__fmul_rn(centred<SUB>(x, i, offset), r), code);
+    const float r = rcp_approx_ftz(m);
+    for (i64 i = start; i < stop; i++) codes[i] = encode_dynamic(fmul_ftz(centred<SUB>(x, i, offset), r), code);
 }
 
 template <bool SUB>
@@ -79,9 +81,11 @@ __global__ void __launch_bounds__(256) quantize_blockwise_8bit_v2(const float* _
     for (i64 i = start + lane; i < stop; i += 32) m = nan_max(m, fabsf(centred<SUB>(x, i, offset)));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    m = ftz(m);
     if (lane == 0) absmax[b] = m;
-    const float r = __fdiv_rn(1.0f, m);
-    for (i64 i = start + lane; i < stop; i += 32) codes[i] = encode_dynamic(__fmul_rn(centred<SUB>(x, i, offset), r), s_code);
+    const float r = rcp_approx_ftz(m);
+    for (i64 i = start + lane; i < stop; i += 32)
+        codes[i] = encode_dynamic(fmul_ftz(centred<SUB>(x, i, offset), r), s_code);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -90,7 +94,7 @@ __global__ void dequantize_blockwise_8bit_v1(const u8* __restrict__ codes, i64 n
                                              float* __restrict__ out) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    out[i] = __fmul_rn(code[codes[i]], absmax[i / blocksize]);
+    out[i] = fmul_ftz(code[codes[i]], absmax[i / blocksize]);
 }
 
 __global__ void __launch_bounds__(256) dequantize_blockwise_8bit_v2(const u8* __restrict__ codes, i64 n, int blocksize,
@@ -109,46 +113,58 @@ __global__ void __launch_bounds__(256) dequantize_blockwise_8bit_v2(const u8* __
         uint4* dst = reinterpret_cast<uint4*>(out + i0);
 #pragma unroll
         for (int k = 0; k < 4; k++)
-            dst[k] = make_uint4(__float_as_uint(__fmul_rn(s_code[w[k] & 0xff], am)),
-                                __float_as_uint(__fmul_rn(s_code[(w[k] >> 8) & 0xff], am)),
-                                __float_as_uint(__fmul_rn(s_code[(w[k] >> 16) & 0xff], am)),
-                                __float_as_uint(__fmul_rn(s_code[w[k] >> 24], am)));
+            dst[k] = make_uint4(__float_as_uint(fmul_ftz(s_code[w[k] & 0xff], am)),
+                                __float_as_uint(fmul_ftz(s_code[(w[k] >> 8) & 0xff], am)),
+                                __float_as_uint(fmul_ftz(s_code[(w[k] >> 16) & 0xff], am)),
+                                __float_as_uint(fmul_ftz(s_code[w[k] >> 24], am)));
     } else {
-        for (i64 i = i0; i < n; i++) out[i] = __fmul_rn(s_code[codes[i]], absmax[i / blocksize]);
+        for (i64 i = i0; i < n; i++) out[i] = fmul_ftz(s_code[codes[i]], absmax[i / blocksize]);
     }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Float64 sum of float32 values: stage 1, one partial per CTA over a grid-stride range (256 threads).
-__global__ void __launch_bounds__(256) sum_f64_partial(const float* __restrict__ x, i64 n, double* __restrict__ partial) {
-    __shared__ double s[256];
-    double acc = 0.0;
-    for (i64 i = (i64)blockIdx.x * 256 + threadIdx.x; i < n; i += (i64)gridDim.x * 256) acc += (double)x[i];
-    s[threadIdx.x] = acc;
-    __syncthreads();
-    for (int o = 128; o > 0; o >>= 1) {
-        if (threadIdx.x < o) s[threadIdx.x] += s[threadIdx.x + o];
-        __syncthreads();
+// offset = torch_block_sum(absmax) * (1.0f / n) in float32, in the spec's fixed tree (DQ-1, qlora_ref.double_quant):
+//   W = min(last_pow2(n), 512) lanes; accumulator (t, j) of lane t sums a[t + (4k + j) W] for k = 0, 1, ... in order
+//   (a chain of float32 adds: it cannot be split), then lane t combines ((a0 + a1) + a2) + a3 and lanes fold in halves.
+// Stage 1 runs the 4W chains in parallel, one per thread, with D loads in flight ahead of the adds.
+template <int D>
+__global__ void __launch_bounds__(128) absmax_sum_chains(const float* __restrict__ a, i64 n, int W,
+                                                         float* __restrict__ acc) {
+    const int c = blockIdx.x * 128 + threadIdx.x;  // chain c = j * W + t
+    if (c >= 4 * W) return;
+    const int t = c % W, j = c / W;
+    const i64 rounds = (n + 4ll * W - 1) / (4ll * W);
+    float s = 0.0f;
+    for (i64 k0 = 0; k0 < rounds; k0 += D) {
+        float v[D];
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const i64 idx = t + (4 * (k0 + d) + j) * (i64)W;
+            v[d] = (idx < n) ? __ldg(a + idx) : 0.0f;  // past n: the spec's zero padding
+        }
+#pragma unroll
+        for (int d = 0; d < D; d++)
+            if (k0 + d < rounds) s = __fadd_rn(s, v[d]);
     }
-    if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+    acc[c] = s;
 }
 
-// Stage 2 (one CTA of 256 threads): status[2] = bits of the float64 sum, status[3] = bits of
-// offset = f32(f32(sum) / f32(n)) (DQ-1).
-__global__ void __launch_bounds__(256) sum_f64_final(const double* __restrict__ partial, int nparts, i64 n,
-                                                     u64* __restrict__ status) {
-    __shared__ double s[256];
-    double acc = 0.0;
-    for (int i = threadIdx.x; i < nparts; i += 256) acc += partial[i];
-    s[threadIdx.x] = acc;
+// Stage 2 (one CTA of 512 threads): combine and fold; status[3] = bits of the float32 offset.
+__global__ void __launch_bounds__(512) absmax_sum_fold(const float* __restrict__ acc, i64 n, int W,
+                                                       u64* __restrict__ status) {
+    __shared__ float v[512];
+    const int t = threadIdx.x;
+    if (t < W) v[t] = __fadd_rn(__fadd_rn(__fadd_rn(acc[t], acc[W + t]), acc[2 * W + t]), acc[3 * W + t]);
     __syncthreads();
-    for (int o = 128; o > 0; o >>= 1) {
-        if (threadIdx.x < o) s[threadIdx.x] += s[threadIdx.x + o];
+    for (int h = W / 2; h >= 1; h /= 2) {
+        float mine = 0.0f;
+        if (t < h) mine = __fadd_rn(v[t], v[t + h]);
+        __syncthreads();
+        if (t < h) v[t] = mine;
         __syncthreads();
     }
-    if (threadIdx.x == 0) {
-        const double total = s[0];
-        status[2] = (u64)__double_as_longlong(total);
-        status[3] = (u64)__float_as_uint(__fdiv_rn(__double2float_rn(total), __ll2float_rn(n)));
+    if (t == 0) {
+        const float offset = __fmul_rn(v[0], __fdiv_rn(1.0f, __ll2float_rn(n)));
+        status[3] = (u64)__float_as_uint(offset);
     }
 }

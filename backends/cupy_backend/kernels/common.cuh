@@ -1,8 +1,11 @@
 // common.cuh — helpers shared by the qlora-ref kernels (included by every kernels/*.cu file).
 //
 // Rules every kernel here follows (specs/blockwise.md, STYLE.md habit 5):
-//   * float32 arithmetic one operation at a time, each rounded to nearest even: __fmul_rn / __fadd_rn / __fdiv_rn,
+//   * float32 arithmetic one operation at a time, each rounded to nearest even (__fmul_rn / __fadd_rn / __fdiv_rn),
 //     and the module is compiled with --fmad=false so no multiply-add is ever contracted;
+//   * where the spec reproduces bitsandbytes' --use_fast_math build (qlora_ref/fastmath.py, BW-3 / BW-8) the same PTX
+//     instructions are written out explicitly: rcp.approx.ftz.f32 for 1/absmax and mul.rn.ftz.f32 for the products
+//     that are flushed to zero; everything else keeps IEEE semantics (-ftz=false);
 //   * conversions to the output dtype round once (__float2bfloat16_rn, __float2half_rn);
 //   * a kernel's only check is its bounds guard: validation happens in Python (backends/cupy_backend/ops.py).
 #pragma once
@@ -60,6 +63,22 @@ template <> struct Vec16<__nv_bfloat16> {
         for (int k = 0; k < 4; k++) { v[2 * k] = __uint_as_float(w[k] << 16); v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u); }
     }
 };
+
+// --- bitsandbytes' fast-math arithmetic, spelled out (qlora_ref/fastmath.py) ----------------------------------------
+// BW-3: the hardware approximate reciprocal (within 1 ulp; depends on the significand only; 1/0 = inf).
+__device__ __forceinline__ float rcp_approx_ftz(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+// BW-8: a product rounded to nearest even whose subnormal inputs and result are flushed to a zero of the same sign.
+__device__ __forceinline__ float fmul_ftz(float a, float b) {
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+// BW-8: flush a subnormal to a zero of the same sign (NaN and normals pass).
+__device__ __forceinline__ float ftz(float x) { return (fabsf(x) < 1.17549435e-38f) ? copysignf(0.0f, x) : x; }
 
 __device__ __forceinline__ float warp_max(float m) {
 #pragma unroll

@@ -4,9 +4,9 @@
 //   qlora_ref/double_quant.py double_dequantize):
 //     code      = packed[i/2] >> 4 (i even) or & 15 (i odd)           first element in the HIGH nibble
 //     b         = i >> log2(blocksize)
-//     absmax    = f32(f32(code2[absmax_q[b]] * nested_absmax[b >> 8]) + offset)   double quant: two roundings
+//     absmax    = f32(ftz(code2[absmax_q[b]] * nested_absmax[b >> 8]) + offset)  double quant: two roundings
 //               = absmax[b]                                                       otherwise
-//     out[i]    = T(table[code] * absmax)                           one float32 product, rounded once to T
+//     out[i]    = T(ftz(table[code] * absmax))     one float32 product (flushed if subnormal, BW-8), rounded once to T
 //   table is qlora_ref.codebooks.dequant_table(quant_type) (FP4 code 8 decodes to -0.0).
 // Why one kernel: the nested absmax is decoded where it is used, so the whole op is one pass over the packed bytes
 //   (0.5 B read + 2 B written per bf16 weight, plus 1/blocksize B of codes): the memory-bound floor.
@@ -26,7 +26,7 @@ __device__ __forceinline__ float block_absmax(i64 b, const float* __restrict__ a
                                               const float* __restrict__ code2, const float* __restrict__ nested_absmax,
                                               float offset) {
     if (!DQ) return __ldg(absmax + b);
-    return __fadd_rn(__fmul_rn(code2[__ldg(absmax_q + b)], __ldg(nested_absmax + (b >> 8))), offset);
+    return __fadd_rn(fmul_ftz(code2[__ldg(absmax_q + b)], __ldg(nested_absmax + (b >> 8))), offset);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ __global__ void dequantize_4bit_v1(const u8* __restrict__ packed, i64 n, int log
     const u32 byte = packed[i >> 1];
     const u32 code = (i & 1) ? (byte & 15u) : (byte >> 4);
     const float am = block_absmax<DQ>(i >> log2_blocksize, absmax, absmax_q, code2, nested_absmax, offset);
-    out[i] = from_f32<T>(__fmul_rn(table[code], am));
+    out[i] = from_f32<T>(fmul_ftz(table[code], am));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -99,8 +99,8 @@ __global__ void __launch_bounds__(256) dequantize_4bit_v2(const u8* __restrict__
 #pragma unroll
             for (int j = 0; j < 16; j++) {
                 const u32 byte = (w[j >> 2] >> (8 * (j & 3))) & 0xffu;
-                v[2 * j] = __fmul_rn(s_table[byte >> 4], am[k]);
-                v[2 * j + 1] = __fmul_rn(s_table[byte & 15u], am[k]);
+                v[2 * j] = fmul_ftz(s_table[byte >> 4], am[k]);
+                v[2 * j + 1] = fmul_ftz(s_table[byte & 15u], am[k]);
             }
             store_chunk<T>(out + (c << 5), v);
         } else if (c == nchunks) {  // the tail: n % 32 values, scalar
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(256) dequantize_4bit_v2(const u8* __restrict__
                 const u32 byte = packed[i >> 1];
                 const u32 code = (i & 1) ? (byte & 15u) : (byte >> 4);
                 const float a = block_absmax<DQ>(i >> log2_blocksize, absmax, absmax_q, s_code2, nested_absmax, offset);
-                out[i] = from_f32<T>(__fmul_rn(s_table[code], a));
+                out[i] = from_f32<T>(fmul_ftz(s_table[code], a));
             }
         }
     }

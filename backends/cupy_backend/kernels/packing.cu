@@ -3,7 +3,8 @@
 // What (specs/packing.md PK-1..PK-3; reference: qlora_ref/packing.py):
 //   pack:   packed[j] = (codes[2j] << 4) | codes[2j+1]      [a, b, c, d] -> [ab, cd]; an odd tail gets `filler`
 //   unpack: codes[2j] = packed[j] >> 4, codes[2j+1] = packed[j] & 15, the first n kept
-//   pack also reports max(codes) in status[0] (atomicMax) so Python can reject codes > 15 like the spec does.
+//   pack also reports max(codes) in status[0] (atomicMax; the filler excluded) so Python can reject codes > 15 like
+//   the spec does.
 // Kernels:
 //   pack_4bit_v1 / unpack_4bit_v1   naive: one thread per packed byte.  Second oracle and the unaligned path.
 //   pack_4bit_v2 / unpack_4bit_v2   16 packed bytes per thread: 16-byte loads and stores; scalar for the tail.
@@ -16,7 +17,7 @@ __global__ void pack_4bit_v1(const u8* __restrict__ codes, i64 n, int filler, u8
     if (j >= (n + 1) / 2) return;
     const u32 a = codes[2 * j];
     const u32 b = (2 * j + 1 < n) ? (u32)codes[2 * j + 1] : (u32)filler;
-    atomicMax(status, max(a, b));
+    atomicMax(status, (2 * j + 1 < n) ? max(a, b) : a);  // the filler is not a code
     packed[j] = (u8)(((a & 15u) << 4) | (b & 15u));
 }
 
@@ -57,7 +58,7 @@ __global__ void __launch_bounds__(256) pack_4bit_v2(const u8* __restrict__ codes
         for (i64 j = j0; j < min(j0 + 16, nbytes); j++) {
             const u32 a = codes[2 * j];
             const u32 b = (2 * j + 1 < n) ? (u32)codes[2 * j + 1] : (u32)filler;
-            mx = max(mx, max(a, b));
+            mx = max(mx, (2 * j + 1 < n) ? max(a, b) : a);
             packed[j] = (u8)(((a & 15u) << 4) | (b & 15u));
         }
     }

@@ -2,16 +2,16 @@
 //
 // What (specs/blockwise.md BW-2..BW-6, specs/packing.md PK-1..PK-2; reference: qlora_ref/blockwise.py):
 //   for block b of B consecutive values x (the last block may be partial; missing items count as 0):
-//     absmax[b] = max |x|                   float32, over the valid items
-//     r         = 1 / absmax[b]             one float32 division (__fdiv_rn); 1/0 = inf
-//     y         = x * r                     one float32 product (__fmul_rn; never an FMA)
+//     absmax[b] = ftz(max |x|)             float32, over the valid items (BW-2, BW-8)
+//     r         = rcp(absmax[b])            rcp.approx.ftz.f32, bitsandbytes' fast-math reciprocal (BW-3); 1/0 = inf
+//     y         = ftz(ftz(x) * r)           one float32 product, mul.rn.ftz.f32 (BW-3, BW-8; never an FMA)
 //     code      = #{k : y > t[k]}           strict '>' against the float32 thresholds t from qlora_ref.codebooks
 //                                           (nf4_thresholds / int4_thresholds padded with +inf); NaN -> code 0
 //     FP4 (sign-magnitude, BW-5): code = (y < 0 ? 8 : 0) | perm[#{k : |y| > t[k]}] over the 7 FP4 thresholds
 //   packed[j] = (code[2j] << 4) | code[2j+1]   first element in the HIGH nibble: [a, b, c, d] -> [ab, cd]
 //   An odd tail's low nibble is the code of the zero padding (0.0 * r), exactly as bitsandbytes' CUDA kernel does.
 // Why this way: bit-identical with the numpy spec and with bitsandbytes' kQuantizeBlockwise (multiply by the
-//   reciprocal, not a division; strict '>' so an exact midpoint takes the lower code except where the spec's
+//   approximate reciprocal, not a division, with flush-to-zero as its --use_fast_math build does; strict '>' so an exact midpoint takes the lower code except where the spec's
 //   thresholds were nudged down by one ulp to reproduce bitsandbytes' measured upper-code ties).
 // Non-finite input (BW-9): counted while loading; status[0] += how many, status[1] = min(first flat index); the
 //   Python side raises qlora_ref.NonFiniteError.  Codes written for such input are meaningless.
@@ -74,13 +74,14 @@ __global__ void quantize_4bit_v1(const T* __restrict__ x, i64 n, int blocksize, 
         m = fmaxf(m, fabsf(v));
     }
     if (bad) report_nonfinite(status, bad, first);
+    m = ftz(m);
     absmax[b] = m;
-    const float r = __fdiv_rn(1.0f, m);
+    const float r = rcp_approx_ftz(m);
     for (i64 i = start; i < stop + ((stop - start) & 1); i += 2) {  // an odd tail reads the zero padding
         u32 byte = 0;
         for (int h = 0; h < 2; h++) {
             const float v = (i + h < stop) ? to_f32(x[i + h]) : 0.0f;
-            const float y = __fmul_rn(v, r);
+            const float y = fmul_ftz(v, r);
             const float a = (QT == 0) ? y : fabsf(y);
             int c = 0;
             for (int k = 0; k < nt; k++) c += (a > thresholds[k]) ? 1 : 0;
@@ -154,14 +155,15 @@ __global__ void __launch_bounds__(256) quantize_4bit_v2(const T* __restrict__ x,
         for (int w = 1; w < W; w++) m = fmaxf(m, s_warp_max[w0 + w]);
     }
     if (i0 >= n) return;
+    m = ftz(m);
     if (threadIdx.x % TPB == 0) absmax[i0 / B] = m;
 
-    const float r = __fdiv_rn(1.0f, m);
+    const float r = rcp_approx_ftz(m);
     u32 bytes[E / 2];
 #pragma unroll
     for (int j = 0; j < E / 2; j++)
-        bytes[j] = (encode<QT>(__fmul_rn(v[2 * j], r), s_t, s_perm) << 4) |
-                   encode<QT>(__fmul_rn(v[2 * j + 1], r), s_t, s_perm);
+        bytes[j] = (encode<QT>(fmul_ftz(v[2 * j], r), s_t, s_perm) << 4) |
+                   encode<QT>(fmul_ftz(v[2 * j + 1], r), s_t, s_perm);
 
     u8* dst = packed + i0 / 2;
     if (i0 + E <= n) {

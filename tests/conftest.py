@@ -1,0 +1,58 @@
+"""Shared test configuration: hypothesis profiles, the gpu marker, and where ../shared lives.
+
+Profiles (STYLE 13): ``dev`` (default, quick), ``ci`` (derandomized, more examples; chosen when CI=true) and ``gpu``
+(no deadline: the first call compiles kernels).  Pick one with ``--hypothesis-profile=NAME``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", max_examples=40, deadline=None)
+settings.register_profile(
+    "ci", max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("gpu", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _has_cuda() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+HAS_CUDA = _has_cuda()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CuPy and a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip locally when an optional input is missing, but fail in CI, where .ci/run provides it."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"{why} (CI=true: .ci/run must provide it)")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the checkout (real data, golden vectors); its absence fails in CI."""
+    path = Path(os.environ.get("QLORA_SHARED", REPO.parent / "shared"))
+    require(path.is_dir(), f"shared data folder not found at {path}")
+    return path
