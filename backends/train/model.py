@@ -155,6 +155,7 @@ def prepare_model(
             lora_dtype=ldt,
             compute_dtype=cdt,
         )
+        new.train(linear.training)  # keep the model's train/eval mode
         setattr(parent, attr, new)  # the 16-bit original is dropped here
         largest = max(largest, new.q.nblocks * new.q.blocksize)
 

@@ -256,8 +256,9 @@ class Trainer:
             loss_sum, _ = response_loss_sum(self.model, to_device(b, self.device))
             (loss_sum / n_tok).backward()
             total += float(loss_sum.detach())
-        grads = list(self.params.values())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm))
+        from backends.optim import clip_grad_norm_
+
+        grad_norm = float(clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))  # ADAMW-10
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {self.step + 1}; lower --lr or check the data")
         self.optimizer.step()
@@ -384,6 +385,8 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         self.step = int(state["step"])
         self.history = list(state["history"])
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:  # drop lines logged after the checkpoint
+            f.writelines(json.dumps(h) + "\n" for h in self.history)
         set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
 
 
