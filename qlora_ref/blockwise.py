@@ -53,18 +53,20 @@ def scale_blocks(x32: np.ndarray, absmax: np.ndarray, blocksize: int) -> np.ndar
     return y.ravel()
 
 
+def count_above(y: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """code = #{k : y > t[k]} as uint8 (BW-4); NaN is above nothing, so it counts 0 (BW-6)."""
+    codes = np.zeros(y.shape, np.uint8)
+    for t in thresholds:
+        np.add(codes, y > t, out=codes, casting="unsafe")
+    return codes
+
+
 def encode_4bit(y: np.ndarray, quant_type: str) -> np.ndarray:
     """4-bit codes of scaled values y (BW-4, BW-5); NaN -> code 0 (BW-6)."""
     if quant_type == "fp4":
-        sign = np.where(y < 0, np.uint8(8), np.uint8(0))
-        magnitude = FP4_CODES_ASCENDING[np.searchsorted(FP4_THRESHOLDS, np.abs(y), side="left")]
-        codes = sign | magnitude
-    else:
-        t = nf4_thresholds() if quant_type == "nf4" else int4_thresholds()
-        # searchsorted(side="left") = number of thresholds strictly below y = #{k : y > t[k]}
-        codes = np.searchsorted(t, y, side="left").astype(np.uint8)
-    codes[np.isnan(y)] = 0
-    return codes
+        sign = (y < 0).view(np.uint8) << 3  # BW-5: bit 3 when y < 0 (not for -0.0 or NaN)
+        return sign | FP4_CODES_ASCENDING[count_above(np.abs(y), FP4_THRESHOLDS)]
+    return count_above(y, nf4_thresholds() if quant_type == "nf4" else int4_thresholds())
 
 
 def quantize_codes_4bit(x32: np.ndarray, quant_type: str, blocksize: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 _TABLE = Path(__file__).with_name("data") / "rcp_approx_ftz_f32.zlib"
-_SMALLEST_NORMAL = np.float32(np.finfo(np.float32).tiny)
+_SIGN = np.uint32(0x80000000)
+_EXPONENT = np.uint32(0x7F800000)
 _SIGNIFICAND = np.uint32(0x007FFFFF)
 
 
@@ -32,9 +33,13 @@ def _rcp_adjust() -> np.ndarray:
 
 
 def ftz(x: np.ndarray) -> np.ndarray:
-    """Flush float32 subnormals to a zero of the same sign (BW-8)."""
+    """Flush float32 subnormals to a zero of the same sign (BW-8): a zero exponent field keeps only the sign bit."""
     x = np.asarray(x, np.float32)
-    return np.where(np.abs(x) < _SMALLEST_NORMAL, np.copysign(np.float32(0.0), x), x).astype(np.float32)
+    bits = x.view(np.uint32)
+    subnormal = ((bits & _EXPONENT) == 0) & (bits & _SIGNIFICAND != 0)
+    if not subnormal.any():
+        return x
+    return np.where(subnormal, bits & _SIGN, bits).astype(np.uint32).view(np.float32)
 
 
 def rcp_approx(x: np.ndarray) -> np.ndarray:

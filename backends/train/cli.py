@@ -45,7 +45,9 @@ TASK_PRESET = dict(lr=1e-3, batch_size=8, grad_accum=2, max_steps=25, task_train
 
 MEMORY_PRESETS_EXTRA = {
     # SmolLM2-135M-Instruct (its GGUF / HF config.json): tied embeddings, grouped-query attention.
-    "smollm2-135m": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tie_embeddings=True),
+    "smollm2-135m": dict(
+        hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tie_embeddings=True
+    ),
 }
 
 
@@ -242,7 +244,9 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
             "effective_batch": cfg.effective_batch,
         }
         write_json(run.path("config.json"), resolved)
-        log(f"model {model_path} | backend {cfg.model.backend} | {len(train_tok)} train / {len(eval_tok)} eval examples")
+        log(
+            f"model {model_path} | backend {cfg.model.backend} | {len(train_tok)} train / {len(eval_tok)} eval examples"
+        )
         log(f"config: {run.final}/config.json (lr {cfg.train.lr}, r {cfg.model.r}, batch {cfg.effective_batch})")
 
         trainer = Trainer(model, tokenizer, cfg, train_tok, eval_tok, run_dir=run.work)
@@ -273,7 +277,9 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
             train_seconds=train_s,
             final_train_loss=steps[-1]["loss"] if steps else None,
             eval_loss_after=evals[-1]["eval_loss"] if evals else None,
-            tokens_per_s=(sum(h["tokens"] for h in steps) / max(sum(h["tokens"] / h["tokens_per_s"] for h in steps), 1e-9))
+            tokens_per_s=(
+                sum(h["tokens"] for h in steps) / max(sum(h["tokens"] / h["tokens_per_s"] for h in steps), 1e-9)
+            )
             if steps
             else None,
             peak_mem_gb=max((h["mem_gb"] for h in steps), default=None),
@@ -373,7 +379,9 @@ def cmd_generate(args) -> int:
     prompts = args.prompt
     if not args.raw:
         prompts = [format_prompt(tokenizer, p) for p in prompts]
-    for p, text in zip(args.prompt, generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens), strict=True):
+    for p, text in zip(
+        args.prompt, generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens), strict=True
+    ):
         print(f"### prompt: {p}\n{text.strip()}\n")
     return 0
 
@@ -396,11 +404,15 @@ def cmd_eval(args) -> int:
         _, ev = make_task(tokenizer, n_train=1, n_eval=args.task_eval, seed=args.seed)
         acc, _ = exact_match(model, tokenizer, ev, batch_size=args.batch_size)
         result.update(task="reverse-list", n=len(ev), exact_match=acc)
-        print(f"exact match: {acc:.1%} ({round(acc * len(ev))}/{len(ev)}) on {len(ev)} held-out lists (seed {args.seed})")
+        print(
+            f"exact match: {acc:.1%} ({round(acc * len(ev))}/{len(ev)}) on {len(ev)} held-out lists (seed {args.seed})"
+        )
     else:
         mm = model_max_length(model)
         if args.data.endswith((".json", ".jsonl")):
-            data = tokenize_examples(read_examples(args.data), tokenizer, max_len=args.max_len, model_max=mm, source=args.data)
+            data = tokenize_examples(
+                read_examples(args.data), tokenizer, max_len=args.max_len, model_max=mm, source=args.data
+            )
             if args.max_examples:
                 data = data[: args.max_examples]
         else:
@@ -451,14 +463,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     q.add_argument("--blocksize", type=int, default=64)
     q.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
-    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the non-quantized tensors and the compute dtype written in quantization_config")  # fmt: skip
+    q.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the non-quantized tensors and the compute dtype written in quantization_config",
+    )
     q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     q.set_defaults(func=cmd_quantize)
 
     names = sorted([*memory.PRESETS, *MEMORY_PRESETS_EXTRA])
     mem = sub.add_parser("memory", help="will it fit? the memory ledger, by component")
-    mem.add_argument("--model", default="llama-7b", help=f"preset ({', '.join(names)}) or an HF config.json / model dir")
+    mem.add_argument(
+        "--model", default="llama-7b", help=f"preset ({', '.join(names)}) or an HF config.json / model dir"
+    )
     mem.add_argument("--r", type=int, default=64)
     mem.add_argument("--seq-len", type=int, default=512)
     mem.add_argument("--batch", type=int, default=1)

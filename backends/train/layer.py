@@ -164,6 +164,8 @@ def round_f64(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     float32 first (truncate, set the last bit if inexact), then to nearest even: one correct rounding because float32
     keeps >= p + 2 bits of the 16-bit format (Boldo & Melquiond 2008), as qlora_ref.lora.lora_merge does.
     """
+    if dtype == torch.float64:
+        return x64
     y = x64.to(torch.float32)
     if dtype == torch.float32:
         return y
