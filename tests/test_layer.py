@@ -30,16 +30,35 @@ def _q(shape, quant_type="nf4", blocksize=64, double_quant=True, seed=0, dtype=n
     return qlora_ref.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
 
 
-def _layer(out_f=48, in_f=96, r=8, alpha=16, dropout=0.0, rslora=False, compute_dtype="float32", lora_dtype=None,
-           backend="numpy", seed=0, bias=False):
+def _layer(
+    out_f=48,
+    in_f=96,
+    r=8,
+    alpha=16,
+    dropout=0.0,
+    rslora=False,
+    compute_dtype="float32",
+    lora_dtype=None,
+    backend="numpy",
+    seed=0,
+    bias=False,
+):
     torch.manual_seed(seed)
     be = get_backend(backend)
     w = torch.randn(out_f, in_f) * 0.05
     lin = torch.nn.Linear(in_f, out_f, bias=bias)
     with torch.no_grad():
         lin.weight.copy_(w)
-    m = QLoRALinear.from_linear(lin, backend=be, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-                                compute_dtype=compute_dtype, lora_dtype=lora_dtype or compute_dtype)
+    m = QLoRALinear.from_linear(
+        lin,
+        backend=be,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        rslora=rslora,
+        compute_dtype=compute_dtype,
+        lora_dtype=lora_dtype or compute_dtype,
+    )
     m.reset_lora_parameters("random")  # B != 0 so the LoRA term is exercised
     return m
 
@@ -66,17 +85,20 @@ def _assert_within(got, want, bound, what):
     bad = err > bound + 1e-30
     if bad.any():
         i = np.unravel_index(np.argmax(err - bound), err.shape)
-        raise AssertionError(f"{what}: {int(bad.sum())} elements out of bound; worst at {i}: got {got[i]}, "
-                             f"want {want[i]}, |err| {err[i]:.3e} > bound {bound[i]:.3e}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} elements out of bound; worst at {i}: got {got[i]}, "
+            f"want {want[i]}, |err| {err[i]:.3e} > bound {bound[i]:.3e}"
+        )
 
 
-# --- dequantization: bit-identical to the spec ----------------------------------------------------------------------
+# --- dequantization: bit-identical to the spec
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("shape,blocksize", [((48, 96), 64), ((7, 13), 32), ((33, 65), 128), ((300, 301), 4096),
-                                             ((1, 1), 64), ((3, 5), 64)])
+@pytest.mark.parametrize(
+    "shape,blocksize", [((48, 96), 64), ((7, 13), 32), ((33, 65), 128), ((300, 301), 4096), ((1, 1), 64), ((3, 5), 64)]
+)
 def test_cpu_dequantize_bit_identical_to_spec(quant_type, double_quant, shape, blocksize):
     """BW-7: table[code] * absmax in float32, odd n and partial blocks included, every bit equal."""
     q = _q(shape, quant_type, blocksize, double_quant, seed=shape[0] * 7 + blocksize)
@@ -98,8 +120,10 @@ def test_layer_dequantize_one_rounding_to_compute_dtype(src_dtype):
         if name == "bfloat16":
             np.testing.assert_array_equal(got.view(torch.int16).numpy().view(np.uint16), want)
         else:
-            np.testing.assert_array_equal(got.numpy().view(np.uint16 if name == "float16" else np.uint32),
-                                          want.view(np.uint16 if name == "float16" else np.uint32))
+            np.testing.assert_array_equal(
+                got.numpy().view(np.uint16 if name == "float16" else np.uint32),
+                want.view(np.uint16 if name == "float16" else np.uint32),
+            )
 
 
 def test_scratch_buffer_shared_across_layers():
@@ -111,7 +135,7 @@ def test_scratch_buffer_shared_across_layers():
     assert len([k for k in layer_mod._SCRATCH if k[1] == torch.float32]) == 1
 
 
-# --- forward and backward against qlora_ref.lora ----------------------------------------------------------------------
+# --- forward and backward against qlora_ref.lora
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -171,7 +195,9 @@ def test_dropout_mask_is_redrawn_and_matches_spec():
     np.testing.assert_allclose(m.lora_A.grad.numpy(), dA_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m.lora_B.grad.numpy(), dB_ref, rtol=1e-5, atol=1e-5)
     m.eval()  # no dropout in eval mode: the plain forward
-    np.testing.assert_allclose(m(x).detach().numpy(), spec_lora.lora_forward(xn, W, A, B, alpha=16), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        m(x).detach().numpy(), spec_lora.lora_forward(xn, W, A, B, alpha=16), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
@@ -242,7 +268,7 @@ def test_boundary_errors():
         QLoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1), backend=be)
 
 
-# --- GPU: the same checks with backend="cupy" ----------------------------------------------------------------------------
+# --- GPU: the same checks with backend="cupy"
 
 
 @pytest.mark.gpu
@@ -293,5 +319,5 @@ def test_gpu_bf16_training_step_close_to_fp32():
     A, B = m.lora_A.detach().cpu().numpy(), m.lora_B.detach().cpu().numpy()
     y_ref = spec_lora.lora_forward(xb.detach().float().cpu().numpy(), W, A, B, alpha=16)
     scale = np.abs(y_ref).max()
-    assert np.abs(y.detach().float().cpu().numpy() - y_ref).max() <= 2 ** -7 * scale * 4
+    assert np.abs(y.detach().float().cpu().numpy() - y_ref).max() <= 2**-7 * scale * 4
     assert torch.isfinite(m.lora_A.grad).all() and torch.isfinite(m.lora_B.grad).all()

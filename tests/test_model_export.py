@@ -75,7 +75,7 @@ def logits(model, ids):
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-# --- prepare_model ------------------------------------------------------------------------------------------------------
+# --- prepare_model
 
 
 def test_prepare_replaces_every_linear_but_the_head():
@@ -98,7 +98,9 @@ def test_prepare_replaces_every_linear_but_the_head():
 def test_prepare_target_subset_and_errors():
     model = tiny_llama()
     prepare_model(model, r=2, alpha=4, target=["q_proj", "v_proj"])
-    assert sorted(qlora_layers(model)) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert sorted(qlora_layers(model)) == [
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    ]
     with pytest.raises(ValueError, match="already prepared"):
         prepare_model(model)
     with pytest.raises(ValueError, match="matches no linear"):
@@ -142,7 +144,7 @@ def test_load_model_from_safetensors_dir(tmp_path):
         load_model(tmp_path / "empty")
 
 
-# --- 1. PEFT adapter ------------------------------------------------------------------------------------------------
+# --- 1. PEFT adapter
 
 
 def test_peft_adapter_loads_in_peft_and_reproduces_logits(tmp_path):
@@ -195,7 +197,7 @@ def test_load_peft_adapter_roundtrip_and_mismatch(tmp_path):
         load_peft_adapter(fresh, tmp_path)
 
 
-# --- 2. bitsandbytes 4-bit checkpoint ---------------------------------------------------------------------------------
+# --- 2. bitsandbytes 4-bit checkpoint
 
 
 def test_bnb_checkpoint_roundtrips_through_quantstate(tmp_path):
@@ -207,8 +209,13 @@ def test_bnb_checkpoint_roundtrips_through_quantstate(tmp_path):
     for name, m in layers.items():
         prefix = f"{name}.weight"
         qs_dict = {k[len(prefix) + 1 :]: v for k, v in sd.items() if k.startswith(prefix + ".")}
-        assert set(qs_dict) == {"absmax", "quant_map", "nested_absmax", "nested_quant_map",
-                                "quant_state.bitsandbytes__nf4"}
+        assert set(qs_dict) == {
+            "absmax",
+            "quant_map",
+            "nested_absmax",
+            "nested_quant_map",
+            "quant_state.bitsandbytes__nf4",
+        }
         state = bnb_f.QuantState.from_dict(qs_dict, device=torch.device("cpu"))
         assert state.quant_type == "nf4" and state.blocksize == 64 and state.nested
         got = bnb_f.dequantize_4bit(sd[prefix], state)  # bitsandbytes' CPU dequantization
@@ -221,8 +228,13 @@ def test_bnb_checkpoint_roundtrips_through_quantstate(tmp_path):
 
     cfg = json.loads((tmp_path / "bnb" / "config.json").read_text())
     qc = cfg["quantization_config"]
-    ref = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"])
+    ref = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["lm_head"],
+    )
     assert qc == json.loads(json.dumps(ref.to_dict()))
 
 
@@ -242,7 +254,7 @@ def test_bnb_checkpoint_loads_in_transformers(tmp_path):
     assert bnb_quantization_config(model)["llm_int8_skip_modules"] == ["lm_head"]
 
 
-# --- 3. merged 16-bit export --------------------------------------------------------------------------------------------
+# --- 3. merged 16-bit export
 
 
 def test_merged_export_equals_spec_merge_and_reloads(tmp_path):
@@ -274,14 +286,17 @@ def test_exports_are_atomic_and_refuse_unprepared(tmp_path):
     out = tmp_path / "a"
     save_peft_adapter(model, out)
     save_peft_adapter(model, out)  # overwrite in place
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                    "qlora_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "qlora_config.json",
+    ]
     with pytest.raises(ValueError, match="prepare_model"):
         save_peft_adapter(tiny_llama(), tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
 
-# --- the real model: SmolLM2-135M-Instruct (GGUF, Q4_1 weights) ---------------------------------------------------------
+# --- the real model: SmolLM2-135M-Instruct (GGUF, Q4_1 weights)
 
 
 def _smollm2_or_skip():
@@ -305,8 +320,10 @@ def test_smollm2_gguf_prepare_and_logits_close_to_unquantized():
     path = _smollm2_or_skip()
     model = load_model(path, prepare=False)
     tok = load_tokenizer(path)
-    text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the capital "
-            "of Germany. In 1969, humans first landed on the Moon.")
+    text = (
+        "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the capital "
+        "of Germany. In 1969, humans first landed on the Moon."
+    )
     ids = tok(text, return_tensors="pt")["input_ids"]
     base = logits(model, ids)[0]
     bnb_logits = {}

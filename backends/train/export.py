@@ -7,8 +7,8 @@
                          and 16-bit tensors for the rest; config.json with transformers' ``quantization_config``
                          -> ``AutoModelForCausalLM.from_pretrained(dir)`` with bitsandbytes installed loads it.
                          This is the frozen base only: the LoRA weights go in the PEFT adapter beside it.
-3. merged 16-bit         W = T(W_hat + s * (B A)), W_hat = dequantize_4bit(q) in float32, the sum in float64, one
-                         rounding T to the export dtype (not re-quantized to 4 bits), as model.safetensors + config.json.
+3. merged 16-bit         W = T(W_hat + s * (B A)), W_hat = dequantize_4bit(q) in float32, the sum in float64,
+                         one rounding T to the export dtype (not re-quantized): model.safetensors + config.json.
 
 Atomic: each file is written to a temporary file in the target directory and moved into place with ``os.replace``;
 config.json is written last, so a directory with a config.json is complete.

@@ -368,6 +368,6 @@ class QLoRALinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, {self.q.quant_type}, blocksize={self.q.blocksize}, "
             f"double_quant={self.q.double_quant}, r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
-            f"dropout={self.dropout:g}, compute={DTYPE_NAMES[self.compute_dtype]}, lora={DTYPE_NAMES[self.lora_A.dtype]}, "
-            f"backend={self.backend.name}"
+            f"dropout={self.dropout:g}, compute={DTYPE_NAMES[self.compute_dtype]}, "
+            f"lora={DTYPE_NAMES[self.lora_A.dtype]}, backend={self.backend.name}"
         )

@@ -163,7 +163,7 @@ def prepare_model(
     for module in model.modules():
         if isinstance(module, QLoRALinear):
             continue
-        for pname, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             if id(p) in lora_params:
                 continue
             new_data = p.data.to(device, cdt if p.is_floating_point() else p.dtype)
