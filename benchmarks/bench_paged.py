@@ -196,7 +196,10 @@ def paging_cost(shapes, c: BenchConfig) -> dict:
     free_resident = cupy.cuda.runtime.memGetInfo()[0]
     opt.page_out(sync=True)
     free_paged = cupy.cuda.runtime.memGetInfo()[0]
+    where_out = opt.state_location()
     opt.page_in()
+    torch.cuda.synchronize()
+    where_in = opt.state_location()
     torch.cuda.synchronize()
     outs, ins = [], []
     for _ in range(c.page_reps):
@@ -229,7 +232,9 @@ def paging_cost(shapes, c: BenchConfig) -> dict:
     out_s, in_s = statistics.median(outs), statistics.median(ins)
     return {
         "bytes": nbytes,
-        "device_bytes_freed_by_page_out": free_paged - free_resident,
+        "device_bytes_freed_by_page_out": free_paged - free_resident,  # cudaMemGetInfo's view
+        "location_after_page_out": where_out,
+        "location_after_page_in": where_in,
         "page_out_ms": 1e3 * out_s,
         "page_in_ms": 1e3 * in_s,
         "page_out_GBps": nbytes / out_s / 1e9,
@@ -335,7 +340,10 @@ def main() -> None:
             print(f"    {r['optimizer']:48s} {r['error']}")
     pg = results["paging"]
     freed = pg["device_bytes_freed_by_page_out"] / 1e9
-    print(f"\n(3) paging {pg['bytes'] / 1e9:.2f} GB; page-out freed {freed:.2f} GB of device memory")
+    where = (
+        f"on the {pg['location_after_page_out']} after page-out, on the {pg['location_after_page_in']} after page-in"
+    )
+    print(f"\n(3) paging {pg['bytes'] / 1e9:.2f} GB; states {where}; cudaMemGetInfo free grew {freed:.2f} GB")
     print(f"    page-out {pg['page_out_ms']:.1f} ms ({pg['page_out_GBps']:.1f} GB/s), in {pg['page_in_ms']:.1f} ms "
           f"({pg['page_in_GBps']:.1f} GB/s); pinned d2h {pg['pinned_d2h_GBps']:.1f} GB/s, "
           f"h2d {pg['pinned_h2d_GBps']:.1f} GB/s")  # fmt: skip

@@ -102,6 +102,25 @@ def time_graph(torch, calls, cfg: Config) -> float | None:
     return statistics.median(times)
 
 
+def profile_kernels(torch, label: str, call) -> list[dict]:
+    """GPU kernels of one call (CUPTI through torch.profiler: CuPy's kernels included), printed and returned."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": e.key[:90], "us": t, "count": e.count})
+    rows.sort(key=lambda r: -r["us"])
+    print(
+        f"  kernels of one {label} call: " + "; ".join(f"{r['name'][:48]} {r['us']:.1f}us x{r['count']}" for r in rows)
+    )
+    return rows
+
+
 def bench_shape(torch, bnbf, be, build, ops, cfg: Config, shape, l2: int, rows: list) -> None:
     """All measurements of one weight shape, appended to rows (and printed)."""
     n = shape[0] * shape[1]
@@ -187,6 +206,22 @@ def run(cfg: Config) -> dict:
     for shape in cfg.shapes:
         bench_shape(torch, bnbf, be, build, ops, cfg, shape, l2, rows)
         torch.cuda.empty_cache()
+    profiles = {}
+    shape = cfg.shapes[-1]
+    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+    out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    q = be.quantize_4bit(w, blocksize=cfg.blocksize)
+    qb = bnbf.quantize_4bit(w, blocksize=cfg.blocksize, compress_statistics=True, quant_type="nf4")
+    for label, call in [
+        ("ours quantize", lambda: be.quantize_4bit(w, blocksize=cfg.blocksize)),
+        (
+            "bnb quantize",
+            lambda: bnbf.quantize_4bit(w, blocksize=cfg.blocksize, compress_statistics=True, quant_type="nf4"),
+        ),
+        ("ours dequant", lambda: be.dequantize_4bit(q, out=out)),
+        ("bnb dequant", lambda: bnbf.dequantize_4bit(qb[0], qb[1], out=out)),
+    ]:
+        profiles[label] = profile_kernels(torch, f"{label} {shape}", call)
     summary = {}
     for op, mode in (("dequant", "eager"), ("dequant", "graph"), ("quantize", "eager")):
         ratios = [r["ratio"] for r in rows if r["op"] == op and r["mode"] == mode and r["ratio"]]
@@ -207,6 +242,7 @@ def run(cfg: Config) -> dict:
         "cupy": __import__("cupy").__version__,
         "rows": rows,
         "summary": summary,
+        "kernel_profiles": profiles,
     }
 
 

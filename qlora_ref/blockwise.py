@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import check_finite
 from .codebooks import (
     FP4_CODES_ASCENDING,
     FP4_THRESHOLDS,
@@ -130,6 +131,7 @@ def quantize_blockwise_8bit(x: np.ndarray, code: np.ndarray, blocksize: int = 25
     Same absmax / reciprocal rule as the 4-bit path (BW-2, BW-3), then `encode_dynamic`.
     """
     x32 = np.asarray(x, np.float32).ravel()
+    check_finite(x32)
     absmax = block_absmax(x32, blocksize)
     codes = encode_dynamic(scale_blocks(x32, absmax, blocksize), code)
     return codes[: x32.size], absmax

@@ -57,7 +57,13 @@ def absmax_mean(absmax: np.ndarray) -> np.float32:
 def double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
     """absmax float32[nblocks] -> (absmax_q uint8[nblocks], nested_absmax float32[ceil(nblocks/256)], offset)."""
     absmax = np.asarray(absmax, np.float32)
-    offset = absmax_mean(absmax)
+    with np.errstate(over="ignore"):
+        offset = absmax_mean(absmax)
+    if not np.isfinite(offset):
+        raise ValueError(
+            "double quantization needs the float32 sum of the block absmax values, which overflows for this input "
+            f"(max absmax {absmax.max():.3g}); quantize it with double_quant=False"
+        )
     absmax_q, nested_absmax = quantize_blockwise_8bit(absmax - offset, dynamic_map(signed=True), NESTED_BLOCKSIZE)
     return absmax_q, nested_absmax, offset
 

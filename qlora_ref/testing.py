@@ -36,6 +36,7 @@ import contextlib
 import zlib
 
 import numpy as np
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from .checks import BLOCKSIZES
@@ -251,6 +252,8 @@ def quantized_states(
 ):
     """Quantized4bit values: quantized `weights` ("quantize") or arbitrary valid fields ("random").
 
+    Quantized states whose double-quantized absmax is not finite in their dtype are not generated (they arise from
+    finite input: an offset that overflows float32, or a_hat above float16's 65504).
     "random" states hold any 4-bit codes (Int4's unused 15, FP4's -0 code 8, odd tails with any filler nibble) and
     absmax / nested constants bounded so that decoding stays finite in the state's dtype.
     double_quant: True, False, or None for both.  Other arguments as for `weights`.
@@ -260,7 +263,16 @@ def quantized_states(
     how = draw(st.sampled_from(source))
     if how == "quantize":
         x, dt, bs = draw(weights(dtype=dtype, blocksize=blocksize, quant_type=quant_type, max_blocks=max_blocks))
-        return quantize_4bit(x, quant_type=quant_type, blocksize=bs, double_quant=double_quant, dtype=dt)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                q = quantize_4bit(x, quant_type=quant_type, blocksize=bs, double_quant=double_quant, dtype=dt)
+                top = carrier_to_float32(_to_carrier(np.abs(q.absmax_f32()).max(keepdims=True), dt), dt)
+        except ValueError:  # DQ: the absmax sum overflows float32; the spec refuses such input
+            assume(False)
+        # Double quantization can leave the range of finite input: the offset overflows once the float32 sum of the
+        # absmax does, and a_hat can exceed float16's 65504.  Such states decode to inf/NaN: not generated.
+        assume(bool(np.all(np.isfinite(top))))
+        return q
     if how != "random":
         raise ValueError(f"source must hold 'quantize' and/or 'random', got {source!r}")
     dt = draw(_fixed_or(dtype, dtypes(), DTYPES, "dtype"))

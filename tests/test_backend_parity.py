@@ -45,8 +45,12 @@ def host(a) -> np.ndarray:
 
 
 def bits(a) -> np.ndarray:
-    """Bit patterns, so NaN == NaN and -0.0 != +0.0."""
-    a = np.ascontiguousarray(host(a))
+    """Bit patterns, so -0.0 != +0.0; NaNs are made one canonical NaN first (payloads are not part of the contract:
+    numpy propagates an input NaN's payload where the GPU produces its own canonical NaN)."""
+    a = np.array(host(a), copy=True)
+    if a.dtype.kind == "f":
+        a[np.isnan(a)] = np.nan
+    a = np.ascontiguousarray(a)
     return a.view({4: np.uint32, 2: np.uint16, 1: np.uint8}[a.dtype.itemsize])
 
 

@@ -274,15 +274,18 @@ def test_boundary_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("compute_dtype", ["bfloat16", "float32"])
 def test_gpu_dequantize_matches_spec(compute_dtype):
-    """The cupy backend writes W_hat into the torch scratch tensor with the spec's bits (BW-7)."""
+    """The cupy backend writes W_hat into the torch scratch tensor with the spec's bits (BW-7).
+
+    Checked twice, so a failure says where it is: the backend's own output (kernel), then the layer's scratch (out=).
+    """
     m = _layer(64, 192, r=8, backend="cupy", compute_dtype=compute_dtype, seed=21)
-    W = m._dequantize_scratch()
-    want = qlora_ref.dequantize_4bit(_host_q(m.q), compute_dtype)
-    got = W.cpu()
-    if compute_dtype == "bfloat16":
-        np.testing.assert_array_equal(got.view(torch.int16).numpy().view(np.uint16), want)
-    else:
-        np.testing.assert_array_equal(got.numpy().view(np.uint32), want.view(np.uint32))
+    bits = np.uint16 if compute_dtype == "bfloat16" else np.uint32
+    want = qlora_ref.dequantize_4bit(_host_q(m.q), compute_dtype).view(bits)
+    kernel = m.backend.dequantize_4bit(m.q, dtype=compute_dtype)  # CuPy array, bf16 as uint16 bits
+    np.testing.assert_array_equal(kernel.get().view(bits), want, err_msg="backend kernel vs spec")
+    got = m._dequantize_scratch().cpu()
+    got = got.view(torch.int16).numpy().view(bits) if compute_dtype == "bfloat16" else got.numpy().view(bits)
+    np.testing.assert_array_equal(got, want, err_msg="layer scratch (out=) vs spec")
 
 
 @pytest.mark.gpu

@@ -113,3 +113,25 @@ def test_dequantize_rounds_once_to_the_asked_dtype(dtype):
         assert out.dtype == np.uint16 and np.array_equal(out, Q.f32_to_bf16(f32))
     else:
         assert out.dtype == dtype and np.array_equal(out, f32.astype(dtype))
+
+
+def test_spec_imports_only_numpy_and_scipy():
+    """The executable spec pulls in no framework: importing qlora_ref loads no torch, cupy, hypothesis or ml_dtypes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qlora_ref; qlora_ref.quantize_4bit(__import__('numpy').ones(64, 'float32'));"
+        "bad = [m for m in ('torch', 'cupy', 'hypothesis', 'ml_dtypes', 'backends') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_double_quant_refuses_an_overflowing_absmax_sum():
+    """DQ-1: an absmax sum beyond float32 is refused with advice, not turned into inf."""
+    x = np.full(192, 2e38, np.float32)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        Q.quantize_4bit(x)
+    assert np.all(np.isfinite(Q.dequantize_4bit(Q.quantize_4bit(x, double_quant=False))))

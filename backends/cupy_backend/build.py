@@ -28,8 +28,8 @@ OPTIONS = ("-std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true", 
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QT = {"nf4": 0, "int4": 0, "fp4": 1}  # 0: sorted table (code = count), 1: FP4 sign-magnitude
-DEQUANT_CHUNKS = (1, 2, 4)  # variants of dequantize_4bit_v2: 16-byte chunks in flight per thread
-DEQUANT_CHUNKS_DEFAULT = 2  # chosen by benchmarks/bench_quant.py (all variants give the same bits: tested)
+DEQUANT_CHUNKS = (2, 4, 8)  # variants of dequantize_4bit_v2: units (16 output bytes each) in flight per thread
+DEQUANT_CHUNKS_DEFAULT = 4  # chosen by benchmarks/bench_quant.py (all variants give the same bits: tested)
 SUM_LOADS_AHEAD = 32  # loads in flight per chain in absmax_sum_chains
 FINITE_CHUNKS = 4  # 16-byte vectors in flight per thread in check_finite_v2
 
@@ -96,6 +96,7 @@ def module(filename: str):
     return mod
 
 
+@functools.cache
 def kernel(filename: str, name: str):
     """The ``cupy.RawKernel`` for one name expression of one file."""
     return module(filename).get_function(name)

@@ -63,9 +63,9 @@ def dequantize_4bit_v1_config(n: int) -> tuple[tuple[int], tuple[int]]:
     return (ceil_div(n, THREADS),), (THREADS,)
 
 
-def dequantize_4bit_v2_config(n: int, chunks: int) -> tuple[tuple[int], tuple[int]]:
-    """A thread per `chunks` 16-byte chunks (32 values each); one more chunk slot for the n % 32 tail."""
-    return (ceil_div(n // 32 + 1, THREADS * chunks),), (THREADS,)
+def dequantize_4bit_v2_config(n: int, units: int, itemsize: int) -> tuple[tuple[int], tuple[int]]:
+    """A thread per `units` units of 16 output bytes (16 / itemsize values each), one more unit slot for the tail."""
+    return (ceil_div(n // (16 // itemsize) + 1, THREADS * units),), (THREADS,)
 
 
 def quantize_blockwise_8bit_v1_config(nblocks: int) -> tuple[tuple[int], tuple[int]]:
@@ -132,6 +132,18 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "__dlpack__") and hasattr(x, "is_cuda")
 
 
+_STREAMS: dict[int, object] = {}
+
+
+def _cupy_stream(torch_stream):
+    """A cached CuPy view of a torch stream (same CUDA stream, so no synchronisation between the two)."""
+    ptr = torch_stream.cuda_stream
+    if ptr not in _STREAMS:
+        from_external = getattr(cp.cuda.Stream, "from_external", None)
+        _STREAMS[ptr] = from_external(torch_stream) if from_external else cp.cuda.ExternalStream(ptr)
+    return _STREAMS[ptr]
+
+
 @contextlib.contextmanager
 def on_stream(*arrays):
     """Run on torch's current stream when a torch tensor is involved (on its device), else on CuPy's."""
@@ -142,7 +154,10 @@ def on_stream(*arrays):
     import torch
 
     device = tensors[0].device
-    with cp.cuda.Device(device.index), cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+    if not tensors[0].is_cuda:
+        yield  # the boundary check that follows reports the CPU tensor
+        return
+    with cp.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device)):
         yield
 
 
@@ -221,8 +236,26 @@ def _aligned(*arrays: cp.ndarray) -> bool:
 
 
 def _status() -> cp.ndarray:
-    """Status words: [0] non-finite count, [1] first non-finite index, [2] unused, [3] f32 offset bits."""
-    return cp.asarray(np.array([0, _U64_MAX, 0, 0], np.uint64))
+    """Status words, zeroed: [0] non-finite count, [1] ~(first non-finite index) (atomicMax of the complement),
+    [2] unused, [3] f32 offset bits."""
+    return cp.zeros(4, cp.uint64)
+
+
+_PINNED: dict[int, np.ndarray] = {}
+
+
+def _read_status(status: cp.ndarray) -> np.ndarray:
+    """Copy the status words to pinned host memory and wait for them: the operation's one synchronisation."""
+    key = cp.cuda.Device().id
+    if key not in _PINNED:
+        import cupyx
+
+        _PINNED[key] = cupyx.empty_pinned(4, np.uint64)
+    return status.get(out=_PINNED[key]).copy()
+
+
+def _first_index(word: np.uint64) -> int:
+    return int(_U64_MAX - np.uint64(word))
 
 
 def _nonfinite_error(x: cp.ndarray, dtype: str, count: int, first: int, what: str) -> NonFiniteError:
@@ -411,9 +444,9 @@ def quantize_4bit(
             _quantize_8bit_launch(
                 absmax, nblocks, NESTED_BLOCKSIZE, signed_dynamic_map(), offset_dev, absmax_q, nested, kernel
             )
-        st = status.get()  # the one synchronisation
+        st = _read_status(status)  # the one synchronisation
         if st[0]:
-            raise _nonfinite_error(xd, dtype, int(st[0]), int(st[1]), "input")
+            raise _nonfinite_error(xd, dtype, int(st[0]), _first_index(st[1]), "input")
         common = dict(packed=packed, shape=shape, dtype=dtype, quant_type=quant_type, blocksize=blocksize)
         if not double_quant:
             return DeviceQuantized4bit(absmax=absmax, **common)
@@ -434,24 +467,24 @@ def _quantize_8bit_launch(x, n, blocksize, code, offset_dev, codes, absmax, kern
     k(grid, block, (x, np.int64(n), np.int32(blocksize), code, offset_arg, codes, absmax))
 
 
-def _resolve_out(out, n: int, dtype: str | None, default: str) -> tuple[cp.ndarray | None, str]:
-    """(device view of out, dtype name) after checking that out can take n values of the dtype asked for."""
+def _resolve_out(out, n: int, dtype: str | None, default: str):
+    """(kernel argument for out, dtype name, device address) after checking that out can take n values of the dtype
+    asked for; (None, dtype, None) without out.  A torch tensor is passed to the kernel as its raw device address
+    (zero-copy, as its DLPack view would be, without the per-call DLPack exchange)."""
     if out is None:
-        return None, (dtype or default)
+        return None, (dtype or default), None
     if _is_torch(out):
-        import torch
-
         if not out.is_cuda:
             raise TypeError(f"out is a torch tensor on {out.device}; the cupy backend writes CUDA tensors only")
         if not out.is_contiguous():
             raise ValueError("out must be contiguous (the kernel writes it as one flat buffer)")
-        name = str(out.dtype).removeprefix("torch.")
-        view = cp.from_dlpack(out.view(torch.int16) if out.dtype == torch.bfloat16 else out)
+        name, size, ptr = str(out.dtype).removeprefix("torch."), out.numel(), out.data_ptr()
+        arg = np.uint64(ptr)
     elif isinstance(out, cp.ndarray):
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous (the kernel writes it as one flat buffer)")
-        name = out.dtype.name
-        view = out
+        name, size, ptr = out.dtype.name, out.size, out.data.ptr
+        arg = out
     else:
         raise TypeError(f"out must be a CuPy array or a torch CUDA tensor, got {type(out).__name__}")
     if name in ("uint16", "int16"):
@@ -460,9 +493,9 @@ def _resolve_out(out, n: int, dtype: str | None, default: str) -> tuple[cp.ndarr
         raise TypeError(f"out has dtype {name}; it must be one of {DTYPES} (bf16 as torch.bfloat16 or uint16 bits)")
     if dtype is not None and dtype != name:
         raise TypeError(f"dtype={dtype!r} but out has dtype {name}; pass one or make them agree")
-    if view.size != n:
-        raise ValueError(f"out has {view.size} elements but the quantized tensor has {n}")
-    return view.ravel(), name
+    if size != n:
+        raise ValueError(f"out has {size} elements but the quantized tensor has {n}")
+    return arg, name, ptr
 
 
 def dequantize_4bit(
@@ -484,8 +517,11 @@ def dequantize_4bit(
     with on_stream(out):
         qd = DeviceQuantized4bit.from_host(q)
         n = qd.n
-        view, dtype = _resolve_out(out, n, dtype, qd.dtype)
-        result = view if view is not None else cp.empty(n, cp.uint16 if dtype == "bfloat16" else dtype)
+        out_arg, dtype, out_ptr = _resolve_out(out, n, dtype, qd.dtype)
+        result = None
+        if out_arg is None:
+            result = cp.empty(n, cp.uint16 if dtype == "bfloat16" else dtype)
+            out_arg, out_ptr = result, result.data.ptr
         cb = codebook(qd.quant_type)
         dq = qd.double_quant
         dummy_f32, dummy_u8 = cb.table, cb.perm  # pointers the kernel does not read in this mode
@@ -499,11 +535,11 @@ def dequantize_4bit(
             signed_dynamic_map() if dq else dummy_f32,
             qd.nested_absmax if dq else dummy_f32,
             np.float32(qd.offset if dq else 0.0),
-            result,
+            out_arg,
         )
         ctype, dqs = build.CTYPES[dtype], "true" if dq else "false"
-        if kernel == "v2" and _aligned(qd.packed, result):
-            grid, block = dequantize_4bit_v2_config(n, chunks)
+        if kernel == "v2" and qd.packed.data.ptr % 16 == 0 and out_ptr % 16 == 0:
+            grid, block = dequantize_4bit_v2_config(n, chunks, 4 if dtype == "float32" else 2)
             k = build.kernel("dequantize_4bit.cu", f"dequantize_4bit_v2<{ctype}, {dqs}, {chunks}>")
         else:
             grid, block = dequantize_4bit_v1_config(n)
@@ -616,6 +652,6 @@ def check_finite(x, what: str = "input", *, kernel: str = "v2") -> None:
         else:
             k = build.kernel("check_finite.cu", f"check_finite_v1<{ctype}>")
             k(*check_finite_v1_config(n), (xin, np.int64(n), status))
-        st = status.get()
+        st = _read_status(status)
         if st[0]:
-            raise _nonfinite_error(xd, dtype, int(st[0]), int(st[1]), what)
+            raise _nonfinite_error(xd, dtype, int(st[0]), _first_index(st[1]), what)

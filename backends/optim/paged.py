@@ -205,6 +205,15 @@ class PagedAdamW(torch.optim.Optimizer):
         """Prefetch the states to the GPU on the current stream (refuses if free memory is short: DeviceMemoryError)."""
         self._impl.page_in()
 
+    def state_location(self) -> str:
+        """Where the driver last prefetched the states: "host" or "device" ("device" for unpaged, "host" on CPU).
+
+        Note: on CUDA 13 / driver 580 cudaMemGetInfo does not report the device memory of paged-out managed states
+        as free (the driver keeps the chunks until something else claims them), so this attribute, not the free
+        memory, is what shows a page-out happened.
+        """
+        return self._impl.location()
+
     def maybe_page_out(self) -> bool:
         """Page out when free device memory is below page_threshold_bytes; returns whether it did."""
         if self.page_threshold_bytes and self._impl.pageable and self._impl.resident:
@@ -415,6 +424,9 @@ class _HostStates:
     def free_bytes(self) -> int:
         return 0
 
+    def location(self) -> str:
+        return "host"
+
     def page_out(self, sync: bool) -> None:  # host memory already: nothing to move
         return None
 
@@ -537,6 +549,7 @@ class _CudaStates:
         import cupy
 
         self.cp = cupy
+        self._streams: dict[int, object] = {}  # torch stream pointer -> CuPy wrapper
         self.device = device
         self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         self.state_bits = state_bits
@@ -596,7 +609,10 @@ class _CudaStates:
 
     def _stream(self):
         ptr = torch.cuda.current_stream(self.device).cuda_stream
-        return self.cp.cuda.ExternalStream(ptr, self.device_id)
+        stream = self._streams.get(ptr)
+        if stream is None:
+            stream = self._streams[ptr] = self.cp.cuda.ExternalStream(ptr, self.device_id)
+        return stream
 
     def _real_free(self) -> int:
         with self.cp.cuda.Device(self.device_id):
@@ -617,6 +633,22 @@ class _CudaStates:
                 f"{free / 2**20:.1f} MiB free, and {self.margin / 2**20:.1f} MiB is kept as a margin. "
                 "Free device memory (smaller batch, page_out() elsewhere) or use state_bits=8."
             )
+
+    def location(self) -> str:
+        if not self.pageable:
+            return "device"
+        from cuda.bindings import runtime as cudart
+
+        attr = cudart.cudaMemRangeAttribute.cudaMemRangeAttributeLastPrefetchLocationType
+        err, data = cudart.cudaMemRangeGetAttribute(4, attr, self.base, self.nbytes)
+        if err != cudart.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"cudaMemRangeGetAttribute(LastPrefetchLocationType) failed: {err}")
+        kind = int(data[0] if isinstance(data, (list, tuple)) else data)
+        names = {
+            int(cudart.cudaMemLocationType.cudaMemLocationTypeHost): "host",
+            int(cudart.cudaMemLocationType.cudaMemLocationTypeDevice): "device",
+        }
+        return names.get(kind, f"location type {kind}")
 
     def page_out(self, sync: bool) -> None:
         if not self.pageable:

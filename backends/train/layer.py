@@ -16,10 +16,13 @@ Forward: dequantize q into one scratch buffer shared by every layer of the same 
     dB = s dY^T u                        u = drop(x) A^T, (..., r), saved by the forward
     dA = (s dY B)^T drop(x)              drop(x) recomputed from the saved x and the dropout seed
 
-Saved per layer for backward (the memory ledger's "LoRA activations" line): x (shared with the other consumers of the
-same tensor, e.g. q/k/v projections) and u = drop(x) A^T (r values per token), plus one integer seed and references to
-the parameters A and B (no copies).  The dropout mask is regenerated from the seed in backward rather than stored.
-Nothing proportional to the weight is saved.
+Saved per layer for backward (qlora_ref.memory, MEM-7's LoRA term): u = drop(x) A^T, r values per token in the LoRA
+dtype (the ledger's 7 l T r per decoder block), plus x itself, which is the same tensor the block already saves (the
+normed input of q/k/v and gate/up, the attention output for o_proj, silu(gate)*up for down_proj: no copy), one integer
+seed and references to the parameters A and B.  The dropout mask is redrawn from the seed in backward and x is cast
+to the LoRA dtype only transiently, so the ledger's "(1 + l) T n with dropout" / "l T n cast copy" terms (PEFT's
+costs) are not incurred here.  Nothing proportional to the weight is kept: the dequantization scratch is one buffer
+per device and dtype (MEM-10), sized for the largest layer.
 
 Compute dtype: float32 on the CPU (torch's bf16 GEMM on the CPU is slow), bfloat16 by default on CUDA.  On the CPU the
 dequantization is a 65,536-entry lookup table over pairs of packed bytes followed by one float32 multiply per element,
@@ -138,18 +141,22 @@ def release_scratch() -> None:
 
 
 def dropout_noise(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
-    """keep / (1 - p) with keep ~ Bernoulli(1 - p), drawn from a generator seeded with `seed` (LORA-3): 0 or 1/(1-p).
+    """keep / (1 - p), keep ~ Bernoulli(1 - p) from a generator seeded with `seed` (LORA-3): entries 0 or 1/(1-p).
 
-    Seeded per call, so backward redraws the exact mask the forward used instead of storing it.
+    keep = u >= p with u uniform float32: numpy's PCG64(seed) on the CPU (2x faster than torch's bernoulli_ there),
+    torch's Philox generator on CUDA.  Seeded per call, so backward redraws the forward's mask instead of storing it.
+    The value 1/(1-p) is the float32 quotient f32(1) / f32(1 - p), as in the spec.
     """
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=g).div_(1.0 - p)
-
-
-def _dropout(v: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """v * keep / (1 - p) (inverted dropout with the seed's mask)."""
-    return v * dropout_noise(v.shape, p, seed, v.device, v.dtype)
+    device = torch.device(device)
+    if device.type == "cpu":
+        u = np.random.default_rng(seed).random(tuple(shape), dtype=np.float32)
+        keep = torch.from_numpy(u >= np.float32(p))
+    else:
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        keep = torch.rand(tuple(shape), generator=g, device=device) >= p
+    scale = float(np.float32(1.0) / np.float32(1.0 - p))
+    return keep.to(dtype).mul_(scale)
 
 
 def draw_dropout_seed() -> int:
@@ -186,7 +193,7 @@ class QLoRAFunction(torch.autograd.Function):
         if layer.bias is not None:
             y.add_(layer.bias)
         xl = x2.to(lora_A.dtype)
-        xd = _dropout(xl, layer.dropout, seed) if seed is not None else xl  # (M, in)
+        xd = xl * dropout_noise(xl.shape, layer.dropout, seed, xl.device, xl.dtype) if seed is not None else xl
         u = torch.mm(xd, lora_A.t())  # (M, r)
         if lora_B.dtype == y.dtype:
             y.addmm_(u, lora_B.t(), alpha=layer.scaling)
@@ -206,15 +213,16 @@ class QLoRAFunction(torch.autograd.Function):
         dB = torch.mm(dYl.t(), u).mul_(s)  # (out, r)
         du = torch.mm(dYl, lora_B).mul_(s)  # (M, r)
         xl = x.reshape(-1, layer.in_features).to(lora_A.dtype)
-        xd = _dropout(xl, layer.dropout, seed) if seed is not None else xl  # (M, in)
+        noise = dropout_noise(xl.shape, layer.dropout, seed, xl.device, xl.dtype) if seed is not None else None
+        xd = xl * noise if noise is not None else xl  # (M, in), the forward's drop(x)
         dA = torch.mm(du.t(), xd)  # (r, in)
         dX = None
         if ctx.needs_input_grad[0]:
             W = layer._dequantize_scratch()  # (out, in), dequantized again
             dX = torch.mm(dY2.to(W.dtype), W)  # (M, in)
             dXl = torch.mm(du, lora_A)  # (M, in)
-            if seed is not None:
-                dXl = _dropout(dXl, layer.dropout, seed)
+            if noise is not None:
+                dXl.mul_(noise)
             dX.add_(dXl.to(dX.dtype))
             dX = dX.view(x.shape).to(x.dtype)
         return dX, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, None

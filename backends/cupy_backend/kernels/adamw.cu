@@ -16,18 +16,21 @@
 // element is bit-identical to numpy's float32 evaluation.  Low-precision params (bf16/fp16) are widened to float32,
 // updated, and rounded once to nearest-even, as torch's .to(dtype) does on the CPU path.
 //
-// 8-bit states (AD-4, SPEC-NOTES 1.10): blockwise dynamic-map codes, 256 values per block: m with the signed map,
-// v with the unsigned map.  One CUDA block of 256 threads walks the quantization blocks of its chunk: dequantize
-// (code[c] * absmax), the 32-bit update, the new absmax (block max of |s|, NaN-propagating like np.max), then
-// y = s * (1/absmax) and bitsandbytes' binary search with the midpoint rule (qlora_ref.blockwise.encode_dynamic).
+// 8-bit states (ADAMW-6..8, SPEC-NOTES 1.10): blockwise dynamic-map codes, 256 values per block: m with the signed
+// map, v with the unsigned map.  One CUDA block of 256 threads walks the quantization blocks of its chunk, with the
+// spec's blockwise rules (qlora_ref/blockwise.py, which reproduces bitsandbytes' fast-math build, BW-3 / BW-8):
+//     dequantize   s = ftz(code[c] * absmax)                           mul.rn.ftz.f32
+//     update       the 32-bit step above (IEEE, p from the unquantized s)
+//     absmax'      ftz(max |s'|) over the block (NaN propagates like np.max)
+//     requantize   y = ftz(ftz(s') * rcp(absmax'))                     rcp.approx.ftz.f32, mul.rn.ftz.f32
+//                  code = encode_dynamic(y): 7 halving steps from pivot 127, then the midpoint rule (DQ-2)
 //
 // Kernels:
 //   adamw32_multi — 32-bit states; each thread ILP elements strided by blockDim (coalesced), chunk given by the host.
 //   adamw8_multi  — 8-bit blockwise states; blockDim must be 256 (one thread per element of a quantization block).
 //   adamw32_naive — v1: one thread per element of one tensor (grid over n), the second oracle for tests.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"  // rcp_approx_ftz, fmul_ftz, ftz (the spec's fast-math rules); cuda_bf16.h, cuda_fp16.h
 
 struct TensorArgs {                      // 96 bytes, mirrored by _ARGS_DTYPE in backends/optim/paged.py
     unsigned long long p, g, m, v;       // param (T), grad (T), m and v (float32 or uint8 codes)
@@ -185,18 +188,18 @@ extern "C" __global__ void adamw8_multi(const TensorArgs* __restrict__ args, con
         if (valid) {
             p = load_t(a.p, i, a.dtype);
             const float g = load_t(a.g, i, a.dtype);
-            m = s_code_m[m_codes[i]] * m_absmax[qb];  // DQ-3 dequantize
-            v = s_code_v[v_codes[i]] * v_absmax[qb];
+            m = fmul_ftz(s_code_m[m_codes[i]], m_absmax[qb]);  // DQ-3 dequantize (BW-8: flushed)
+            v = fmul_ftz(s_code_v[v_codes[i]], v_absmax[qb]);
             adamw_element(a, p, g, m, v);
         }
-        // BW-2: new absmax over the valid items (padding counts as 0)
-        const float am = block_max_256(valid ? fabsf(m) : 0.0f, scratch_m);
-        const float av = block_max_256(valid ? fabsf(v) : 0.0f, scratch_v);
+        // BW-2, BW-8: new absmax over the valid items (padding counts as 0), subnormal flushed
+        const float am = ftz(block_max_256(valid ? fabsf(m) : 0.0f, scratch_m));
+        const float av = ftz(block_max_256(valid ? fabsf(v) : 0.0f, scratch_v));
         if (valid) {
             store_t(a.p, i, a.dtype, p);
-            const float rm = 1.0f / am, rv = 1.0f / av;  // BW-3: one division, 1/0 = inf
-            m_codes[i] = encode_dynamic(m * rm, s_code_m);
-            v_codes[i] = encode_dynamic(v * rv, s_code_v);
+            const float rm = rcp_approx_ftz(am), rv = rcp_approx_ftz(av);  // BW-3: 1/0 = inf, then 0*inf = NaN -> 0
+            m_codes[i] = encode_dynamic(fmul_ftz(m, rm), s_code_m);
+            v_codes[i] = encode_dynamic(fmul_ftz(v, rv), s_code_v);
         }
         if (threadIdx.x == 0) {  // every thread read absmax[qb] before block_max_256's barrier
             m_absmax[qb] = am;

@@ -1,7 +1,7 @@
 // check_finite.cu — count the NaN/Inf values of a float32/fp16/bf16 array and find the first one.
 //
 // What (specs/blockwise.md BW-9; reference: qlora_ref/checks.py check_finite):
-//   status[0] += #{i : !isfinite(x[i])},  status[1] = min{i : !isfinite(x[i])}   (status[1] starts at 2^64 - 1)
+//   status[0] += #{i : !isfinite(x[i])},  status[1] = ~min{i : !isfinite(x[i])}  (zeroed first; atomicMax of ~i)
 //   Python raises qlora_ref.NonFiniteError with the spec's message when status[0] > 0.
 // Kernels:
 //   check_finite_v1<T>   naive: one thread per value, an atomic per non-finite value.  Second oracle.
@@ -16,7 +16,7 @@ __global__ void check_finite_v1(const T* __restrict__ x, i64 n, u64* __restrict_
     if (i >= n) return;
     if (!isfinite(to_f32(x[i]))) {
         atomicAdd(&status[0], 1ull);
-        atomicMin(&status[1], (u64)i);
+        atomicMax(&status[1], ~(u64)i);
     }
 }
 
@@ -49,6 +49,6 @@ __global__ void __launch_bounds__(256) check_finite_v2(const T* __restrict__ x, 
     }
     if (bad) {
         atomicAdd(&status[0], bad);
-        atomicMin(&status[1], first);
+        atomicMax(&status[1], ~first);  // status[1] = ~(min first index)
     }
 }

@@ -13,8 +13,8 @@
 // Why this way: bit-identical with the numpy spec and with bitsandbytes' kQuantizeBlockwise (multiply by the
 //   approximate reciprocal, not a division, with flush-to-zero as its --use_fast_math build does; strict '>' so an exact midpoint takes the lower code except where the spec's
 //   thresholds were nudged down by one ulp to reproduce bitsandbytes' measured upper-code ties).
-// Non-finite input (BW-9): counted while loading; status[0] += how many, status[1] = min(first flat index); the
-//   Python side raises qlora_ref.NonFiniteError.  Codes written for such input are meaningless.
+// Non-finite input (BW-9): counted while loading; status[0] += how many, status[1] = ~(first flat index) by atomicMax
+//   of the complement (status starts zeroed); the Python side raises qlora_ref.NonFiniteError.  Codes written for such input are meaningless.
 //
 // Kernels:
 //   quantize_4bit_v1<T, QT>          naive: one thread per quant block, a sequential loop, a linear count over the
@@ -52,7 +52,7 @@ __device__ __forceinline__ u32 encode(float y, const float* t, const u8* perm) {
 
 __device__ __forceinline__ void report_nonfinite(u64* status, u64 count, u64 first) {
     atomicAdd(&status[0], count);
-    atomicMin(&status[1], first);
+    atomicMax(&status[1], ~first);  // status[1] = ~(min first index)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
