@@ -53,6 +53,8 @@ class NumpyBackend:
     def dequantize_4bit(self, q, *, dtype=None, out=None):
         if out is None:
             return qlora_ref.dequantize_4bit(q, dtype)
+        if _is_torch(out) and not out.is_contiguous():
+            raise ValueError("out must be contiguous (the values are written as one flat buffer)")
         view, name = to_numpy(out, "out")
         if name is None:
             name = "bfloat16" if view.dtype in (np.uint16, np.int16) else view.dtype.name

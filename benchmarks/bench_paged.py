@@ -182,6 +182,13 @@ def spike_run(kind: str, shapes, c: BenchConfig, budget: int | None) -> dict:
     return result
 
 
+def _location(opt) -> str:
+    try:
+        return opt.state_location()
+    except Exception as e:  # reported, not fatal: the timings below do not depend on it
+        return f"unknown ({type(e).__name__}: {e})"
+
+
 # ---- (3) paging cost -----------------------------------------------------------------------------------------------
 
 
@@ -196,10 +203,10 @@ def paging_cost(shapes, c: BenchConfig) -> dict:
     free_resident = cupy.cuda.runtime.memGetInfo()[0]
     opt.page_out(sync=True)
     free_paged = cupy.cuda.runtime.memGetInfo()[0]
-    where_out = opt.state_location()
+    where_out = _location(opt)
     opt.page_in()
     torch.cuda.synchronize()
-    where_in = opt.state_location()
+    where_in = _location(opt)
     torch.cuda.synchronize()
     outs, ins = [], []
     for _ in range(c.page_reps):

@@ -8,7 +8,9 @@ Ops (blocksize 64, NF4, double quantization, bf16 weights; LLaMA-7B and LLaMA-65
 Timing: CUDA events after warm-up, median over `reps` timings of `inner` back-to-back calls, rotating over enough
 buffer sets that the working set exceeds L2.  "eager" is the Python call as users make it (ours syncs once per
 quantize to check for NaN/Inf); "graph" replays a CUDA graph of the same calls (GPU time, launch overhead removed)
-where both sides can be captured.  Rows: ours, bitsandbytes, ratio (bnb time / ours), our TB/s, % of the copy.
+where both sides can be captured; "kernels" sums the GPU time of one call's kernels and copies (CUPTI through
+torch.profiler) for ops that cannot be captured (our quantize reads its status words back).
+Rows: ours, bitsandbytes, ratio (bnb time / ours), our TB/s, % of the copy.
 
     python benchmarks/bench_quant.py [--reps 30] [--out benchmarks/results]      (on a GPU; QLORA_COMMIT=<sha>)
     python benchmarks/bench_quant.py --plot benchmarks/results/bench_quant_<device>.json   (PNG from saved JSON)
@@ -102,7 +104,7 @@ def time_graph(torch, calls, cfg: Config) -> float | None:
     return statistics.median(times)
 
 
-def profile_kernels(torch, label: str, call) -> list[dict]:
+def profile_kernels(torch, label: str, call, quiet: bool = False) -> list[dict]:
     """GPU kernels of one call (CUPTI through torch.profiler: CuPy's kernels included), printed and returned."""
     call()
     torch.cuda.synchronize()
@@ -115,9 +117,11 @@ def profile_kernels(torch, label: str, call) -> list[dict]:
         if t > 0:
             rows.append({"name": e.key[:90], "us": t, "count": e.count})
     rows.sort(key=lambda r: -r["us"])
-    print(
-        f"  kernels of one {label} call: " + "; ".join(f"{r['name'][:48]} {r['us']:.1f}us x{r['count']}" for r in rows)
-    )
+    if not quiet:
+        print(
+            f"  kernels of one {label} call: "
+            + "; ".join(f"{r['name'][:48]} {r['us']:.1f}us x{r['count']}" for r in rows)
+        )
     return rows
 
 
@@ -158,6 +162,16 @@ def bench_shape(torch, bnbf, be, build, ops, cfg: Config, shape, l2: int, rows: 
     for chunks in build.DEQUANT_CHUNKS:
         if chunks != build.DEQUANT_CHUNKS_DEFAULT:
             measurements.append((f"deq_ch{chunks}", "graph", ours_deq(chunks), None, bytes_deq, time_graph))
+
+    def kernel_time(calls):  # median over rotating calls of the summed GPU time of one call's kernels (ms)
+        def timer(torch, calls_, cfg_):
+            return statistics.median(
+                sum(r["us"] for r in profile_kernels(torch, "", c, quiet=True)) / 1e3 for c in calls_[: min(3, sets)]
+            )
+
+        return timer
+
+    measurements.append(("quantize", "kernels", ours_quant, bnb_quant, bytes_q, kernel_time(None)))
     for op, mode, ours_calls, bnb_calls, nbytes, timer in measurements:
         ours_ms = timer(torch, ours_calls, cfg)
         bnb_ms = timer(torch, bnb_calls, cfg) if bnb_calls is not None else None
@@ -223,7 +237,7 @@ def run(cfg: Config) -> dict:
     ]:
         profiles[label] = profile_kernels(torch, f"{label} {shape}", call)
     summary = {}
-    for op, mode in (("dequant", "eager"), ("dequant", "graph"), ("quantize", "eager")):
+    for op, mode in (("dequant", "eager"), ("dequant", "graph"), ("quantize", "eager"), ("quantize", "kernels")):
         ratios = [r["ratio"] for r in rows if r["op"] == op and r["mode"] == mode and r["ratio"]]
         pct = [r["pct_copy"] for r in rows if r["op"] == op and r["mode"] == mode and r["pct_copy"]]
         if ratios:
@@ -252,7 +266,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("dequant", "graph"), ("dequant", "eager"), ("quantize", "eager")]
+    panels = [("dequant", "graph"), ("dequant", "eager"), ("quantize", "kernels"), ("quantize", "eager")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (op, mode) in zip(axes[0], panels, strict=True):
         rows = [r for r in result["rows"] if r["op"] == op and r["mode"] == mode]

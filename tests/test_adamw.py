@@ -58,7 +58,7 @@ def _torch_run(c):
 
 @given(adam_case())
 def test_adamw5_32bit_matches_torch_adamw_within_derived_bound(c):
-    """ADAMW-5: adamw_step(decay="before") vs torch.optim.AdamW, every element, every step, within D_m, D_v, D_p.
+    """ADAMW-2, ADAMW-5: adamw_step(decay="before") vs torch.optim.AdamW, every element, every step, within D_m, D_v, D_p.
 
     With b1f = f32(beta1), a1 = 1 - b1f (exact), w = f32(1 - beta1) torch's lerp weight, a2 = 1 - f32(beta2),
     c = f32(1 - beta2) torch's addcmul value, the per-element differences obey (specs/adamw.md ADAMW-5):
@@ -122,7 +122,7 @@ def test_adamw5_32bit_matches_torch_adamw_within_derived_bound(c):
 
 @given(adam_case())
 def test_adamw4_decay_placement_differs_by_lr2_wd(c):
-    """ADAMW-4: from the same (p, m, v, g), decay="after" (bitsandbytes) - decay="before" (torch) = U (d - 1)
+    """ADAMW-3, ADAMW-4: from the same (p, m, v, g), decay="after" (bitsandbytes) - decay="before" (torch) = U (d - 1)
     + rounding, with U the shared Adam update and d = f32(1 - lr wd); so |difference| <= |U| (lr wd + |d - 1 + lr wd|)
     + 2u(|p_a| + |p_b| + |p + U|) + 4 eta, and |U| <= lr |m_hat| / (sqrt(v_hat) + eps) (1 + gamma5): O(lr^2 wd)."""
     b1, b2 = c["betas"]

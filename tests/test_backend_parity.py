@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, note
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qlora_ref
 from backends import get_backend
-from qlora_ref.codebooks import FP4_THRESHOLDS, QUANT_TYPES, dynamic_map, int4_thresholds, nf4_thresholds
+from qlora_ref import testing
+from qlora_ref.codebooks import QUANT_TYPES, dynamic_map
 
 BACKEND_PARAMS = [pytest.param("numpy", id="numpy"), pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)]
 DTYPES = ("float32", "float16", "bfloat16")
@@ -74,58 +75,10 @@ def quantized_to_backend(be, q: qlora_ref.Quantized4bit):
     return DeviceQuantized4bit.from_host(q)
 
 
-# --- strategies (bounded, adversarial) -----------------------------------------------------------------------------
-
-
-def _thresholds(quant_type: str) -> np.ndarray:
-    if quant_type == "nf4":
-        return nf4_thresholds()
-    if quant_type == "int4":
-        return int4_thresholds()
-    t = FP4_THRESHOLDS.astype(np.float32)
-    return np.concatenate([t, -t])
-
-
-@st.composite
-def weights(draw, blocksize=None, dtype=None, quant_type="nf4", max_blocks=3):
-    """(float32 values, blocksize, dtype): values already representable in dtype, with adversarial blocks."""
-    blocksize = blocksize or draw(st.sampled_from(qlora_ref.BLOCKSIZES))
-    dtype = dtype or draw(st.sampled_from(DTYPES))
-    nblocks = draw(st.integers(1, max_blocks))
-    n = draw(st.integers(max(1, (nblocks - 1) * blocksize + 1), nblocks * blocksize))  # partial last block, odd n
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    log_scale = draw(st.sampled_from([0.0, -3.0, -20.0, -36.0, 20.0, 30.0]))  # tiny (subnormal after scaling), huge
-    x = (rng.standard_normal(n) * np.float32(10.0**log_scale)).astype(np.float32)
-    kinds = draw(
-        st.lists(
-            st.sampled_from(["normal", "zero", "thresholds", "ties", "subnormal"]), min_size=nblocks, max_size=nblocks
-        )
-    )
-    t = _thresholds(quant_type)
-    for b, kind in enumerate(kinds):
-        lo, hi = b * blocksize, min(n, (b + 1) * blocksize)
-        if kind == "zero":
-            x[lo:hi] = 0.0
-            x[lo:hi:7] = -0.0
-        elif kind == "thresholds":  # y = x * rcp(2^e) is exact: every threshold hit, and one ulp either side
-            e = draw(st.integers(-10, 10))
-            amax = np.float32(2.0**e)
-            vals = np.concatenate([t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(-np.inf))])
-            x[lo:hi] = (rng.choice(vals, hi - lo) * amax).astype(np.float32)
-            x[lo] = amax
-        elif kind == "ties":  # ±absmax several times
-            amax = np.float32(rng.uniform(0.5, 2.0))
-            x[lo:hi] = rng.choice(np.array([amax, -amax, amax / 3, 0.0], np.float32), hi - lo)
-        elif kind == "subnormal":
-            x[lo:hi] = (rng.standard_normal(hi - lo) * np.float32(1e-39)).astype(np.float32)
-    with np.errstate(over="ignore"):
-        if dtype == "float16":
-            x = np.clip(x, -60000, 60000).astype(np.float16).astype(np.float32)
-        elif dtype == "bfloat16":
-            x = qlora_ref.bf16_to_f32(qlora_ref.f32_to_bf16(x))
-    note(f"n={n} blocksize={blocksize} dtype={dtype} seed={seed} log_scale={log_scale} kinds={kinds}")
-    return x, blocksize, dtype
+# --- inputs ---------------------------------------------------------------------------------------------------------
+# The adversarial generators are the spec's own (qlora_ref.testing: all-zero blocks, exact thresholds with a
+# power-of-two absmax, ties, huge / tiny / subnormal magnitudes, heavy tails, partial last blocks, odd lengths, every
+# block size and dtype); failures carry its copy-pasteable reproducer.
 
 
 def as_input(x32: np.ndarray, dtype: str) -> np.ndarray:
@@ -137,14 +90,12 @@ def as_input(x32: np.ndarray, dtype: str) -> np.ndarray:
     return x32
 
 
-def test_strategy_hits_every_threshold():
-    """The "thresholds" blocks really land on each threshold (else the tie tests would test nothing)."""
-    for quant_type in QUANT_TYPES:
-        t = _thresholds(quant_type)
-        amax = np.float32(2.0**-3)
-        x = np.concatenate([[amax], t * amax]).astype(np.float32)
-        y = qlora_ref.blockwise.scale_blocks(x, qlora_ref.blockwise.block_absmax(x, x.size), x.size)[1:]
-        assert np.array_equal(y, t), quant_type
+def _spec_or_error(fn, *args, **kwargs):
+    """(result, None) or (None, the ValueError the spec raised): the backend must then raise the same."""
+    try:
+        return fn(*args, **kwargs), None
+    except ValueError as exc:
+        return None, exc
 
 
 # --- quantize_4bit --------------------------------------------------------------------------------------------------
@@ -154,27 +105,29 @@ def test_strategy_hits_every_threshold():
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 @given(data=st.data())
 def test_quantize_4bit(be, quant_type, double_quant, data):
-    """BW-1..BW-6, BW-8, PK-1, PK-2, DQ-1, DQ-2: packed bytes, absmax / nested state and offset, bit for bit."""
-    x32, blocksize, dtype = data.draw(weights(quant_type=quant_type))
-    xin = as_input(x32, dtype)
-    kw = dict(
-        quant_type=quant_type,
-        blocksize=blocksize,
-        double_quant=double_quant,
-        dtype="bfloat16" if dtype == "bfloat16" else None,
-    )
-    want = qlora_ref.quantize_4bit(xin, **kw)
-    got = be.quantize_4bit(to_backend(be, xin), **kw)
-    repro = f"quantize_4bit(x, **{kw}) with x = {dtype} of n={x32.size}"
-    assert isinstance(got, qlora_ref.Quantized4bit)
-    assert (got.shape, got.dtype, got.n, got.nblocks) == (want.shape, want.dtype, want.n, want.nblocks)
-    assert_same_bits(got.packed, want.packed, "packed", repro)
-    if double_quant:
-        assert_same_bits(got.absmax_q, want.absmax_q, "absmax_q", repro)
-        assert_same_bits(got.nested_absmax, want.nested_absmax, "nested_absmax", repro)
-        assert_same_bits(np.float32(got.offset), np.float32(want.offset), "offset", repro)
-    else:
-        assert_same_bits(got.absmax, want.absmax, "absmax", repro)
+    """BW-1..BW-8, PK-1, PK-2, DQ-1, DQ-2: packed bytes, absmax / nested state and offset, bit for bit; where the spec
+    refuses the input (a double-quant offset that overflows float32) the backend raises the same error."""
+    x, dtype, blocksize = data.draw(testing.weights(quant_type=quant_type))
+    kw = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
+    with testing.failure_note(x, call=f"get_backend({be.name!r}).quantize_4bit", **kw):
+        want, refused = _spec_or_error(qlora_ref.quantize_4bit, x, **kw)
+        if refused is not None:
+            with pytest.raises(type(refused)) as got_error:
+                be.quantize_4bit(to_backend(be, x), **kw)
+            assert str(got_error.value) == str(refused)
+        else:
+            got = be.quantize_4bit(to_backend(be, x), **kw)
+            repro = f"quantize_4bit(x, **{kw}) with x of shape {x.shape}"
+            assert isinstance(got, qlora_ref.Quantized4bit)
+            assert (got.shape, got.dtype, got.nblocks) == (want.shape, want.dtype, want.nblocks)
+            assert_same_bits(got.packed, want.packed, "packed", repro)
+            if double_quant:
+                assert_same_bits(got.absmax_q, want.absmax_q, "absmax_q", repro)
+                assert_same_bits(got.nested_absmax, want.nested_absmax, "nested_absmax", repro)
+                assert_same_bits(np.float32(got.offset), np.float32(want.offset), "offset", repro)
+                assert_same_bits(got.absmax_f32(), want.absmax_f32(), "absmax_f32 (DQ-3)", repro)
+            else:
+                assert_same_bits(got.absmax, want.absmax, "absmax", repro)
 
 
 @given(n=st.integers(1, 20_000), seed=st.integers(0, 2**32 - 1))
@@ -194,25 +147,15 @@ def test_double_quant_offset_tree(be, n, seed):
 # --- dequantize_4bit ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quant_type", QUANT_TYPES)
-@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
-@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", [None, *DTYPES])
 @given(data=st.data())
-def test_dequantize_4bit(be, quant_type, double_quant, out_dtype, data):
-    """BW-7, BW-8, DQ-3: one float32 product (flushed), one rounding to the output dtype, bit for bit."""
-    x32, blocksize, dtype = data.draw(weights(quant_type=quant_type))
-    q = qlora_ref.quantize_4bit(
-        as_input(x32, dtype),
-        quant_type=quant_type,
-        blocksize=blocksize,
-        double_quant=double_quant,
-        dtype="bfloat16" if dtype == "bfloat16" else None,
-    )
+def test_dequantize_4bit(be, out_dtype, data):
+    """BW-7, BW-8, DQ-3: one float32 product (flushed), one rounding to the output dtype, bit for bit, for quantized
+    weights and for arbitrary valid states (any codes, odd-tail fillers, FP4 -0, Int4's unused code 15)."""
+    q = data.draw(testing.quantized_states())
     want = qlora_ref.dequantize_4bit(q, out_dtype)
     got = be.dequantize_4bit(quantized_to_backend(be, q), dtype=out_dtype)
-    repro = (
-        f"dequantize_4bit(quantize_4bit({dtype} n={q.n}, {quant_type}, {blocksize}, dq={double_quant}), {out_dtype})"
-    )
+    repro = f"dequantize_4bit({q.quant_type} {q.dtype} {q.shape} bs={q.blocksize} dq={q.double_quant}, {out_dtype})"
     assert tuple(got.shape) == q.shape
     assert_same_bits(got, want, "dequantized", repro)
 
@@ -241,9 +184,10 @@ def test_dequantize_4bit_into_out(be, out_dtype):
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 @given(data=st.data())
 def test_blockwise_8bit(be, signed, data):
-    """DQ-2, DQ-3: dynamic-map codes and absmax, then decoding, bit for bit (NaN blocks propagate like np.max)."""
+    """DQ-2, DQ-3: dynamic-map codes and absmax, then decoding, bit for bit; NaN/Inf refused with the spec's error."""
     code = dynamic_map(signed)
-    x32, blocksize, _ = data.draw(weights(dtype="float32", max_blocks=4))
+    x, _, blocksize = data.draw(testing.weights(dtype="float32", max_blocks=4))
+    x32 = np.ascontiguousarray(x, np.float32).ravel()
     blocksize = data.draw(st.sampled_from([16, 64, 256, 100, blocksize]))
     if not signed:
         x32 = np.abs(x32)
@@ -252,19 +196,25 @@ def test_blockwise_8bit(be, signed, data):
         k = min(x32.size, 64)
         x32[:k] = np.random.default_rng(k).choice(mids, k)
         x32[0] = 1.0
-    if data.draw(st.booleans()):
-        x32[data.draw(st.integers(0, x32.size - 1))] = np.nan
-    codes_w, absmax_w = qlora_ref.quantize_blockwise_8bit(x32, code, blocksize)
-    codes_g, absmax_g = be.quantize_blockwise_8bit(to_backend(be, x32), to_backend(be, code), blocksize)
     repro = f"quantize_blockwise_8bit(x n={x32.size}, dynamic_map({signed}), {blocksize})"
-    assert_same_bits(codes_g, codes_w, "codes", repro)
-    assert_same_bits(absmax_g, absmax_w, "absmax", repro)
-    n = data.draw(st.integers(0, x32.size))
-    want = qlora_ref.dequantize_blockwise_8bit(codes_w, absmax_w, code, blocksize, n)
-    got = be.dequantize_blockwise_8bit(
-        to_backend(be, codes_w), to_backend(be, absmax_w), to_backend(be, code), blocksize, n
-    )
-    assert_same_bits(got, want, "dequantized 8-bit", repro + f" then dequantize n={n}")
+    if data.draw(st.integers(0, 4)) == 0:  # a non-finite value: both refuse, with the same message
+        x32[data.draw(st.integers(0, x32.size - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        with pytest.raises(qlora_ref.NonFiniteError) as want_error:
+            qlora_ref.quantize_blockwise_8bit(x32, code, blocksize)
+        with pytest.raises(qlora_ref.NonFiniteError) as got_error:
+            be.quantize_blockwise_8bit(to_backend(be, x32), to_backend(be, code), blocksize)
+        assert str(got_error.value) == str(want_error.value), repro
+    else:
+        codes_w, absmax_w = qlora_ref.quantize_blockwise_8bit(x32, code, blocksize)
+        codes_g, absmax_g = be.quantize_blockwise_8bit(to_backend(be, x32), to_backend(be, code), blocksize)
+        assert_same_bits(codes_g, codes_w, "codes", repro)
+        assert_same_bits(absmax_g, absmax_w, "absmax", repro)
+        n = data.draw(st.integers(0, x32.size))
+        want = qlora_ref.dequantize_blockwise_8bit(codes_w, absmax_w, code, blocksize, n)
+        got = be.dequantize_blockwise_8bit(
+            to_backend(be, codes_w), to_backend(be, absmax_w), to_backend(be, code), blocksize, n
+        )
+        assert_same_bits(got, want, "dequantized 8-bit", repro + f" then dequantize n={n}")
 
 
 # --- packing --------------------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def _inputs(torch, shape, dtype, kind, seed):
         idx = torch.randint(0, t.numel(), shape, generator=g, device="cuda")
         w = t[idx] * 0.25
         w.view(-1)[::64] = 0.25
+    if dtype == "float16":  # stay finite in float16 (the heavy tails overflow it; we refuse inf, bnb does not)
+        w = w.clamp(-60000.0, 60000.0)
     return w.to(getattr(torch, dtype))
 
 
@@ -111,8 +113,8 @@ def test_same_bytes_as_bitsandbytes(bnb, dtype, quant_type, double_quant, blocks
 
 @pytest.mark.xfail(
     strict=True,
-    reason="spec DQ-1 (qlora_ref.double_quant.torch_block_sum) is not torch's CUDA mean "
-    "order for every n: measured 1-ulp offset differences (e.g. 130, 15641, 31282 float32 absmax values)",
+    reason="spec DQ-1 (qlora_ref.double_quant.torch_block_sum) uses torch's scalar-loop tree at every n; torch's CUDA "
+    "mean takes a float4 loop above 128 values, so offsets differ by an ulp at some n (e.g. 130, 15641, 31282)",
 )
 def test_double_quant_offset_matches_bitsandbytes(bnb):
     """DQ-1: our offset (= the spec's) equals bitsandbytes' absmax.mean() at lengths where the order matters."""

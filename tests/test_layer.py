@@ -108,6 +108,24 @@ def test_cpu_dequantize_bit_identical_to_spec(quant_type, double_quant, shape, b
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_cpu_dequantize_flushes_subnormal_products(quant_type, double_quant):
+    """BW-8: weights near 1e-37 give subnormal code * absmax products; they flush to signed zeros, as in the spec."""
+    rng = np.random.default_rng(17)
+    scale = rng.choice(np.array([1.0, 3e-37, 4e-38, 2e-38]), size=(32, 1))  # per row = per block of 64
+    w = (rng.standard_normal((32, 64)) * scale).astype(np.float32)
+    q = qlora_ref.quantize_4bit(w, quant_type=quant_type, double_quant=double_quant)
+    if not double_quant:  # double quantization rounds tiny absmax values away; without it the flush path must run
+        code = qlora_ref.codebooks.dequant_table(quant_type)
+        assert (np.abs(q.absmax.astype(np.float64)) * np.abs(code[code != 0]).min() < np.finfo(np.float32).tiny).any()
+    want = qlora_ref.dequantize_4bit(q, "float32").ravel()
+    got = dequantize_4bit_cpu(q, np.empty(q.nblocks * q.blocksize, np.float32))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    tiny = np.abs(want) < np.finfo(np.float32).tiny
+    assert not np.any(tiny & (want != 0)), "the spec output has no subnormals"
+
+
 @pytest.mark.parametrize("src_dtype", [np.float32, np.float16])
 def test_layer_dequantize_one_rounding_to_compute_dtype(src_dtype):
     """W_hat in bf16/fp16 compute = the spec's dequantize_4bit(q, dtype) bits (one rounding from float32)."""

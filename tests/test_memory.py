@@ -195,3 +195,17 @@ def test_mem_rejects_bad_shapes():
         M.shape_from_dict({})
     with pytest.raises(ValueError, match="gb must be positive"):
         M.estimate(M.llama_7b, seq_len=1, batch=1).fits(0)
+
+
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
+def test_mem5_mem9_mem10_grads_loss_head_and_scratch(lora_dtype):
+    """MEM-5: one gradient per LoRA parameter in its dtype; MEM-9: (2c + 8) T V for the loss head; MEM-10: the
+    dequant scratch is dequant_buffers x c x the largest weight."""
+    shape = M.llama_7b
+    seq_len, batch = 512, 2
+    ledger = M.estimate(shape, r=16, seq_len=seq_len, batch=batch, lora_dtype=lora_dtype, dequant_buffers=3)
+    l_bytes = 4 if lora_dtype == "float32" else 2
+    c = ledger.components
+    assert c["lora_grads"] == c["lora_params"] == l_bytes * shape.n_lora(16)
+    assert c["loss_head"] == (2 * 2 + 8) * seq_len * batch * shape.vocab
+    assert c["dequant_scratch"] == 3 * 2 * shape.hidden * shape.intermediate

@@ -112,6 +112,32 @@ def test_prepare_target_subset_and_errors():
         prepare_model("not a model")
 
 
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen2"])
+def test_prepare_other_llama_family_models(arch):
+    """Mistral and Qwen2 (q/k/v biases, kept frozen): 7 linears a block replaced; with B = 0 the prepared model is
+    the original architecture running on W_hat (same logits to float32 rounding)."""
+    cfg = getattr(transformers, f"{arch}Config")(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_model(model, r=4, alpha=8)
+    layers = qlora_layers(model)
+    assert len(layers) == 2 * len(LLAMA_LINEARS)
+    assert sum(m.bias is not None for m in layers.values()) == (6 if arch == "Qwen2" else 0)
+    ref = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    ref.load_state_dict(original | {f"{n}.weight": m.dequantize_weight(torch.float32) for n, m in layers.items()})
+    want = logits(ref, IDS)
+    assert (logits(model, IDS) - want).abs().max().item() <= 64 * np.finfo(np.float32).eps * want.abs().max().item()
+
+
 def test_prepared_model_trains_and_checkpointing_recomputes_the_same_dropout():
     """One step with gradient checkpointing (and LoRA dropout) gives the same LoRA grads as without it."""
     grads = []

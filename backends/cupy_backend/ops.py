@@ -15,6 +15,7 @@ once, after all their kernels are queued: that is their single host synchronisat
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import cupy as cp
@@ -31,7 +32,7 @@ from qlora_ref.codebooks import (
     int4_thresholds,
     nf4_thresholds,
 )
-from qlora_ref.double_quant import NESTED_BLOCKSIZE
+from qlora_ref.double_quant import NESTED_BLOCKSIZE, absmax_mean
 from qlora_ref.dtypes import DTYPES
 
 from . import build
@@ -52,9 +53,9 @@ def quantize_4bit_v1_config(nblocks: int) -> tuple[tuple[int], tuple[int]]:
     return (ceil_div(nblocks, 128),), (128,)
 
 
-def quantize_4bit_v2_config(n: int, blocksize: int) -> tuple[tuple[int], tuple[int]]:
-    """256 threads per CTA, E = max(8, blocksize / 256) values per thread (kernels/quantize_4bit.cu)."""
-    values_per_thread = max(8, blocksize // 256)
+def quantize_4bit_v2_config(n: int, blocksize: int, itemsize: int) -> tuple[tuple[int], tuple[int]]:
+    """256 threads per CTA, E values per thread: two 16-byte loads, or blocksize / 256 at 4096 (quantize_4bit.cu)."""
+    values_per_thread = blocksize // 256 if blocksize > 2048 else 2 * (16 // itemsize)
     return (ceil_div(n, THREADS * values_per_thread),), (THREADS,)
 
 
@@ -87,14 +88,22 @@ def dequantize_blockwise_8bit_v2_config(n: int) -> tuple[tuple[int], tuple[int]]
     return (ceil_div(n, THREADS * 16),), (THREADS,)
 
 
-def absmax_sum_lanes(n: int) -> int:
-    """W = min(last_pow2(n), 512): the lanes of the spec's summation tree (qlora_ref.double_quant.torch_block_sum)."""
-    return min(1 << (n.bit_length() - 1), 512)
+def absmax_sum_plan(n: int, policy: str) -> tuple[int, int]:
+    """(W lanes, vec) of the offset's summation tree for n absmax values (kernels/blockwise_8bit.cu, DQ-1).
+
+    policy "scalar": the scalar map at every n, W = min(last_pow2(n), 512).
+    policy "torch":  torch's CUDA mean as measured on an H100: the scalar map for n <= 128, else the float4 map with
+                     W = min(last_pow2(n // 4), 512).
+    `sum_tree_policy()` picks the one the spec (qlora_ref.double_quant.absmax_mean) follows.
+    """
+    if policy == "torch" and n > 128:
+        return min(1 << ((n // 4).bit_length() - 1), 512), 1
+    return min(1 << (n.bit_length() - 1), 512), 0
 
 
-def absmax_sum_chains_config(n: int) -> tuple[tuple[int], tuple[int]]:
+def absmax_sum_chains_config(lanes: int) -> tuple[tuple[int], tuple[int]]:
     """One thread per chain: 4W chains, 128 threads per CTA."""
-    return (ceil_div(4 * absmax_sum_lanes(n), 128),), (128,)
+    return (ceil_div(4 * lanes, 128),), (128,)
 
 
 def absmax_sum_fold_config() -> tuple[tuple[int], tuple[int]]:
@@ -135,30 +144,39 @@ def _is_torch(x) -> bool:
 _STREAMS: dict[int, object] = {}
 
 
-def _cupy_stream(torch_stream):
-    """A cached CuPy view of a torch stream (same CUDA stream, so no synchronisation between the two)."""
-    ptr = torch_stream.cuda_stream
+def _torch_stream_ptr(torch, device_index: int) -> int:
+    """The raw cudaStream_t of torch's current stream on a device (the cheap private accessor when it exists)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(device_index))
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+def _cupy_stream(ptr: int):
+    """A cached CuPy view of an external CUDA stream (the same stream: no synchronisation between torch and us)."""
     if ptr not in _STREAMS:
-        from_external = getattr(cp.cuda.Stream, "from_external", None)
-        _STREAMS[ptr] = from_external(torch_stream) if from_external else cp.cuda.ExternalStream(ptr)
+        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external(obj), which needs more than a pointer
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _STREAMS[ptr] = cp.cuda.ExternalStream(ptr)
     return _STREAMS[ptr]
 
 
 @contextlib.contextmanager
 def on_stream(*arrays):
-    """Run on torch's current stream when a torch tensor is involved (on its device), else on CuPy's."""
-    tensors = [a for a in arrays if a is not None and _is_torch(a)]
-    if not tensors:
+    """Run on torch's current stream when a torch CUDA tensor is involved (on its device), else on CuPy's."""
+    tensor = next((a for a in arrays if a is not None and _is_torch(a)), None)
+    if tensor is None or not tensor.is_cuda:  # no torch, or a CPU tensor that the boundary check reports next
         yield
         return
     import torch
 
-    device = tensors[0].device
-    if not tensors[0].is_cuda:
-        yield  # the boundary check that follows reports the CPU tensor
-        return
-    with cp.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device)):
-        yield
+    index = tensor.device.index
+    if cp.cuda.runtime.getDevice() != index:
+        with cp.cuda.Device(index), _cupy_stream(_torch_stream_ptr(torch, index)):
+            yield
+    else:
+        with _cupy_stream(_torch_stream_ptr(torch, index)):
+            yield
 
 
 def as_device_array(x, what: str, dtype: str | None = None) -> tuple[cp.ndarray, str]:
@@ -205,6 +223,46 @@ def as_device_array(x, what: str, dtype: str | None = None) -> tuple[cp.ndarray,
         f"{what} dtype {name} is not supported: pass float32, float16 or bfloat16 (torch bf16 tensors, "
         "or uint16 bits with dtype='bfloat16')"
     )
+
+
+@dataclass
+class _Input:
+    """A kernel's view of a quantizer input: the launch argument (CuPy array, or a torch tensor's device address),
+    its element count, dtype name ("bfloat16" for bf16 bits), 16-byte alignment, and the element reader for errors."""
+
+    arg: object
+    n: int
+    dtype: str
+    aligned: bool
+    source: object  # keeps a contiguous torch copy alive during the launch
+
+    def value_at(self, i: int) -> np.float32:
+        if isinstance(self.source, cp.ndarray):
+            v = self.source.ravel()[i : i + 1].get()
+            return qlora_ref.bf16_to_f32(v)[0] if self.dtype == "bfloat16" else np.float32(v[0])
+        return np.float32(self.source.reshape(-1)[i].float().item())
+
+
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def input_view(x, what: str, dtype: str | None = None) -> _Input:
+    """Zero-copy input view.  torch CUDA tensors go to the kernel as their device address (no per-call DLPack
+    exchange: it costs more host time than a small kernel); CuPy arrays as themselves (see `as_device_array`)."""
+    if _is_torch(x) and x.is_cuda:
+        name = str(x.dtype).removeprefix("torch.")
+        if name not in _TORCH_DTYPES:
+            raise TypeError(f"{what} dtype {name} is not supported: pass float32, float16 or bfloat16")
+        if dtype is not None and dtype != name:
+            raise TypeError(f"{what} dtype is {name} but dtype={dtype!r} was asked for; cast the input first")
+        t = x.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        ptr = t.data_ptr()
+        return _Input(np.uint64(ptr), t.numel(), name, ptr % 16 == 0, t)
+    xd, name = as_device_array(x, what, dtype)
+    xd = xd.ravel()
+    return _Input(xd, xd.size, name, xd.data.ptr % 16 == 0, xd)
 
 
 def _uint8_array(x, what: str) -> cp.ndarray:
@@ -258,10 +316,9 @@ def _first_index(word: np.uint64) -> int:
     return int(_U64_MAX - np.uint64(word))
 
 
-def _nonfinite_error(x: cp.ndarray, dtype: str, count: int, first: int, what: str) -> NonFiniteError:
+def _nonfinite_error(x: _Input, count: int, first: int, what: str) -> NonFiniteError:
     """The spec's message (qlora_ref.checks.check_finite), value read back from the device."""
-    value = x.ravel()[first : first + 1].get()
-    value = qlora_ref.bf16_to_f32(value)[0] if dtype == "bfloat16" else np.float32(value[0])
+    value = x.value_at(first)
     return NonFiniteError(
         f"{what} has {count} non-finite value(s) (NaN/Inf); the first is {value} at flat index {first}. "
         "Quantization needs finite weights: fix or mask them before quantizing."
@@ -357,6 +414,22 @@ class DeviceQuantized4bit(qlora_ref.Quantized4bit):
         )
 
     @classmethod
+    def _trusted(cls, **fields) -> DeviceQuantized4bit:
+        """Build from fields this module just computed (shapes and dtypes right by construction): no re-validation,
+        which costs more host time than the kernels of a small quantize."""
+        q = object.__new__(cls)
+        defaults = {
+            "absmax": None,
+            "absmax_q": None,
+            "nested_absmax": None,
+            "offset": None,
+            "nested_blocksize": NESTED_BLOCKSIZE,
+        }
+        for k, v in {**defaults, **fields}.items():
+            object.__setattr__(q, k, v)
+        return q
+
+    @classmethod
     def from_host(cls, q: qlora_ref.Quantized4bit) -> DeviceQuantized4bit:
         """Copy a spec object's arrays to the current device."""
         if isinstance(q, DeviceQuantized4bit):
@@ -408,50 +481,91 @@ def quantize_4bit(
     blocksize = check_blocksize(blocksize)
     if kernel not in ("v1", "v2"):
         raise ValueError(f"kernel must be 'v1' or 'v2', got {kernel!r}")
-    shape = tuple(x.shape)
+    shape = tuple(int(d) for d in x.shape)
     with on_stream(x):
-        xd, dtype = as_device_array(x, "input", dtype)
-        check_nonempty(xd)
-        n = xd.size
+        xv = input_view(x, "input", dtype)
+        dtype, n = xv.dtype, xv.n
+        if n == 0:
+            check_nonempty(np.empty(shape, np.float32))
         nblocks = ceil_div(n, blocksize)
         cb = codebook(quant_type)
         packed = cp.empty((n + 1) // 2, cp.uint8)
         absmax = cp.empty(nblocks, cp.float32)
         status = _status()
         ctype, qt = build.CTYPES[dtype], build.QT[quant_type]
-        xin = xd.ravel()
         if kernel == "v1":
             grid, block = quantize_4bit_v1_config(nblocks)
             k = build.kernel("quantize_4bit.cu", f"quantize_4bit_v1<{ctype}, {qt}>")
-            k(grid, block, (xin, np.int64(n), np.int32(blocksize), cb.thresholds, cb.perm, packed, absmax, status))
+            k(grid, block, (xv.arg, np.int64(n), np.int32(blocksize), cb.thresholds, cb.perm, packed, absmax, status))
         else:
-            grid, block = quantize_4bit_v2_config(n, blocksize)
+            grid, block = quantize_4bit_v2_config(n, blocksize, 4 if dtype == "float32" else 2)
             k = build.kernel("quantize_4bit.cu", f"quantize_4bit_v2<{ctype}, {qt}, {blocksize}>")
-            vec_ok = np.int32(_aligned(xin))
-            k(grid, block, (xin, np.int64(n), vec_ok, cb.thresholds, cb.perm, packed, absmax, status))
+            vec_ok = np.int32(xv.aligned)
+            k(grid, block, (xv.arg, np.int64(n), vec_ok, cb.thresholds, cb.perm, packed, absmax, status))
         if double_quant:
             absmax_q = cp.empty(nblocks, cp.uint8)
             nested = cp.empty(ceil_div(nblocks, NESTED_BLOCKSIZE), cp.float32)
             offset_dev = status.view(cp.float32)[6:7]  # low half of status[3]
-            lanes = absmax_sum_lanes(nblocks)
-            acc = cp.empty(4 * lanes, cp.float32)
-            build.kernel("blockwise_8bit.cu", f"absmax_sum_chains<{build.SUM_LOADS_AHEAD}>")(
-                *absmax_sum_chains_config(nblocks), (absmax, np.int64(nblocks), np.int32(lanes), acc)
-            )
-            build.kernel("blockwise_8bit.cu", "absmax_sum_fold")(
-                *absmax_sum_fold_config(), (acc, np.int64(nblocks), np.int32(lanes), status)
-            )
+            _absmax_offset_launch(absmax, nblocks, sum_tree_policy(), status)
             _quantize_8bit_launch(
                 absmax, nblocks, NESTED_BLOCKSIZE, signed_dynamic_map(), offset_dev, absmax_q, nested, kernel
             )
         st = _read_status(status)  # the one synchronisation
         if st[0]:
-            raise _nonfinite_error(xd, dtype, int(st[0]), _first_index(st[1]), "input")
+            raise _nonfinite_error(xv, int(st[0]), _first_index(st[1]), "input")
         common = dict(packed=packed, shape=shape, dtype=dtype, quant_type=quant_type, blocksize=blocksize)
         if not double_quant:
-            return DeviceQuantized4bit(absmax=absmax, **common)
+            return DeviceQuantized4bit._trusted(absmax=absmax, **common)
         offset = st[3:4].view(np.float32)[0]  # little-endian: the low 32 bits of status[3]
-        return DeviceQuantized4bit(absmax_q=absmax_q, nested_absmax=nested, offset=np.float32(offset), **common)
+        if not np.isfinite(offset):  # the spec's refusal (qlora_ref.double_quant.double_quantize), same message
+            raise ValueError(
+                "double quantization needs the float32 sum of the block absmax values, which overflows for this "
+                f"input (max absmax {np.float32(absmax.max().get()):.3g}); quantize it with double_quant=False"
+            )
+        return DeviceQuantized4bit._trusted(
+            absmax_q=absmax_q, nested_absmax=nested, offset=np.float32(offset), **common
+        )
+
+
+def _absmax_offset_launch(absmax: cp.ndarray, n: int, policy: str, status: cp.ndarray) -> None:
+    """status[3] = bits of the float32 offset of absmax[:n] (DQ-1), in the tree `absmax_sum_plan` names."""
+    lanes, vec = absmax_sum_plan(n, policy)
+    acc = cp.empty(4 * lanes, cp.float32)
+    build.kernel("blockwise_8bit.cu", f"absmax_sum_chains<{build.SUM_LOADS_AHEAD}>")(
+        *absmax_sum_chains_config(lanes), (absmax, np.int64(n), np.int32(lanes), np.int32(vec), acc)
+    )
+    build.kernel("blockwise_8bit.cu", "absmax_sum_fold")(
+        *absmax_sum_fold_config(), (acc, np.int64(n), np.int32(lanes), status)
+    )
+
+
+_POLICY: list[str] = []
+
+
+def sum_tree_policy() -> str:
+    """Which summation tree the spec's DQ-1 offset uses, decided once by asking the spec itself.
+
+    A probe (n = 1001 values where the two trees give different float32 sums) is summed on the GPU both ways and
+    compared with ``qlora_ref.double_quant.absmax_mean``: the spec stays the one source of truth even if its tree
+    changes.  Raises if neither tree reproduces it.
+    """
+    if not _POLICY:
+        probe_host = (np.random.default_rng(1).random(1001) + 1).astype(np.float32)
+        want = np.float32(absmax_mean(probe_host))
+        probe = cp.asarray(probe_host)
+        got = {}
+        for policy in ("scalar", "torch"):
+            status = _status()
+            _absmax_offset_launch(probe, probe.size, policy, status)
+            got[policy] = status.get()[3:4].view(np.float32)[0]
+        matching = [p for p, v in got.items() if v.view(np.uint32) == want.view(np.uint32)]
+        if not matching:
+            raise RuntimeError(
+                f"no GPU summation tree reproduces qlora_ref.double_quant.absmax_mean (spec {want!r}, GPU {got}); "
+                "update backends/cupy_backend/kernels/blockwise_8bit.cu absmax_sum_chains to the spec's DQ-1 tree"
+            )
+        _POLICY.append(matching[0])
+    return _POLICY[0]
 
 
 def _quantize_8bit_launch(x, n, blocksize, code, offset_dev, codes, absmax, kernel):
@@ -559,6 +673,7 @@ def quantize_blockwise_8bit(x, code, blocksize: int = 256, *, kernel: str = "v2"
             raise ValueError(f"code must have 256 entries (a sorted dynamic map), got {coded.size}")
         n = xd.size
         check_nonempty(xd, "x")
+        check_finite(xd)  # the spec refuses NaN/Inf here too (qlora_ref.blockwise.quantize_blockwise_8bit)
         codes = cp.empty(n, cp.uint8)
         absmax = cp.empty(ceil_div(n, int(blocksize)), cp.float32)
         _quantize_8bit_launch(xd, n, int(blocksize), coded, None, codes, absmax, kernel)
@@ -638,20 +753,19 @@ def unpack_4bit(packed, n: int, *, kernel: str = "v2") -> cp.ndarray:
 def check_finite(x, what: str = "input", *, kernel: str = "v2") -> None:
     """qlora_ref.checks.check_finite on the GPU: raises NonFiniteError (same message) on NaN/Inf."""
     with on_stream(x):
-        xd, dtype = as_device_array(x, what)
-        n = xd.size
+        xv = input_view(x, what)
+        n = xv.n
         if n == 0:
             return
         status = _status()
-        ctype = build.CTYPES[dtype]
-        xin = xd.ravel()
-        if kernel == "v2" and _aligned(xin):
-            grid, block = check_finite_v2_config(n, xin.itemsize)
+        ctype = build.CTYPES[xv.dtype]
+        if kernel == "v2" and xv.aligned:
+            grid, block = check_finite_v2_config(n, 4 if xv.dtype == "float32" else 2)
             k = build.kernel("check_finite.cu", f"check_finite_v2<{ctype}, {build.FINITE_CHUNKS}>")
-            k(grid, block, (xin, np.int64(n), np.int32(1), status))
+            k(grid, block, (xv.arg, np.int64(n), np.int32(1), status))
         else:
             k = build.kernel("check_finite.cu", f"check_finite_v1<{ctype}>")
-            k(*check_finite_v1_config(n), (xin, np.int64(n), status))
+            k(*check_finite_v1_config(n), (xv.arg, np.int64(n), status))
         st = _read_status(status)
         if st[0]:
-            raise _nonfinite_error(xd, dtype, int(st[0]), _first_index(st[1]), what)
+            raise _nonfinite_error(xv, int(st[0]), _first_index(st[1]), what)

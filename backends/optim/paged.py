@@ -639,16 +639,16 @@ class _CudaStates:
             return "device"
         from cuda.bindings import runtime as cudart
 
-        attr = cudart.cudaMemRangeAttribute.cudaMemRangeAttributeLastPrefetchLocationType
+        # the int-valued attribute (device id, or cudaCpuDeviceId = -1 for the host); cuda-bindings 13.3 refuses
+        # the newer ...LastPrefetchLocationType in its Python helper
+        attr = cudart.cudaMemRangeAttribute.cudaMemRangeAttributeLastPrefetchLocation
         err, data = cudart.cudaMemRangeGetAttribute(4, attr, self.base, self.nbytes)
         if err != cudart.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"cudaMemRangeGetAttribute(LastPrefetchLocationType) failed: {err}")
-        kind = int(data[0] if isinstance(data, (list, tuple)) else data)
-        names = {
-            int(cudart.cudaMemLocationType.cudaMemLocationTypeHost): "host",
-            int(cudart.cudaMemLocationType.cudaMemLocationTypeDevice): "device",
-        }
-        return names.get(kind, f"location type {kind}")
+            raise RuntimeError(f"cudaMemRangeGetAttribute(LastPrefetchLocation) failed: {err}")
+        where = int(data[0] if isinstance(data, (list, tuple)) else data)
+        if where == int(cudart.cudaCpuDeviceId):
+            return "host"
+        return "device" if where == self.device_id else f"location {where}"
 
     def page_out(self, sync: bool) -> None:
         if not self.pageable:

@@ -17,6 +17,8 @@ that does not match its base, a bad flag) ends with ONE line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -164,7 +166,8 @@ def load_prepared(m: ModelConfig, path: str, **overrides):
         compute_dtype=compute_dtype_of(m),
     )
     kw.update(overrides)
-    return load_model(path, backend=m.backend, **kw)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own tqdm bar on stderr
+        return load_model(path, backend=m.backend, **kw)
 
 
 def load_with_adapter(m: ModelConfig, model_path: str, adapter: str | None):

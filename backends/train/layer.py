@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from qlora_ref.codebooks import dequant_table
+from qlora_ref.fastmath import ftz
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -83,7 +84,7 @@ def _pair_lut(code: np.ndarray) -> np.ndarray:
 
 
 def dequantize_4bit_cpu(q, out32: np.ndarray) -> np.ndarray:
-    """Write table[code_i] * absmax[i // blocksize] (float32, BW-7) into out32[:n]; returns out32[:n].
+    """Write ftz(table[code_i] * absmax[i // blocksize]) (float32, BW-7, BW-8) into out32[:n]; returns out32[:n].
 
     out32: float32, contiguous, at least nblocks * blocksize long (the tail past n is scratch).  Same arithmetic as
     ``qlora_ref.dequantize_4bit(q, "float32")``: the table values are copied exactly, then one float32 product.
@@ -107,7 +108,14 @@ def dequantize_4bit_cpu(q, out32: np.ndarray) -> np.ndarray:
         out32[4 * npairs : 2 * nbytes : 2] = code[tail >> 4]
         out32[4 * npairs + 1 : 2 * nbytes : 2] = code[tail & 15]
     blocks = out32[: nblocks * bs].reshape(nblocks, bs)  # (nblocks, blocksize); past 2*nbytes is don't-care
-    np.multiply(blocks, np.asarray(q.absmax_f32(), np.float32)[:, None], out=blocks)
+    absmax = np.asarray(q.absmax_f32(), np.float32)  # (nblocks,)
+    np.multiply(blocks, absmax[:, None], out=blocks)
+    # BW-8: a subnormal product flushes to a zero of its sign.  Only possible where |absmax| * min|code != 0| falls
+    # below the smallest normal float32, so the (rare) flush pass runs only then.
+    smallest = float(np.abs(code[code != 0]).min())
+    nonzero = np.abs(absmax[absmax != 0]).astype(np.float64)
+    if nonzero.size and float(nonzero.min()) * smallest < float(np.finfo(np.float32).tiny):
+        out32[:n] = ftz(out32[:n])
     return out32[:n]
 
 

@@ -236,6 +236,8 @@ def _from_pretrained(cls_name: str, path_or_gguf, **kw):
     cls = getattr(transformers, cls_name)
     if gguf_file is not None:
         kw["gguf_file"] = gguf_file
+    if "dtype" in kw and int(transformers.__version__.split(".")[0]) < 5:  # transformers 4.x names it torch_dtype
+        kw["torch_dtype"] = kw.pop("dtype")
     return cls.from_pretrained(directory, local_files_only=True, **kw)
 
 

@@ -124,28 +124,37 @@ __global__ void __launch_bounds__(256) dequantize_blockwise_8bit_v2(const u8* __
 
 // ---------------------------------------------------------------------------------------------------------------
 // offset = torch_block_sum(absmax) * (1.0f / n) in float32, in the spec's fixed tree (DQ-1, qlora_ref.double_quant):
-//   W = min(last_pow2(n), 512) lanes; accumulator (t, j) of lane t sums a[t + (4k + j) W] for k = 0, 1, ... in order
-//   (a chain of float32 adds: it cannot be split), then lane t combines ((a0 + a1) + a2) + a3 and lanes fold in halves.
+//   W lanes; each lane keeps 4 accumulators, each a chain of float32 adds in a fixed order (it cannot be split); then
+//   lane t combines ((a0 + a1) + a2) + a3 and the lanes fold in halves (stage 2).  Two element-to-accumulator maps:
+//     vec = 0  element t + (4k + j) W          -> accumulator j of lane t        (torch's scalar loop)
+//     vec = 1  element 4 (t + k W) + j         -> accumulator j of lane t        (torch's float4 loop), and the n % 4
+//              tail elements 4 (n/4) + t       -> accumulator 0 of lane t, after the loop
+//   Python chooses vec and W to match the spec (ops.absmax_sum_plan).
 // Stage 1 runs the 4W chains in parallel, one per thread, with D loads in flight ahead of the adds.
 template <int D>
-__global__ void __launch_bounds__(128) absmax_sum_chains(const float* __restrict__ a, i64 n, int W,
+__global__ void __launch_bounds__(128) absmax_sum_chains(const float* __restrict__ a, i64 n, int W, int vec,
                                                          float* __restrict__ acc) {
     const int c = blockIdx.x * 128 + threadIdx.x;  // chain c = j * W + t
     if (c >= 4 * W) return;
     const int t = c % W, j = c / W;
-    const i64 rounds = (n + 4ll * W - 1) / (4ll * W);
+    const i64 nvec = n / 4;
+    // Both maps visit base + k * 4W for k = 0 .. count-1.
+    const i64 base = vec ? 4ll * t + j : t + (i64)j * W;
+    const i64 stride = 4ll * W;
+    const i64 last = vec ? 4 * nvec : n;  // exclusive end of the elements the loop visits
+    const i64 count = (base < last) ? (last - base + stride - 1) / stride : 0;
+    const float* p = a + base;
     float s = 0.0f;
-    for (i64 k0 = 0; k0 < rounds; k0 += D) {
+    i64 k0 = 0;
+    for (; k0 + D <= count; k0 += D) {  // whole batches: D loads in flight, then D adds in order
         float v[D];
 #pragma unroll
-        for (int d = 0; d < D; d++) {
-            const i64 idx = t + (4 * (k0 + d) + j) * (i64)W;
-            v[d] = (idx < n) ? __ldg(a + idx) : 0.0f;  // past n: the spec's zero padding
-        }
+        for (int d = 0; d < D; d++) v[d] = __ldg(p + (k0 + d) * stride);
 #pragma unroll
-        for (int d = 0; d < D; d++)
-            if (k0 + d < rounds) s = __fadd_rn(s, v[d]);
+        for (int d = 0; d < D; d++) s = __fadd_rn(s, v[d]);
     }
+    for (; k0 < count; k0++) s = __fadd_rn(s, __ldg(p + k0 * stride));
+    if (vec && j == 0 && t < n % 4) s = __fadd_rn(s, a[4 * nvec + t]);
     acc[c] = s;
 }
 

@@ -19,7 +19,8 @@
 // Kernels:
 //   quantize_4bit_v1<T, QT>          naive: one thread per quant block, a sequential loop, a linear count over the
 //                                    thresholds.  Kept as a second oracle for v2.
-//   quantize_4bit_v2<T, QT, B>       fast: E = max(8, B/256) consecutive values per thread (16-byte loads), the block
+//   quantize_4bit_v2<T, QT, B>       fast: E consecutive values per thread (two 16-byte loads: 16 for bf16/fp16, 8 for
+//                                    fp32; B/256 at B = 4096), the block
 //                                    max by warp shuffles (and shared memory when a block spans several warps), codes
 //                                    by a 4-step branchless binary search over the thresholds in shared memory,
 //                                    E/2 packed bytes stored at once.  256 threads per CTA.
@@ -99,9 +100,9 @@ __global__ void __launch_bounds__(256) quantize_4bit_v2(const T* __restrict__ x,
                                                         const float* __restrict__ thresholds,
                                                         const u8* __restrict__ perm, u8* __restrict__ packed,
                                                         float* __restrict__ absmax, u64* __restrict__ status) {
-    constexpr int E = (B > 2048) ? B / 256 : 8;  // values per thread
-    constexpr int TPB = B / E;                   // threads per quant block: 4 .. 256
     constexpr int V = Vec16<T>::N;               // values per 16-byte load
+    constexpr int E = (B > 2048) ? B / 256 : 2 * V;  // values per thread: two 16-byte loads (B/256 at B = 4096)
+    constexpr int TPB = B / E;                   // threads per quant block: 2 .. 256
     __shared__ float s_t[16];
     __shared__ u8 s_perm[16];
     __shared__ float s_warp_max[8];
