@@ -58,7 +58,7 @@ def _torch_run(c):
 
 @given(adam_case())
 def test_adamw5_32bit_matches_torch_adamw_within_derived_bound(c):
-    """ADAMW-2, ADAMW-5: adamw_step(decay="before") vs torch.optim.AdamW, every element, every step, within D_m, D_v, D_p.
+    """ADAMW-2, ADAMW-5: adamw_step(decay="before") vs torch.optim.AdamW, every element and step, within D_m, D_v, D_p.
 
     With b1f = f32(beta1), a1 = 1 - b1f (exact), w = f32(1 - beta1) torch's lerp weight, a2 = 1 - f32(beta2),
     c = f32(1 - beta2) torch's addcmul value, the per-element differences obey (specs/adamw.md ADAMW-5):

@@ -30,7 +30,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QT = {"nf4": 0, "int4": 0, "fp4": 1}  # 0: sorted table (code = count), 1: FP4 sign-magnitude
 DEQUANT_CHUNKS = (2, 4, 8)  # variants of dequantize_4bit_v2: units (16 output bytes each) in flight per thread
 DEQUANT_CHUNKS_DEFAULT = 2  # best in benchmarks/bench_quant.py on an H100 (all variants give the same bits: tested)
-SUM_LOADS_AHEAD = 32  # loads in flight per chain in absmax_sum_chains
+SUM_LOADS_AHEAD = 64  # loads in flight per chain in absmax_sum_chains
 FINITE_CHUNKS = 4  # 16-byte vectors in flight per thread in check_finite_v2
 
 

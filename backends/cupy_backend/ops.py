@@ -102,8 +102,8 @@ def absmax_sum_plan(n: int, policy: str) -> tuple[int, int]:
 
 
 def absmax_sum_chains_config(lanes: int) -> tuple[tuple[int], tuple[int]]:
-    """One thread per chain: 4W chains, 128 threads per CTA."""
-    return (ceil_div(4 * lanes, 128),), (128,)
+    """One thread per chain: 4W chains, 64 threads per CTA."""
+    return (ceil_div(4 * lanes, 64),), (64,)
 
 
 def absmax_sum_fold_config() -> tuple[tuple[int], tuple[int]]:

@@ -130,11 +130,12 @@ __global__ void __launch_bounds__(256) dequantize_blockwise_8bit_v2(const u8* __
 //     vec = 1  element 4 (t + k W) + j         -> accumulator j of lane t        (torch's float4 loop), and the n % 4
 //              tail elements 4 (n/4) + t       -> accumulator 0 of lane t, after the loop
 //   Python chooses vec and W to match the spec (ops.absmax_sum_plan).
-// Stage 1 runs the 4W chains in parallel, one per thread, with D loads in flight ahead of the adds.
+// Stage 1 runs the 4W (<= 2048) chains in parallel, one per thread, 64 threads per CTA (spread over many SMs), with D
+// loads in flight ahead of the adds: at most 2048 threads exist, so the bytes in flight come from D.
 template <int D>
-__global__ void __launch_bounds__(128) absmax_sum_chains(const float* __restrict__ a, i64 n, int W, int vec,
-                                                         float* __restrict__ acc) {
-    const int c = blockIdx.x * 128 + threadIdx.x;  // chain c = j * W + t
+__global__ void __launch_bounds__(64) absmax_sum_chains(const float* __restrict__ a, i64 n, int W, int vec,
+                                                        float* __restrict__ acc) {
+    const int c = blockIdx.x * 64 + threadIdx.x;  // chain c = j * W + t
     if (c >= 4 * W) return;
     const int t = c % W, j = c / W;
     const i64 nvec = n / 4;
