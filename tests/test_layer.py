@@ -268,6 +268,28 @@ def test_lora_bf16_params_with_fp32_compute():
     assert y.dtype == torch.float32 and m.lora_A.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
 
 
+def test_bf16_compute_with_fp32_lora_matches_spec():
+    """The GPU default (bf16 activations and W_hat, fp32 A and B), run on the CPU: y, dX within bf16 rounding of the
+    float32 spec on the same bf16 inputs (|err| <= 2^-7 max|y|: a few bf16 roundings of values of that size); dA, dB
+    within 2^-7 of their scale (they see dY and x in bf16)."""
+    m = _layer(32, 64, r=4, seed=12, compute_dtype="bfloat16", lora_dtype="float32")
+    torch.manual_seed(5)
+    xb = torch.randn(6, 64).to(torch.bfloat16).requires_grad_(True)
+    y = m(xb)
+    dy = torch.randn(6, 32).to(torch.bfloat16)
+    y.backward(dy)
+    assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16 and m.lora_A.grad.dtype == torch.float32
+    W = _spec_W(m)
+    A, B = m.lora_A.detach().numpy(), m.lora_B.detach().numpy()
+    xn, dyn = xb.detach().float().numpy(), dy.float().numpy()
+    y_ref = spec_lora.lora_forward(xn, W, A, B, alpha=16)
+    dx_ref, dA_ref, dB_ref = spec_lora.lora_backward(dyn, xn, W, A, B, alpha=16)
+    for got, want, what in ((y, y_ref, "y"), (xb.grad, dx_ref, "dX"), (m.lora_A.grad, dA_ref, "dA"),
+                            (m.lora_B.grad, dB_ref, "dB")):  # fmt: skip
+        err = np.abs(got.detach().float().numpy() - want).max()
+        assert err <= 2**-7 * np.abs(want).max(), f"{what}: max |err| {err} vs scale {np.abs(want).max()}"
+
+
 def test_boundary_errors():
     q = _q((8, 64))
     be = get_backend("numpy")

@@ -206,7 +206,7 @@ class QLoRAFunction(torch.autograd.Function):
         if lora_B.dtype == y.dtype:
             y.addmm_(u, lora_B.t(), alpha=layer.scaling)
         else:
-            y.add_(torch.mm(u, lora_B.t()).mul_(layer.scaling).to(y.dtype))
+            y.add_(torch.mm(u * layer.scaling, lora_B.t()))  # (M, out) in the LoRA dtype, one rounding into y
         ctx.save_for_backward(x, u, lora_A, lora_B)  # activations: x and u only; A, B are the parameters themselves
         ctx.layer, ctx.seed = layer, seed
         return y.view(*x.shape[:-1], out_f)
@@ -231,7 +231,7 @@ class QLoRAFunction(torch.autograd.Function):
             dXl = torch.mm(du, lora_A)  # (M, in)
             if noise is not None:
                 dXl.mul_(noise)
-            dX.add_(dXl.to(dX.dtype))
+            dX.add_(dXl)  # mixed dtypes: summed in the wider one, rounded once into dX
             dX = dX.view(x.shape).to(x.dtype)
         return dX, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, None
 

@@ -132,10 +132,24 @@ __global__ void __launch_bounds__(256) dequantize_blockwise_8bit_v2(const u8* __
 //   Python chooses vec and W to match the spec (ops.absmax_sum_plan).
 // Stage 1 runs the 4W (<= 2048) chains in parallel, one per thread, 64 threads per CTA (spread over many SMs), with D
 // loads in flight ahead of the adds: at most 2048 threads exist, so the bytes in flight come from D.
+// Asynchronous 4-byte global -> shared copies (sm_80+): the loads of a whole batch are in flight at once, whatever
+// the register allocator would have done with D ordinary loads (it interleaved them with the adds: 32 registers).
+__device__ __forceinline__ void cp_async4(float* smem, const float* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 template <int D>
 __global__ void __launch_bounds__(64) absmax_sum_chains(const float* __restrict__ a, i64 n, int W, int vec,
                                                         float* __restrict__ acc) {
-    const int c = blockIdx.x * 64 + threadIdx.x;  // chain c = j * W + t
+    __shared__ float buf[2][D][64];  // two stages of D values per thread; a thread reads only its own column
+    const int tid = threadIdx.x;
+    const int c = blockIdx.x * 64 + tid;  // chain c = j * W + t
     if (c >= 4 * W) return;
     const int t = c % W, j = c / W;
     const i64 nvec = n / 4;
@@ -145,16 +159,25 @@ __global__ void __launch_bounds__(64) absmax_sum_chains(const float* __restrict_
     const i64 last = vec ? 4 * nvec : n;  // exclusive end of the elements the loop visits
     const i64 count = (base < last) ? (last - base + stride - 1) / stride : 0;
     const float* p = a + base;
+    const i64 batches = (count + D - 1) / D;
+    auto issue = [&](i64 batch) {
+        const i64 k0 = batch * D;
+        const int m = (int)min((i64)D, count - k0);
+        for (int d = 0; d < m; d++) cp_async4(&buf[batch & 1][d][tid], p + (k0 + d) * stride);
+        cp_async_commit();
+    };
     float s = 0.0f;
-    i64 k0 = 0;
-    for (; k0 + D <= count; k0 += D) {  // whole batches: D loads in flight, then D adds in order
-        float v[D];
-#pragma unroll
-        for (int d = 0; d < D; d++) v[d] = __ldg(p + (k0 + d) * stride);
-#pragma unroll
-        for (int d = 0; d < D; d++) s = __fadd_rn(s, v[d]);
+    if (batches > 0) issue(0);
+    for (i64 b = 0; b < batches; b++) {
+        if (b + 1 < batches) {
+            issue(b + 1);
+            cp_async_wait<1>();  // batch b has landed (b + 1 may still be in flight)
+        } else {
+            cp_async_wait<0>();
+        }
+        const int m = (int)min((i64)D, count - b * D);
+        for (int d = 0; d < m; d++) s = __fadd_rn(s, buf[b & 1][d][tid]);  // in order: the chain's adds
     }
-    for (; k0 < count; k0++) s = __fadd_rn(s, __ldg(p + k0 * stride));
     if (vec && j == 0 && t < n % 4) s = __fadd_rn(s, a[4 * nvec + t]);
     acc[c] = s;
 }
