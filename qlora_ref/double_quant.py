@@ -10,13 +10,17 @@ Subtracting the mean centres the (positive) absmax values so the signed 8-bit ma
 parameter at blocksize 64: 8/64 + 32/(64*256) = 0.127 bit instead of 32/64 = 0.5 (DQ-4).
 
 DQ-1's reduction order.  bitsandbytes takes ``absmax.mean()`` with torch on the GPU: a float32 sum in a fixed tree,
-times ``1.0f / n``.  The spec fixes that tree for every n (`torch_block_sum`): W = min(last_pow2(n), 512) lanes; lane t
-keeps four sequential accumulators (element t + m*W goes to accumulator m mod 4), combines them as ((a0+a1)+a2)+a3,
-then lanes fold in halves: lane t adds lane t + h for h = W/2, W/4, ..., 1 (shared memory down to 32, then
-warp shuffles).  This is torch's
-single-block, non-vectorised CUDA reduction, which torch uses for n <= 128 blocks; there it reproduces every golden
-vector.  For n > 128 torch switches to a vectorised, device-dependent (SM-count) split, so bitsandbytes' offset can
-differ from the spec's in the last ulp there (specs/double_quant.md, DQ-1 note); the spec's order stays fixed.
+times ``1.0f / n``.  The spec fixes that tree (`torch_block_sum`), which is torch's single-block CUDA reduction:
+
+  n <= 128:  W = last_pow2(n) lanes; element t + m*W goes to lane t's accumulator m mod 4 (sequentially).
+  n > 128:   vectorised by 4: W = min(last_pow2(n // 4), 512) lanes; element 4*(t + k*W) + i goes to lane t's
+             accumulator i; the n mod 4 leftovers go to accumulator 0 of lanes 0, 1, 2 after the loop.
+  then each lane combines ((a0 + a1) + a2) + a3, and lanes fold in halves: lane t adds lane t + h, h = W/2, ..., 1.
+
+It reproduces every golden offset and torch.mean on an H100 for 81 lengths n = 1..262144
+(specs/golden/torch_mean_h100.npz keeps those up to 20,000).  Past about 2^19 values
+torch splits the sum over several blocks by the GPU's SM count, so bitsandbytes' offset can then differ from the
+spec's in the last ulp; the spec keeps this one device-independent order.
 """
 
 from __future__ import annotations
@@ -29,24 +33,46 @@ from .codebooks import dynamic_map
 NESTED_BLOCKSIZE = 256
 
 
-def torch_block_sum(a: np.ndarray) -> np.float32:
-    """float32 sum of a in the fixed tree order described above (DQ-1)."""
-    a = np.asarray(a, np.float32).ravel()
-    n = a.size
-    lanes = min(1 << (n.bit_length() - 1), 512)  # W = last_pow2(n), at most 512 threads
-    rounds = -(-n // (4 * lanes))
-    padded = np.zeros(rounds * 4 * lanes, np.float32)  # adding +0.0 is exact: padding changes nothing
-    padded[:n] = a
-    chunks = padded.reshape(rounds, 4, lanes)  # element t + m*W sits at [m // 4, m % 4, t]
-    acc = np.zeros((4, lanes), np.float32)
-    for k in range(rounds):  # sequential per accumulator
-        acc = acc + chunks[k]
-    v = ((acc[0] + acc[1]) + acc[2]) + acc[3]  # (W,)
-    offset = lanes // 2
-    while offset >= 1:  # lane t adds lane t + offset: shared-memory folds, then warp shuffles
+def _fold(v: np.ndarray) -> np.float32:
+    """Lanes fold in halves: lane t adds lane t + h for h = W/2, ..., 1 (shared memory, then warp shuffles)."""
+    offset = v.size // 2
+    while offset >= 1:
         v[:offset] = v[:offset] + v[offset : 2 * offset]
         offset //= 2
     return np.float32(v[0])
+
+
+def _lane_sums(chunks: np.ndarray) -> np.ndarray:
+    """chunks (rounds, 4, W): accumulator i of lane t adds chunks[k, i, t] for k = 0, 1, ... in order."""
+    acc = np.zeros(chunks.shape[1:], np.float32)
+    for k in range(chunks.shape[0]):
+        acc = acc + chunks[k]
+    return acc
+
+
+def torch_block_sum(a: np.ndarray) -> np.float32:
+    """float32 sum of a (n >= 1 values, >= 0) in the fixed tree order described above (DQ-1).
+
+    Zero padding stands in for lanes with nothing to add: adding +0.0 to a sum of non-negative values is exact.
+    """
+    a = np.asarray(a, np.float32).ravel()
+    n = a.size
+    if n <= 128:
+        lanes = 1 << (n.bit_length() - 1)
+        rounds = -(-n // (4 * lanes))
+        padded = np.zeros(rounds * 4 * lanes, np.float32)
+        padded[:n] = a
+        acc = _lane_sums(padded.reshape(rounds, 4, lanes))  # element t + m*W at [m // 4, m % 4, t]
+    else:
+        nvec = n // 4
+        lanes = min(1 << (nvec.bit_length() - 1), 512)
+        rounds = -(-nvec // lanes)
+        vectors = np.zeros((rounds * lanes, 4), np.float32)
+        vectors[:nvec] = a[: 4 * nvec].reshape(nvec, 4)  # vector t + k*W holds elements 4(t + kW) + i
+        acc = _lane_sums(vectors.reshape(rounds, lanes, 4).transpose(0, 2, 1))
+        leftover = a[4 * nvec :]
+        acc[0, : leftover.size] = acc[0, : leftover.size] + leftover
+    return _fold(((acc[0] + acc[1]) + acc[2]) + acc[3])
 
 
 def absmax_mean(absmax: np.ndarray) -> np.float32:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         **_device(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
-        "command": " ".join(["pytest", *cmd[3 : -len(args.pytest_args) or None]]),
+        "command": " ".join(["pytest", "-m", "gpu", "--hypothesis-profile=gpu", *args.pytest_args]),
         "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
         "failed": counts["failures"] + counts["errors"],
         "skipped": counts["skipped"],

@@ -277,6 +277,10 @@ def test_torch_tensors(be, dtype):
     got = be.quantize_4bit(w.to(device))
     assert_same_bits(got.packed, want.packed, "packed", f"torch {dtype} (96, 130)")
     assert_same_bits(got.absmax_q, want.absmax_q, "absmax_q", f"torch {dtype} (96, 130)")
+    wt = w.t()  # non-contiguous: quantized as its row-major copy, like the spec's ravel
+    wt_spec = np.ascontiguousarray(x_spec.T)
+    got_t = be.quantize_4bit(wt.to(device))
+    assert_same_bits(got_t.packed, qlora_ref.quantize_4bit(wt_spec, dtype=dtype).packed, "packed (w.t())", "w.t()")
     out = torch.empty(96, 130, dtype=tdtype, device=device)
     assert be.dequantize_4bit(got, out=out) is out
     want_deq = qlora_ref.dequantize_4bit(want)

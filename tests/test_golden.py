@@ -81,3 +81,18 @@ def test_golden_covers_the_hard_cases(golden):
             fp4_negative_zero += int(((codes == 8) & (x32 < 0)).sum())
     assert blocksizes == set(Q.BLOCKSIZES)
     assert zero_blocks > 0 and fp4_negative_zero > 0
+
+
+def test_offset_order_matches_torch_mean_measured_on_h100():
+    """DQ-1: the spec's summation tree equals torch.mean of float32 absmax values on an H100, for every measured length
+    (specs/golden/torch_mean_h100.npz: lengths up to 20,000, both the n <= 128 and the vectorised n > 128 trees)."""
+    from pathlib import Path
+
+    from qlora_ref.double_quant import absmax_mean
+
+    z = np.load(Path(__file__).resolve().parents[1] / "specs" / "golden" / "torch_mean_h100.npz")
+    keys = [k[2:] for k in z.files if k.startswith("a_")]
+    sizes = {z[f"a_{k}"].size for k in keys}
+    assert min(sizes) == 1 and max(sizes) > 128 and len(keys) > 50
+    for k in keys:
+        assert absmax_mean(z[f"a_{k}"]) == np.float32(z[f"m_{k}"]), (k, z[f"a_{k}"].size)

@@ -111,11 +111,6 @@ def test_same_bytes_as_bitsandbytes(bnb, dtype, quant_type, double_quant, blocks
             assert np.array_equal(_bits(out), _bits(want)), f"dequantized values differ: {where}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec DQ-1 (qlora_ref.double_quant.torch_block_sum) uses torch's scalar-loop tree at every n; torch's CUDA "
-    "mean takes a float4 loop above 128 values, so offsets differ by an ulp at some n (e.g. 130, 15641, 31282)",
-)
 def test_double_quant_offset_matches_bitsandbytes(bnb):
     """DQ-1: our offset (= the spec's) equals bitsandbytes' absmax.mean() at lengths where the order matters."""
     import torch

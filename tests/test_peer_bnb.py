@@ -19,6 +19,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,11 +27,9 @@ import qlora_ref as Q
 from qlora_ref import codebooks as C
 from qlora_ref.blockwise import block_absmax, scale_blocks
 
-from conftest import require
-
 try:
-    import torch
     import bitsandbytes.functional as F
+    import torch
 
     HAVE_BNB = True
 except Exception:  # pragma: no cover - CI installs it; tests below fail there via require()

@@ -3,10 +3,12 @@
 Every operation computes what its ``qlora_ref`` counterpart computes, bit for bit (tests/test_backend_parity.py);
 the math and rule IDs are in the kernel files' headers (kernels/*.cu) and in qlora_ref.
 
-Inputs are CuPy arrays or torch CUDA tensors.  Torch tensors are viewed zero-copy through DLPack and the kernels run
-on torch's current stream (bf16 tensors are viewed as their int16 bits, so no CuPy bfloat16 support is needed);
-otherwise on CuPy's current stream.  Results are CuPy arrays; bfloat16 results are uint16 bit patterns, as in the spec;
-pass ``out=`` (a torch tensor or CuPy array) to write into a buffer of your own.
+Inputs are CuPy arrays or torch CUDA tensors, zero-copy.  The kernels run on torch's current stream when a torch
+tensor is involved, otherwise on CuPy's.  On the hot paths (the quantizer's input, the dequantizer's ``out``) a torch
+tensor reaches the kernel as its device address, which is what its DLPack view would hold, without the per-call DLPack
+exchange (measured: it cost more host time than the 4096x4096 kernels); elsewhere tensors are viewed through DLPack
+(bf16 as int16 bits, so no CuPy bfloat16 support is needed).  Results are CuPy arrays; bfloat16 results are uint16 bit
+patterns, as in the spec; pass ``out=`` (a torch tensor or CuPy array) to write into a buffer of your own.
 
 Operations that can reject their input (non-finite values, codes > 15) read a few status words back from the device
 once, after all their kernels are queued: that is their single host synchronisation.
@@ -32,7 +34,7 @@ from qlora_ref.codebooks import (
     int4_thresholds,
     nf4_thresholds,
 )
-from qlora_ref.double_quant import NESTED_BLOCKSIZE, absmax_mean
+from qlora_ref.double_quant import NESTED_BLOCKSIZE
 from qlora_ref.dtypes import DTYPES
 
 from . import build
@@ -88,15 +90,13 @@ def dequantize_blockwise_8bit_v2_config(n: int) -> tuple[tuple[int], tuple[int]]
     return (ceil_div(n, THREADS * 16),), (THREADS,)
 
 
-def absmax_sum_plan(n: int, policy: str) -> tuple[int, int]:
-    """(W lanes, vec) of the offset's summation tree for n absmax values (kernels/blockwise_8bit.cu, DQ-1).
+def absmax_sum_plan(n: int) -> tuple[int, int]:
+    """(W lanes, vec) of the spec's offset summation tree for n absmax values (DQ-1, kernels/blockwise_8bit.cu).
 
-    policy "scalar": the scalar map at every n, W = min(last_pow2(n), 512).
-    policy "torch":  torch's CUDA mean as measured on an H100: the scalar map for n <= 128, else the float4 map with
-                     W = min(last_pow2(n // 4), 512).
-    `sum_tree_policy()` picks the one the spec (qlora_ref.double_quant.absmax_mean) follows.
+    n <= 128: the scalar map, W = last_pow2(n); n > 128: the float4 map, W = min(last_pow2(n // 4), 512)
+    (qlora_ref.double_quant.torch_block_sum; test_backend_parity checks the bits at both sides of 128).
     """
-    if policy == "torch" and n > 128:
+    if n > 128:
         return min(1 << ((n // 4).bit_length() - 1), 512), 1
     return min(1 << (n.bit_length() - 1), 512), 0
 
@@ -506,7 +506,7 @@ def quantize_4bit(
             absmax_q = cp.empty(nblocks, cp.uint8)
             nested = cp.empty(ceil_div(nblocks, NESTED_BLOCKSIZE), cp.float32)
             offset_dev = status.view(cp.float32)[6:7]  # low half of status[3]
-            _absmax_offset_launch(absmax, nblocks, sum_tree_policy(), status)
+            _absmax_offset_launch(absmax, nblocks, status)
             _quantize_8bit_launch(
                 absmax, nblocks, NESTED_BLOCKSIZE, signed_dynamic_map(), offset_dev, absmax_q, nested, kernel
             )
@@ -527,9 +527,9 @@ def quantize_4bit(
         )
 
 
-def _absmax_offset_launch(absmax: cp.ndarray, n: int, policy: str, status: cp.ndarray) -> None:
+def _absmax_offset_launch(absmax: cp.ndarray, n: int, status: cp.ndarray) -> None:
     """status[3] = bits of the float32 offset of absmax[:n] (DQ-1), in the tree `absmax_sum_plan` names."""
-    lanes, vec = absmax_sum_plan(n, policy)
+    lanes, vec = absmax_sum_plan(n)
     acc = cp.empty(4 * lanes, cp.float32)
     build.kernel("blockwise_8bit.cu", f"absmax_sum_chains<{build.SUM_LOADS_AHEAD}>")(
         *absmax_sum_chains_config(lanes), (absmax, np.int64(n), np.int32(lanes), np.int32(vec), acc)
@@ -537,35 +537,6 @@ def _absmax_offset_launch(absmax: cp.ndarray, n: int, policy: str, status: cp.nd
     build.kernel("blockwise_8bit.cu", "absmax_sum_fold")(
         *absmax_sum_fold_config(), (acc, np.int64(n), np.int32(lanes), status)
     )
-
-
-_POLICY: list[str] = []
-
-
-def sum_tree_policy() -> str:
-    """Which summation tree the spec's DQ-1 offset uses, decided once by asking the spec itself.
-
-    A probe (n = 1001 values where the two trees give different float32 sums) is summed on the GPU both ways and
-    compared with ``qlora_ref.double_quant.absmax_mean``: the spec stays the one source of truth even if its tree
-    changes.  Raises if neither tree reproduces it.
-    """
-    if not _POLICY:
-        probe_host = (np.random.default_rng(1).random(1001) + 1).astype(np.float32)
-        want = np.float32(absmax_mean(probe_host))
-        probe = cp.asarray(probe_host)
-        got = {}
-        for policy in ("scalar", "torch"):
-            status = _status()
-            _absmax_offset_launch(probe, probe.size, policy, status)
-            got[policy] = status.get()[3:4].view(np.float32)[0]
-        matching = [p for p, v in got.items() if v.view(np.uint32) == want.view(np.uint32)]
-        if not matching:
-            raise RuntimeError(
-                f"no GPU summation tree reproduces qlora_ref.double_quant.absmax_mean (spec {want!r}, GPU {got}); "
-                "update backends/cupy_backend/kernels/blockwise_8bit.cu absmax_sum_chains to the spec's DQ-1 tree"
-            )
-        _POLICY.append(matching[0])
-    return _POLICY[0]
 
 
 def _quantize_8bit_launch(x, n, blocksize, code, offset_dev, codes, absmax, kernel):

@@ -20,10 +20,11 @@
 //   quantize_4bit_v1<T, QT>          naive: one thread per quant block, a sequential loop, a linear count over the
 //                                    thresholds.  Kept as a second oracle for v2.
 //   quantize_4bit_v2<T, QT, B>       fast: E consecutive values per thread (two 16-byte loads: 16 for bf16/fp16, 8 for
-//                                    fp32; B/256 at B = 4096), the block
-//                                    max by warp shuffles (and shared memory when a block spans several warps), codes
-//                                    by a 4-step branchless binary search over the thresholds in shared memory,
-//                                    E/2 packed bytes stored at once.  256 threads per CTA.
+//                                    fp32; B/256 at B = 4096), the block max by warp shuffles (and shared memory when
+//                                    a block spans several warps), codes by a 4-step branchless binary search over the
+//                                    thresholds in shared memory, E/2 packed bytes stored at once (coalesced across
+//                                    the warp).  256 threads per CTA.  H100, bf16 22016x8192, blocksize 64: 225 us =
+//                                    2.0 TB/s of 2.98 for a copy (one 16-byte load per thread instead of two: 255 us).
 // QT: 0 = sorted table (NF4, Int4: code = count), 1 = FP4 sign-magnitude.
 // Launch configs: backends/cupy_backend/ops.py (one function per kernel).  Build: -std=c++17 --fmad=false.
 #include "common.cuh"
