@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=4096)
     args = parser.parse_args()
 
-    import torch
     import bitsandbytes.functional as F
+    import torch
 
     x = (np.random.default_rng(0).standard_normal((args.rows, args.cols)) * 0.02).astype(np.float32)
     xt = torch.from_numpy(x)
@@ -59,7 +59,8 @@ def main() -> None:
     for name, t in rows:
         print(f"{name:40s} {t:10.4f}")
     print(
-        f"ratio ours/bnb: {ours / theirs:.2f}x (target <= 2x); peak allocation {copies:.2f} x input ({peak / 2**20:.0f} MiB)"
+        f"ratio ours/bnb: {ours / theirs:.2f}x (target <= 2x); "
+        f"peak allocation {copies:.2f} x input ({peak / 2**20:.0f} MiB)"
     )
     path = save(
         "spec_cpu",

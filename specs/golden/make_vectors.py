@@ -47,7 +47,7 @@ def main(npz: Path) -> None:
         key = (KINDS[(index // 12) % 6], qt, dq)
         smallest[key] = min(smallest.get(key, (1 << 62, 0, "")), (z[f"{name}_x"].size, index, name))
     chosen: dict[tuple, dict] = {}
-    for key, (_, index, name) in sorted(smallest.items()):
+    for key, (_, _index, name) in sorted(smallest.items()):
         blocksize, qt, dq, dt = (int(v) for v in z[f"{name}_meta"])
         kind = key[0]
         x = z[f"{name}_x"]
