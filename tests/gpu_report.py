@@ -37,8 +37,14 @@ EXTRA_SOURCES = (
     "qlora_ref/fastmath.py",
     "qlora_ref/packing.py",
     "qlora_ref/quantized.py",
+    "qlora_ref/adamw.py",
+    "backends/optim/paged.py",
+    "backends/optim/clip.py",
+    "backends/train/layer.py",
     "tests/test_backend_parity.py",
     "tests/test_gpu_bnb.py",
+    "tests/test_paged_optim.py",
+    "tests/test_layer.py",
 )
 REPORT = REPO / "tests" / "GPU_REPORT.json"
 

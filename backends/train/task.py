@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .data import Example
 
 INSTRUCTION = "Reverse the list:"
+SYSTEM = "Answer with the result only."  # short: SmolLM2's default system prompt would double the prompt length
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,8 @@ class ReverseTask:
 def format_prompt(tokenizer, question: str) -> str:
     """The model's own chat format when it has one (SmolLM2-Instruct does), else the Guanaco format."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"### Human: {question} ### Assistant: "
 
 

@@ -18,6 +18,7 @@ teacher-forced forward pass scores a batch — no token-by-token generation need
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -195,6 +196,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def rng_preserved():
+    """Run a block (an eval) without moving the torch, Python or NumPy RNGs."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -267,10 +278,12 @@ class Trainer:
         return StepResult(self.step, total / n_tok, grad_norm, tokens, time.perf_counter() - t0)
 
     def evaluate(self) -> float:
+        """Eval loss; leaves every RNG as it found it, so evaluating never changes the training that follows."""
         b = self.cfg.train
-        return eval_loss(
-            self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id, max_batches=b.eval_batches
-        )
+        with rng_preserved():
+            return eval_loss(
+                self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id, max_batches=b.eval_batches
+            )
 
     # -- the loop --
 

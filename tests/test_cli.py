@@ -1,0 +1,234 @@
+"""The `qlora` command line: error paths (one line on stderr, exit 2, no output left behind), `qlora memory`,
+flags generated from the config dataclasses, and a short finetune + eval + generate on the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from backends.train.cli import TASK_PRESET, finetune_config_from_argv, main
+from backends.train.config import RunConfig, TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("qlora"), lines
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    from backends.train import find_smollm2_gguf, smollm2_gguf_path
+
+    if os.environ.get("CI") == "true":
+        return str(smollm2_gguf_path(download=True))
+    path = find_smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not in the model cache (CI downloads it; or call smollm2_gguf_path())")
+    return str(path)
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+
+def test_flags_come_from_the_dataclasses_with_guanaco_defaults():
+    cfg = finetune_config_from_argv(["--data", "x.jsonl"])
+    assert cfg == RunConfig(model=cfg.model, data=cfg.data, train=TrainConfig())
+    assert (cfg.model.r, cfg.model.alpha, cfg.train.lr, cfg.train.max_grad_norm, cfg.effective_batch) == (
+        64, 16.0, 2e-4, 0.3, 16
+    )  # fmt: skip
+    assert cfg.data.group_by_length and not cfg.data.train_on_source and cfg.train.paged
+    task = finetune_config_from_argv([])
+    assert task.train.lr == TASK_PRESET["lr"] and task.effective_batch == 16
+    cfg = finetune_config_from_argv(["--lr", "3e-4", "--no-group-by-length", "--r", "8", "--data", "a.json"])
+    assert (cfg.train.lr, cfg.data.group_by_length, cfg.model.r) == (3e-4, False, 8)
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+# --- error paths: one line, exit 2, nothing written -----------------------------------------------------------
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, shared_dir):
+    out = tmp_path / "run"
+    missing = ["finetune", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(out)]
+    assert_one_line_error(*run(missing, capsys)[::2], "data file not found", "missing.jsonl")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n')
+    assert_one_line_error(*run(["finetune", "--data", str(bad), "--output-dir", str(out)], capsys)[::2], "bad.jsonl:2")
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert_one_line_error(*run(["finetune", "--data", str(empty)], capsys)[::2], "empty dataset")
+
+    assert_one_line_error(*run(["finetune", "--lr", "fast"], capsys)[::2], "--lr", "invalid float")
+    assert_one_line_error(*run(["finetune", "--r", "0"], capsys)[::2], "--r must be >= 1")
+    assert_one_line_error(*run(["frobnicate"], capsys)[::2], "invalid choice")
+    assert_one_line_error(*run(["memory", "--model", str(tmp_path / "nope.json")], capsys)[::2], "nope.json")
+    bad_cfg = tmp_path / "config.json"
+    bad_cfg.write_text("{not json")
+    assert_one_line_error(*run(["memory", "--model", str(bad_cfg)], capsys)[::2], "malformed JSON")
+    assert_one_line_error(*run(["eval", "--data", str(tmp_path / "x.txt")], capsys)[::2], "not found")
+    assert_one_line_error(*run(["generate", "--prompt", "hi", "--adapter", str(tmp_path)], capsys)[::2], "adapter")
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_error_from_the_console_entry_point_is_one_line(tmp_path):
+    """The real process: exit status 2 and exactly one stderr line, no traceback."""
+    res = subprocess.run(
+        [sys.executable, "-m", "backends.train.cli", "finetune", "--data", str(tmp_path / "none.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"qlora finetune: error: data file not found: '{tmp_path / 'none.json'}'"
+    ]
+
+
+def test_partial_run_dir_is_refused_without_resume(tmp_path, capsys, shared_dir):
+    (tmp_path / "run.partial").mkdir()
+    data = str(shared_dir / "data" / "oasst" / "oa_questions.jsonl")
+    code, _, err = run(["finetune", "--data", data, "--output-dir", str(tmp_path / "run"), "--model", "smollm2",
+                        "--max-len", "100000"], capsys)  # fmt: skip
+    if code == 2 and "interrupted run" in err:
+        assert_one_line_error(code, err, "--resume")
+    else:  # the model load is what failed (no GGUF locally): still one line
+        assert_one_line_error(code, err)
+    assert not (tmp_path / "run").exists()
+
+
+# --- qlora memory ------------------------------------------------------------------------------------------------
+
+
+def test_memory_planner(capsys, tmp_path):
+    code, out, _ = run(["memory", "--model", "llama-65b", "--seq-len", "512", "--batch", "1", "--gpu-gb", "48"], capsys)
+    assert code == 0
+    for part in ("base_4bit", "lora_params", "optimizer", "activations", "total", "fits in 48 GB"):
+        assert part in out
+    from qlora_ref import memory
+
+    ledger = memory.estimate(memory.llama_65b, seq_len=512, batch=1)
+    assert f"{ledger.total:,}" in out
+    assert ("fits in 48 GB: yes" in out) == ledger.fits(48)
+    code, out, _ = run(["memory", "--model", "llama-7b", "--gpu-gb", "4"], capsys)
+    assert "fits in 4 GB: no" in out
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                   tie_word_embeddings=True)))  # fmt: skip
+    _, from_file, _ = run(["memory", "--model", str(cfg), "--r", "8"], capsys)
+    _, preset, _ = run(["memory", "--model", "smollm2-135m", "--r", "8"], capsys)
+    assert from_file.splitlines()[2:] == preset.splitlines()[2:]  # same numbers from the config.json as the preset
+
+
+# --- the real model, and a tiny one for the slower paths -----------------------------------------------------
+
+
+def test_finetune_smoke_on_the_real_gguf_then_eval(gguf, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", gguf, "--max-steps", "2", "--task-train", "16", "--task-eval", "8",
+            "--batch-size", "4", "--grad-accum", "1", "--r", "8", "--output-dir", str(out)]  # fmt: skip
+    code, stdout, err = run([*argv, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "held-out exact match before" in stdout and "held-out exact match after" in stdout
+    assert not (tmp_path / "run.partial").exists()
+    assert sorted(os.listdir(out)) == sorted(
+        ["adapter", "checkpoint", "config.json", "loss_curve.png", "metrics.jsonl", "summary.json"]
+    )
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 2 and cfg["model"]["r"] == 8 and cfg["resolved"]["n_train"] == 16
+    assert cfg["resolved"]["qlora"]["quant_type"] == "nf4" and len(cfg["resolved"]["qlora"]["target_modules"]) == 210
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0.0 <= summary["exact_match_after"] <= 1.0
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
+
+    code, stdout, err = run(["eval", "--model", gguf, "--adapter", str(out / "adapter"), "--task", "--task-eval", "8",
+                             "--json"], capsys)  # fmt: skip
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["n"] == 8 and result["exact_match"] == summary["exact_match_after"]  # same held-out lists
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(gguf, tmp_path_factory):
+    """A tiny random LLaMA saved as an HF model dir (safetensors + SmolLM2's tokenizer)."""
+    import torch
+    import transformers
+
+    from backends.train import load_tokenizer
+
+    tok = load_tokenizer(gguf)
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=True, eos_token_id=tok.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_resume_generate_eval_and_adapter_mismatch_on_a_tiny_model(tiny_dir, tmp_path, capsys, shared_dir):
+    out = tmp_path / "run"
+    data = str(shared_dir / "data" / "alpaca" / "alpaca_5000.json")
+    argv = ["finetune", "--model", str(tiny_dir), "--data", data, "--max-examples", "24", "--max-steps", "2",
+            "--batch-size", "2", "--grad-accum", "2", "--r", "4", "--output-dir", str(out),
+            "--no-progress"]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    # resume the finished run to one more step: it continues at step 2 and the metrics keep steps 1 and 2
+    code, stdout, err = run([*argv[:8], "3", *argv[9:], "--resume"], capsys)
+    assert code == 0, err
+    assert "resumed from" in stdout and "at step 2" in stdout
+    records = [json.loads(s) for s in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+    code, stdout, err = run(["generate", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--prompt",
+                             "Reverse the list: 1 2 3", "--max-new-tokens", "4"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "### prompt: Reverse the list: 1 2 3" in stdout
+
+    txt = shared_dir / "data" / "wikitext-2" / "valid.txt"
+    code, stdout, err = run(["eval", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--data", str(txt),
+                             "--max-len", "64", "--max-examples", "4", "--json"], capsys)  # fmt: skip
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["n"] == 4 and result["perplexity"] > 1.0
+
+    # an adapter that does not match its base: trained with r=4, its config edited to claim r=8
+    bad = tmp_path / "bad_adapter"
+    bad.mkdir()
+    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    conf["r"] = 8
+    (bad / "adapter_config.json").write_text(json.dumps(conf))
+    os.link(out / "adapter" / "adapter_model.safetensors", bad / "adapter_model.safetensors")
+    code, _, err = run(["eval", "--model", str(tiny_dir), "--adapter", str(bad), "--task", "--task-eval", "4"], capsys)
+    assert_one_line_error(code, err)
+
+    # quantize: the model dir -> a bitsandbytes 4-bit checkpoint, written whole
+    code, stdout, err = run(["quantize", str(tiny_dir), str(tmp_path / "q4")], capsys)
+    assert code == 0, err
+    qcfg = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]
+    assert qcfg["bnb_4bit_quant_type"] == "nf4" and qcfg["bnb_4bit_use_double_quant"] is True
+    assert (tmp_path / "q4" / "model.safetensors").is_file() and not (tmp_path / "q4.partial").exists()
+
+    # a sequence longer than the model allows (256 positions): one line, and no output directory
+    code, _, err = run(["finetune", "--model", str(tiny_dir), "--data", data, "--max-len", "100000",
+                        "--output-dir", str(tmp_path / "long"), "--max-steps", "1"], capsys)  # fmt: skip
+    assert_one_line_error(code, err, "longer than the model")
+    assert not (tmp_path / "long").exists() and not (tmp_path / "long.partial").exists()
