@@ -5,9 +5,9 @@
 
 Why this task: it is generated here (no download, any size, deterministic from a seed), its answer is checkable by
 string equality, and it isolates what a short fine-tune can teach.  Out of the box SmolLM2-135M-Instruct answers with
-prose about Python's ``reverse()`` (0 of 64 held-out lists exactly right); a few minutes of LoRA training on the CPU
-teaches it the answer format and the reversal (most held-out lists right).  Digits are single tokens in SmolLM2's
-tokenizer, so the task is a pure sequence manipulation, not a tokenization puzzle.
+prose about reversing lists (0 of 64 held-out lists exactly right); the embedded default run (25 steps x 16 examples,
+CPU, numpy backend) gets 53 of 64 right (measured: 0.0% -> 82.8%, eval loss 1.51 -> 0.053).  Digits are single
+tokens in SmolLM2's tokenizer, so the task is a pure sequence manipulation, not a tokenization puzzle.
 
 Held-out split: the eval lists are drawn first from their own stream; training lists that collide with an eval list
 are redrawn, so no eval question is ever seen in training.  Everything depends only on ``seed``.
