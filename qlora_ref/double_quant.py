@@ -18,9 +18,9 @@ times ``1.0f / n``.  The spec fixes that tree (`torch_block_sum`), which is torc
   then each lane combines ((a0 + a1) + a2) + a3, and lanes fold in halves: lane t adds lane t + h, h = W/2, ..., 1.
 
 It reproduces every golden offset and torch.mean on an H100 for 81 lengths n = 1..262144
-(specs/golden/torch_mean_h100.npz keeps those up to 20,000).  Past about 2^19 values
-torch splits the sum over several blocks by the GPU's SM count, so bitsandbytes' offset can then differ from the
-spec's in the last ulp; the spec keeps this one device-independent order.
+(specs/golden/torch_mean_h100.npz keeps those up to 20,000).  From 131,072 values
+(256 per thread) torch splits the sum over several CTAs, so bitsandbytes' offset can then differ from the spec's in
+the last ulp (TORCH-SPLIT in specs/double_quant.md); the spec keeps this one device-independent order.
 """
 
 from __future__ import annotations
