@@ -45,6 +45,7 @@ EXTRA_SOURCES = (
     "tests/test_gpu_bnb.py",
     "tests/test_paged_optim.py",
     "tests/test_layer.py",
+    "tests/test_gpu_train.py",
 )
 REPORT = REPO / "tests" / "GPU_REPORT.json"
 
