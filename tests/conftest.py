@@ -56,3 +56,13 @@ def shared_dir() -> Path:
     path = Path(os.environ.get("QLORA_SHARED", REPO.parent / "shared"))
     require(path.is_dir(), f"shared data folder not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """SmolLM2-135M-Instruct's own tokenizer, from its GGUF (downloaded in CI; skipped locally when not cached)."""
+    from backends.train import find_smollm2_gguf, load_tokenizer, smollm2_gguf_path
+
+    path = smollm2_gguf_path(download=True) if IN_CI else find_smollm2_gguf()
+    require(path is not None, "SmolLM2 GGUF not in the model cache (CI downloads it; or call smollm2_gguf_path())")
+    return load_tokenizer(path)

@@ -8,7 +8,6 @@ oasst/oa_questions.jsonl (953 records of {"input": "### Human: ... ### Assistant
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
@@ -39,19 +38,6 @@ def alpaca(shared_dir):
 @pytest.fixture(scope="module")
 def oasst_path(shared_dir):
     return str(shared_dir / "data" / "oasst" / "oa_questions.jsonl")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from backends.train import find_smollm2_gguf, load_tokenizer, smollm2_gguf_path
-
-    if os.environ.get("CI") == "true":
-        path = smollm2_gguf_path(download=True)
-    else:
-        path = find_smollm2_gguf()
-        if path is None:
-            pytest.skip("SmolLM2 GGUF not in the model cache (CI downloads it; or call smollm2_gguf_path())")
-    return load_tokenizer(path)
 
 
 # --- formats on the real files ---------------------------------------------------------------------------------

@@ -31,19 +31,6 @@ from backends.train.trainer import (
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from backends.train import find_smollm2_gguf, load_tokenizer, smollm2_gguf_path
-
-    if os.environ.get("CI") == "true":
-        path = smollm2_gguf_path(download=True)
-    else:
-        path = find_smollm2_gguf()
-        if path is None:
-            pytest.skip("SmolLM2 GGUF not in the model cache (CI downloads it; or call smollm2_gguf_path())")
-    return load_tokenizer(path)
-
-
 def tiny_model(tokenizer, seed=0, r=8, dropout=0.05):
     cfg = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
