@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.optim import PagedAdamW  # noqa: E402
+from benchmarks.common import cuda_median_ms  # noqa: E402
 
 
 @dataclass
@@ -82,18 +83,7 @@ def time_steps(opt, params, c: BenchConfig) -> float:
     """Median milliseconds of opt.step() by CUDA events (grads fixed; the step still does the full update)."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     fill_grads(params, gen)
-    for _ in range(c.warmup):
-        opt.step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(c.iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        opt.step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(opt.step, warmup=c.warmup, reps=c.iters)
 
 
 def copy_bandwidth() -> float:

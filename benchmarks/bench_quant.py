@@ -23,14 +23,14 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import commit, cuda_median_ms  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -42,17 +42,6 @@ class Config:
     warmup: int = 5  # untimed calls first (compilation, caches)
     l2_multiple: float = 3.0  # rotating buffer sets cover this many L2s
     out: str = "benchmarks/results"
-
-
-def commit() -> str:
-    if os.environ.get("QLORA_COMMIT"):
-        return os.environ["QLORA_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def time_eager(torch, calls, cfg: Config) -> float:
@@ -90,18 +79,7 @@ def time_graph(torch, calls, cfg: Config) -> float | None:
         print(f"    (graph capture failed: {exc.__class__.__name__}: {str(exc)[:120]})")
         torch.cuda.synchronize()
         return None
-    for _ in range(cfg.warmup):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(cfg.reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / cfg.inner)
-    return statistics.median(times)
+    return cuda_median_ms(graph.replay, warmup=cfg.warmup, reps=cfg.reps, per=cfg.inner)
 
 
 def profile_kernels(torch, label: str, call, quiet: bool = False) -> list[dict]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 
 
 def commit() -> str:
@@ -17,10 +19,31 @@ def commit() -> str:
     if os.environ.get("QLORA_COMMIT"):
         return os.environ["QLORA_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
-    except Exception:
+    except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cuda_median_ms(step, *, warmup: int, reps: int, per: int = 1) -> float:
+    """Median milliseconds of ``step()`` by CUDA events after ``warmup`` untimed calls, divided by ``per`` (the calls
+    one ``step`` makes, e.g. a graph replay of several)."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / per)
+    return statistics.median(times)
 
 
 def cpu_name() -> str:

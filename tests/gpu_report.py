@@ -17,7 +17,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import commit  # noqa: E402
+
 GPU_DIR = "backends/cupy_backend"
 GPU_SUFFIXES = (".cu", ".cuh", ".py")
 # The spec the kernels must match and the tests that check them: a change to any of these needs a new GPU run.
@@ -69,17 +72,6 @@ def sources_sha256(paths: list[str]) -> str:
         h.update(p.read_bytes() if p.is_file() else b"<missing>")
         h.update(b"\0")
     return h.hexdigest()
-
-
-def _commit() -> str:
-    if os.environ.get("QLORA_COMMIT"):
-        return os.environ["QLORA_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _device() -> dict:
@@ -134,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         **_device(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit(),
         "command": " ".join(["pytest", "-m", "gpu", "--hypothesis-profile=gpu", *args.pytest_args]),
         "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
         "failed": counts["failures"] + counts["errors"],
