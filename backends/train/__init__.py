@@ -4,7 +4,7 @@
     model = load_model(smollm2_gguf_path(), backend="numpy", r=64, alpha=16)
 
 layer.py   QLoRALinear + its autograd function (frozen 4-bit base, LoRA A/B, shared dequantization scratch)
-model.py   prepare_model / load_model / load_tokenizer / smollm2_gguf_path
+model.py   prepare_model / load_model / load_tokenizer / smollm2_gguf_path / minilm_path
 export.py  PEFT adapter, bitsandbytes 4-bit checkpoint, exact merged 16-bit export
 """
 
@@ -22,6 +22,7 @@ from .model import (
     find_smollm2_gguf,
     load_model,
     load_tokenizer,
+    minilm_path,
     prepare_model,
     qlora_layers,
     smollm2_gguf_path,
@@ -38,6 +39,7 @@ __all__ = [
     "load_model",
     "load_peft_adapter",
     "load_tokenizer",
+    "minilm_path",
     "merge_and_export",
     "prepare_model",
     "qlora_layers",
