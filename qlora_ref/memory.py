@@ -28,6 +28,7 @@ GB = 10**9
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw_32bit", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 ATTENTIONS = ("sdpa", "eager")
+LAYERS = ("peft", "qlora-ref")
 MIN_8BIT_SIZE = 4096  # MEM-6: bitsandbytes keeps 32-bit state for tensors with fewer elements
 OPTIMIZER_BLOCKSIZE_8BIT = 256
 
@@ -202,8 +203,11 @@ def estimate(
     norm_dtype: str = "float32",
     lora_dropout: float = 0.0,
     attention: str = "sdpa",
-    dequant_buffers: int = 2,
+    dequant_buffers: int | None = None,
     overhead_bytes: int = 0,
+    layer: str = "peft",
+    step_in_backward: bool = False,
+    offload_checkpoints: bool = False,
 ) -> Ledger:
     """The QLoRA training-memory ledger for one GPU (MEM-2 .. MEM-11).  Defaults are the Guanaco scripts' recipe.
 
@@ -231,6 +235,13 @@ def estimate(
                       + 2 c T (h + i) either way: the residual-stream and MLP gradients in flight
     loss_head       = (2c + 8) T V: logits (c), float32 log-probs (4), their gradient (4), logits grad (c) (MEM-9)
     dequant_scratch = dequant_buffers * c * max(in * out): dequantized weight for forward/backward    (MEM-10)
+
+    Implementation switches (MEM-13): layer="peft" is bitsandbytes + PEFT (the Guanaco scripts: dropout mask and
+    dropped copy, cast copies, dequant_buffers 2 by default); layer="qlora-ref" is backends.train.QLoRALinear
+    (redraws the dropout mask from a seed and casts transiently: no per_in term; one shared scratch buffer).
+    step_in_backward: each gradient is freed by its optimizer step as soon as it exists (PagedAdamW.hook_into_backward),
+    so lora_grads = l * the largest adapter tensor.  offload_checkpoints: the L block inputs live in host memory
+    (torch.autograd.graph.save_on_cpu around a re-entrant checkpointed forward), dropping L c T h from the device.
     """
     for name, dt in (("lora_dtype", lora_dtype), ("compute_dtype", compute_dtype), ("embed_dtype", embed_dtype),
                      ("norm_dtype", norm_dtype)):  # fmt: skip
@@ -240,9 +251,13 @@ def estimate(
         raise TypeError(f"shape must be a ModelShape (e.g. qlora_ref.memory.llama_65b), got {type(shape).__name__}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     _check_positive_int(seq_len=seq_len, batch=batch, r=r, blocksize=blocksize)
+    if dequant_buffers is None:
+        dequant_buffers = 2 if layer == "peft" else 1
     _check_nonneg_int(dequant_buffers=dequant_buffers, overhead_bytes=overhead_bytes)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
@@ -267,7 +282,9 @@ def estimate(
                 opt += 2 * k + 8 * -(-k // OPTIMIZER_BLOCKSIZE_8BIT) if k >= MIN_8BIT_SIZE else 8 * k
         opt *= L
 
-    if lora_dropout > 0:
+    if layer == "qlora-ref":
+        per_in = 0
+    elif lora_dropout > 0:
         per_in = 1 + lb
     elif lora_dtype != compute_dtype:
         per_in = lb
@@ -275,16 +292,18 @@ def estimate(
         per_in = 0
     lora_saved = 7 * lb * T * r + per_in * T * sum(fin for _, fin, _ in linears)
     softmax_state = 4 * T * a if attention == "sdpa" else (4 + c) * batch * a * seq_len**2
-    layer = 2 * (4 + c) * T * h + 3 * c * T * h + c * T * h + softmax_state + 4 * c * T * i + lora_saved
+    block = 2 * (4 + c) * T * h + 3 * c * T * h + c * T * h + softmax_state + 4 * c * T * i + lora_saved
     in_flight = 2 * c * T * (h + i)
-    activations = (L * c * T * h + layer if checkpointing else L * layer) + in_flight
+    checkpoints = 0 if offload_checkpoints else L * c * T * h
+    activations = (checkpoints + block if checkpointing else L * block) + in_flight
+    largest_adapter = max(r * max(fin, fout) for _, fin, fout in linears)
 
     components = {
         "base_4bit": base_4bit,
         "embeddings": embeddings,
         "norms": norms,
         "lora_params": lb * P,
-        "lora_grads": lb * P,
+        "lora_grads": lb * (largest_adapter if step_in_backward else P),
         "optimizer": opt,
         "activations": activations,
         "loss_head": (2 * c + 8) * T * V,
@@ -295,7 +314,8 @@ def estimate(
     config = dict(
         model=shape.name, r=r, seq_len=seq_len, batch=batch, checkpointing=checkpointing, double_quant=double_quant,
         blocksize=blocksize, lora_dtype=lora_dtype, optimizer=optimizer, compute_dtype=compute_dtype,
-        lora_dropout=lora_dropout, attention=attention,
+        lora_dropout=lora_dropout, attention=attention, layer=layer, step_in_backward=step_in_backward,
+        offload_checkpoints=offload_checkpoints,
     )  # fmt: skip
     return Ledger(components, pageable=opt if optimizer.startswith("paged") else 0, config=config)
 

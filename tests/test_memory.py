@@ -209,3 +209,22 @@ def test_mem5_mem9_mem10_grads_loss_head_and_scratch(lora_dtype):
     assert c["lora_grads"] == c["lora_params"] == l_bytes * shape.n_lora(16)
     assert c["loss_head"] == (2 * 2 + 8) * seq_len * batch * shape.vocab
     assert c["dequant_scratch"] == 3 * 2 * shape.hidden * shape.intermediate
+
+
+def test_mem13_implementation_switches():
+    """layer="qlora-ref", step_in_backward and offload_checkpoints change exactly the terms MEM-13 names."""
+    kw = dict(seq_len=512, batch=1, r=64, lora_dropout=0.05)
+    peft = M.estimate(M.llama_65b, **kw)
+    ours = M.estimate(M.llama_65b, layer="qlora-ref", **kw)
+    h, i, L, T = 8192, 22016, 80, 512
+    per_in = (1 + 2) * T * (6 * h + i)  # PEFT: dropout mask + dropped copy of the 7 inputs (6 of width h, 1 of i)
+    assert peft.components["activations"] - ours.components["activations"] == per_in
+    assert peft.components["dequant_scratch"] == 2 * ours.components["dequant_scratch"] == 2 * 2 * i * h
+    fused = M.estimate(M.llama_65b, layer="qlora-ref", step_in_backward=True, **kw)
+    assert fused.components["lora_grads"] == 2 * 64 * i  # one bf16 adapter gradient at a time: the largest, r x 22016
+    off = M.estimate(M.llama_65b, layer="qlora-ref", offload_checkpoints=True, **kw)
+    assert ours.components["activations"] - off.components["activations"] == L * 2 * T * h
+    for other in ("lora_params", "optimizer", "base_4bit", "embeddings", "loss_head"):
+        assert fused.components[other] == off.components[other] == ours.components[other], other
+    with pytest.raises(ValueError, match="layer"):
+        M.estimate(M.llama_7b, seq_len=8, batch=1, layer="bnb")

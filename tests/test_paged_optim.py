@@ -482,3 +482,79 @@ def test_gpu_clip_within_bound():
     for p, r in zip(params, ref, strict=True):
         got = p.grad.cpu().numpy()
         assert np.all(np.abs(got - r) <= 3 * np.spacing(np.abs(r)))
+
+
+# ---- stepping inside backward; host placement -------------------------------------------------------------------
+
+
+def _tiny_net(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(
+        device
+    ).requires_grad_(True), torch.randn(5, 48, generator=g).to(device)
+
+
+def _run_hooked(device, hooked: bool, steps: int = 3, **opt_kw):
+    torch.manual_seed(0)
+    net, x = _tiny_net(device)
+    opt = PagedAdamW(list(net.parameters()), lr=1e-2, weight_decay=0.1, **opt_kw)
+    if hooked:
+        opt.hook_into_backward()
+    for _ in range(steps):
+        loss = net(x).square().mean()
+        loss.backward()
+        if hooked:
+            assert all(p.grad is None for p in net.parameters()), "the hooks must free every gradient"
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return [p.detach().cpu().clone() for p in net.parameters()], opt
+
+
+def test_cpu_hook_into_backward_equals_backward_then_step():
+    plain, _ = _run_hooked("cpu", False)
+    hooked, opt = _run_hooked("cpu", True)
+    for a, b in zip(plain, hooked, strict=True):
+        assert torch.equal(a, b)
+    assert all(opt.state[p]["step"] == 3 for p in opt._params)
+
+
+def test_placement_boundary_errors():
+    p = [torch.nn.Parameter(torch.zeros(4))]
+    with pytest.raises(ValueError, match="placement"):
+        PagedAdamW(p, placement="disk")
+    with pytest.raises(ValueError, match="paged=True"):
+        PagedAdamW(p, placement="host", paged=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [32, 8])
+def test_gpu_host_placement_matches_spec_and_takes_no_device_memory(bits):
+    import cupy
+
+    _check_spec_parity([1100, 300, 5], dict(lr=1e-3, weight_decay=0.01), bits, "after", "bfloat16", 3, 1.0, 7, "cuda",
+                       placement="host")  # fmt: skip
+    n = 64 << 20  # 64M float32 params: 512 MB of 32-bit state
+    params = [torch.nn.Parameter(torch.zeros(n, device="cuda"))]
+    torch.cuda.synchronize()
+    free0 = cupy.cuda.runtime.memGetInfo()[0]
+    opt = PagedAdamW(params, state_bits=bits, placement="host", check_finite=False)
+    for _ in range(2):
+        params[0].grad = torch.ones(n, device="cuda")
+        opt.step()
+        params[0].grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free1 = cupy.cuda.runtime.memGetInfo()[0]
+    assert opt.state_location() == "host" and not opt.resident
+    assert free0 - free1 < opt.state_bytes // 4, f"{(free0 - free1) / 2**20:.0f} MiB of device memory taken"
+    got = float(params[0][:1024].mean())  # Adam on a constant gradient moves lr per step (bias-corrected m/sqrt(v) = 1)
+    assert abs(got + 2e-3) < (1e-6 if bits == 32 else 1e-4), got
+
+
+@pytest.mark.gpu
+def test_gpu_hook_into_backward_equals_backward_then_step():
+    plain, _ = _run_hooked("cuda", False)
+    hooked, _ = _run_hooked("cuda", True, placement="host")
+    for a, b in zip(plain, hooked, strict=True):
+        assert torch.equal(a, b)

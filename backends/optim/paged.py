@@ -29,12 +29,24 @@ needed and, after the update, pages out by itself when free device memory falls 
 Safety: the arena is allocated, and paged in, only when ``cudaMemGetInfo`` shows its size plus a margin free;
 otherwise a ``DeviceMemoryError`` says how much was needed and how much was free (never oversubscribe the card).
 
+Host placement (``placement="host"``): the arena stays in host memory for good — managed memory advised
+``cudaMemAdviseSetPreferredLocation`` = host and ``cudaMemAdviseSetAccessedBy`` = the GPU, zeroed by the CPU — and the
+fused kernel reads and writes m, v across the bus through the GPU's mapping (8 bytes read + 8 written per parameter
+per step for 32-bit states).  No device memory is ever taken by the states: this is what lets a 65B-shaped model's
+6.4 GB of AdamW state sit beside 34 GB of 4-bit weights under a 38 GB budget (benchmarks/bench_memory.py).
+
+Stepping inside backward (``hook_into_backward()``): each parameter is stepped, and its gradient freed, as soon as
+autograd has accumulated it (``register_post_accumulate_grad_hook``), so the LoRA gradients never coexist on the
+device.  The update is the same AdamW (same bits); what is given up is a global gradient-norm clip (the norm is not
+known until every gradient exists) and gradient accumulation over micro-batches.
+
 Gradients and parameters are read in place through their device pointers (``tensor.data_ptr()``, the same zero-copy
 pointer a DLPack view carries; one DLPack capsule per tensor per step would cost ~10 us of host time each).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -116,6 +128,8 @@ class PagedAdamW(torch.optim.Optimizer):
         decay: "after" (bitsandbytes, default) or "before" (torch.optim.AdamW) — where p*(1-lr*wd) goes.
         state_bits: 32 (float32 m, v) or 8 (the spec's 256-block dynamic-map states).
         paged: CUDA only — states in managed memory that can be paged to the host (False: plain device memory).
+        placement: CUDA only — "device" (states prefetched to the GPU for each step, paged out under pressure) or
+            "host" (states stay in host memory; the kernel reaches them across the bus; never any device memory).
         page_threshold_bytes: after each step, page the states out when free device memory is below this (0: never).
         margin_bytes: free device memory kept untouched when allocating / paging in (default max(256 MiB, 2%)).
         free_memory_fn: returns free device bytes (default cudaMemGetInfo); the allocation check also always
@@ -136,6 +150,7 @@ class PagedAdamW(torch.optim.Optimizer):
         decay: str = "after",
         state_bits: int = 32,
         paged: bool = True,
+        placement: str = "device",
         page_threshold_bytes: int = 256 << 20,
         margin_bytes: int | None = None,
         free_memory_fn: Callable[[], int] | None = None,
@@ -149,11 +164,16 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
         if not isinstance(chunk, int) or chunk <= 0 or chunk % 1024:
             raise ValueError(f"chunk must be a positive multiple of 1024 elements, got {chunk!r}")
+        if placement not in ("device", "host"):
+            raise ValueError(f"placement must be 'device' or 'host', got {placement!r}")
+        if placement == "host" and not paged:
+            raise ValueError("placement='host' keeps the states in managed memory: it needs paged=True")
         if page_threshold_bytes < 0:
             raise ValueError(f"page_threshold_bytes must be >= 0, got {page_threshold_bytes}")
         self.decay = decay
         self.state_bits = state_bits
         self.paged = bool(paged)
+        self.placement = placement
         self.page_threshold_bytes = int(page_threshold_bytes)
         self.check_finite = bool(check_finite)
         self._built = False
@@ -170,7 +190,9 @@ class PagedAdamW(torch.optim.Optimizer):
         if device.type == "cpu":
             self._impl = _HostStates(self._params, state_bits)
         else:
-            self._impl = _CudaStates(self._params, device, state_bits, self.paged, chunk, margin_bytes, free_memory_fn)
+            self._impl = _CudaStates(
+                self._params, device, state_bits, self.paged, chunk, margin_bytes, free_memory_fn, placement
+            )
         self._built = True
 
     def add_param_group(self, param_group: dict) -> None:
@@ -221,6 +243,20 @@ class PagedAdamW(torch.optim.Optimizer):
                 self._impl.page_out(True)
                 return True
         return False
+
+    def hook_into_backward(self) -> list:
+        """Step each parameter the moment its gradient is accumulated, then free that gradient (module docstring).
+
+        Call once; afterwards ``loss.backward()`` performs the optimizer step (do not call ``step()`` or clip).
+        Returns the hook handles (``handle.remove()`` undoes it).  The result equals ``backward(); step()``
+        parameter for parameter.
+        """
+
+        def hook(p: torch.Tensor) -> None:
+            self.step()  # only p has a gradient at this moment: every earlier one was freed by its own hook
+            p.grad = None
+
+        return [p.register_post_accumulate_grad_hook(hook) for p in self._params]
 
     # -- the step -------------------------------------------------------------------------------------------------
 
@@ -542,10 +578,45 @@ def _prefetch(ptr: int, nbytes: int, device_id: int | None, stream_ptr: int) -> 
         raise RuntimeError(f"cudaMemPrefetchAsync of {nbytes} bytes to {where} failed: {err}")
 
 
+def _advise(ptr: int, nbytes: int, advice: str, device_id: int | None) -> None:
+    """cudaMemAdvise(ptr, nbytes, cudaMemAdvise<advice>, device `device_id` or the host when None)."""
+    from cuda.bindings import runtime as cudart
+
+    adv = getattr(cudart.cudaMemoryAdvise, f"cudaMemAdvise{advice}")
+    loc = cudart.cudaMemLocation()
+    if device_id is None:
+        loc.type = cudart.cudaMemLocationType.cudaMemLocationTypeHost
+        loc.id = 0
+    else:
+        loc.type = cudart.cudaMemLocationType.cudaMemLocationTypeDevice
+        loc.id = device_id
+    try:
+        (err,) = cudart.cudaMemAdvise(ptr, nbytes, adv, loc)
+    except TypeError:  # cuda-bindings 12.x: an int device (cudaCpuDeviceId for the host)
+        (err,) = cudart.cudaMemAdvise(ptr, nbytes, adv, cudart.cudaCpuDeviceId if device_id is None else device_id)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"cudaMemAdvise({advice}) of {nbytes} bytes failed: {err}")
+
+
+def _check_host_room(need: int) -> None:
+    """Refuse host placement when MemAvailable (Linux /proc/meminfo) is short of the arena plus 1 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()}
+    except OSError:
+        return
+    avail = info.get("MemAvailable")
+    if avail is not None and avail < need + (1 << 30):
+        raise DeviceMemoryError(
+            f"cannot place {need / 2**20:.1f} MiB of optimizer state in host memory: {avail / 2**20:.1f} MiB "
+            "available (1 GiB kept as a margin). Use state_bits=8 or placement='device'."
+        )
+
+
 class _CudaStates:
     """All states of the optimizer in one arena; one fused kernel launch per step."""
 
-    def __init__(self, params, device, state_bits, paged, chunk, margin_bytes, free_memory_fn):
+    def __init__(self, params, device, state_bits, paged, chunk, margin_bytes, free_memory_fn, placement="device"):
         import cupy
 
         self.cp = cupy
@@ -554,6 +625,7 @@ class _CudaStates:
         self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         self.state_bits = state_bits
         self.pageable = paged
+        self.on_host = placement == "host"
         self.chunk = chunk
         self._free_fn = free_memory_fn
         self.sizes = [p.numel() for p in params]
@@ -573,21 +645,31 @@ class _CudaStates:
         with cupy.cuda.Device(self.device_id):
             free, total = cupy.cuda.runtime.memGetInfo()
             self.margin = int(margin_bytes) if margin_bytes is not None else max(256 << 20, total // 50)
-            self._check_room(self.nbytes, "allocate")
             stream = self._stream()
-            if paged:
+            if self.on_host:
+                _check_host_room(self.nbytes)
+                self.mem = cupy.cuda.malloc_managed(self.nbytes)
+                self.base = int(self.mem.ptr)
+                _advise(self.base, self.nbytes, "SetPreferredLocation", None)
+                _advise(self.base, self.nbytes, "SetAccessedBy", self.device_id)
+                ctypes.memset(self.base, 0, self.nbytes)  # first touch by the CPU: the pages are born in host memory
+                self._torch_arena = None
+            elif paged:
+                self._check_room(self.nbytes, "allocate")
                 self.mem = cupy.cuda.malloc_managed(self.nbytes)  # MemoryPointer into managed memory
                 self.base = int(self.mem.ptr)
                 _prefetch(self.base, self.nbytes, self.device_id, stream.ptr)
                 self._torch_arena = None
             else:
+                self._check_room(self.nbytes, "allocate")
                 self._torch_arena = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
                 self.base = self._torch_arena.data_ptr()
                 self.mem = cupy.cuda.MemoryPointer(
                     cupy.cuda.UnownedMemory(self.base, self.nbytes, self._torch_arena, self.device_id), 0
                 )
-            cupy.cuda.runtime.memsetAsync(self.base, 0, self.nbytes, stream.ptr)
-            self.resident = True
+            if not self.on_host:
+                cupy.cuda.runtime.memsetAsync(self.base, 0, self.nbytes, stream.ptr)
+            self.resident = not self.on_host
             # static part of the per-tensor table
             self.static = np.zeros(len(params), _ARGS_DTYPE)
             for i, (n, o) in enumerate(zip(self.sizes, self.offsets, strict=True)):
@@ -637,6 +719,8 @@ class _CudaStates:
     def location(self) -> str:
         if not self.pageable:
             return "device"
+        if self.on_host:
+            return "host"
         from cuda.bindings import runtime as cudart
 
         # the int-valued attribute (device id, or cudaCpuDeviceId = -1 for the host); cuda-bindings 13.3 refuses
@@ -653,7 +737,7 @@ class _CudaStates:
     def page_out(self, sync: bool) -> None:
         if not self.pageable:
             raise ValueError("page_out() needs paged=True (states in managed memory)")
-        if not self.resident:
+        if not self.resident or self.on_host:
             return
         stream = self._stream()
         _prefetch(self.base, self.nbytes, None, stream.ptr)
@@ -662,7 +746,7 @@ class _CudaStates:
         self.resident = False
 
     def page_in(self) -> None:
-        if self.resident:
+        if self.resident or self.on_host:  # host placement: the kernel reads the states where they are
             return
         self._check_room(self.nbytes, "page in")
         _prefetch(self.base, self.nbytes, self.device_id, self._stream().ptr)
