@@ -9,6 +9,7 @@ backward + optimizer steps.  Three memory levers, each switchable:
     --states host       optimizer m, v in managed memory that stays in host RAM (PagedAdamW placement="host")
     --step-in-backward  each LoRA tensor is stepped and its gradient freed as soon as it is accumulated
     --offload           re-entrant checkpointing under torch.autograd.graph.save_on_cpu: block inputs in host RAM
+    --embed-on-host     the (frozen) input embedding table in pinned host RAM; lookups copy only the T rows used
 
 The cap (48 GB for 65B, 24 GB for 33B, 48 GB for 7B; GB = 10^9 bytes) binds both allocators: CuPy's pool (the 4-bit
 weights) gets a limit of cap, and after the model is built torch gets set_per_process_memory_fraction of what is
@@ -46,17 +47,18 @@ TARGET = {"llama-65b": 38.0}
 SEQ, BATCH, R, ALPHA, LR = 512, 1, 64, 16, 2e-4
 
 
-def ledger_for(shape_name: str, *, states: str, step_in_backward: bool, offload: bool, context: int):
+def ledger_for(shape_name: str, *, step_in_backward: bool, offload: bool, embed_on_host: bool, context: int):
     from qlora_ref import memory
 
     return memory.estimate(
         memory.PRESETS[shape_name], seq_len=SEQ, batch=BATCH, r=R, lora_dtype="bfloat16",
         optimizer="paged_adamw_32bit", embed_dtype="bfloat16", norm_dtype="bfloat16", lora_dropout=0.0,
         layer="qlora-ref", step_in_backward=step_in_backward, offload_checkpoints=offload, overhead_bytes=context,
+        embeddings_on_host=embed_on_host,
     )  # fmt: skip
 
 
-def run_one(shape_name: str, cap_gb: float, steps: int, states: str, step_in_backward: bool, offload: bool) -> dict:
+def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_on_host) -> dict:
     """Build, train `steps` steps, and sample device memory; runs in its own process (clean context and pools)."""
     import contextlib
 
@@ -86,7 +88,7 @@ def run_one(shape_name: str, cap_gb: float, steps: int, states: str, step_in_bac
     shape = memory.PRESETS[shape_name]
     t0 = time.perf_counter()
     model = random_qlora_model(shape, backend="cupy", r=R, alpha=ALPHA, dropout=0.0, lora_dtype="bfloat16",
-                               gradient_checkpointing=not offload)  # fmt: skip
+                               gradient_checkpointing=not offload, embeddings_on_host=embed_on_host)  # fmt: skip
     if offload:  # re-entrant checkpoints save their inputs through saved-tensor hooks: save_on_cpu can take them
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
@@ -118,15 +120,24 @@ def run_one(shape_name: str, cap_gb: float, steps: int, states: str, step_in_bac
         sample("step")
         step_s.append(time.perf_counter() - ts)
         losses.append(float(loss))
-    ledger = ledger_for(shape_name, states=states, step_in_backward=step_in_backward, offload=offload,
+    ledger = ledger_for(shape_name, step_in_backward=step_in_backward, offload=offload, embed_on_host=embed_on_host,
                         context=context)  # fmt: skip
     peak = max(v for _, v in samples)
     return {
         "shape": shape_name,
         "cap_gb": cap_gb,
-        "settings": dict(seq_len=SEQ, batch=BATCH, r=R, alpha=ALPHA, lora_dtype="bfloat16", states=states,
-                         step_in_backward=step_in_backward, offload_checkpoints=offload, optimizer="PagedAdamW 32-bit",
-                         quant="nf4+dq, blocksize 64"),  # fmt: skip
+        "settings": dict(
+            seq_len=SEQ,
+            batch=BATCH,
+            r=R,
+            alpha=ALPHA,
+            lora_dtype="bfloat16",
+            states=states,
+            step_in_backward=step_in_backward,
+            offload_checkpoints=offload,
+            optimizer="PagedAdamW 32-bit",
+            quant="nf4+dq, blocksize 64",
+        ),  # fmt: skip
         "device": torch.cuda.get_device_name(0),
         "device_total_gb": total / 1e9,
         "context_gb": context / 1e9,
@@ -181,19 +192,23 @@ def main(argv=None) -> int:
     ap.add_argument("--states", choices=("host", "device"), default="host")
     ap.add_argument("--step-in-backward", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--embed-on-host", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one shape in this process, print JSON
     ap.add_argument("--cap-gb", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--out-name", default="bench_memory")
     args = ap.parse_args(argv)
     if args.one:
-        res = run_one(args.one, args.cap_gb, args.steps, args.states, args.step_in_backward, args.offload)
+        res = run_one(
+            args.one, args.cap_gb, args.steps, args.states, args.step_in_backward, args.offload, args.embed_on_host
+        )
         print("RESULT " + json.dumps(res))
         return 0
     results = []
     for name in args.shapes:
         cmd = [sys.executable, __file__, "--one", name, "--cap-gb", str(CAPS[name]), "--steps", str(args.steps),
                "--states", args.states, "--step-in-backward" if args.step_in_backward else "--no-step-in-backward",
-               "--offload" if args.offload else "--no-offload"]  # fmt: skip
+               "--offload" if args.offload else "--no-offload",
+               "--embed-on-host" if args.embed_on_host else "--no-embed-on-host"]  # fmt: skip
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -206,9 +221,10 @@ def main(argv=None) -> int:
     print(f"\n{'shape':<11}{'cap':>5}{'peak used':>11}{'torch alloc':>12}{'cupy pool':>10}{'context':>9}"
           f"{'ledger':>8}{'error':>8}{'step s':>8}  paper")  # fmt: skip
     for r in ok:
+        step = sorted(r["step_s"])[len(r["step_s"]) // 2]
         print(f"{r['shape']:<11}{r['cap_gb']:>5g}{r['peak_device_used_gb']:>11.2f}{r['torch_max_allocated_gb']:>12.2f}"
               f"{r['cupy_pool_gb']:>10.2f}{r['context_gb']:>9.2f}{r['ledger_resident_gb']:>8.2f}"
-              f"{r['ledger_error']:>+8.1%}{sorted(r['step_s'])[len(r['step_s']) // 2]:>8.2f}  {PAPER[r['shape']]}")  # fmt: skip
+              f"{r['ledger_error']:>+8.1%}{step:>8.2f}  {PAPER[r['shape']]}")  # fmt: skip
     for r in ok:
         if r["shape"] in TARGET:
             verdict = "met" if r["peak_device_used_gb"] <= TARGET[r["shape"]] else "MISSED"

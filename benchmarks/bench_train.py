@@ -2,7 +2,9 @@
 
 Setup (issue 5, fixed shapes): LLaMA-7B dimensions (hidden 4096, MLP 11008, 32 heads, vocab 32000), 4 decoder
 layers of random weights (one safetensors dir, loaded by all three), sequence 1024 x batch 4, LoRA r 64 / alpha 16 on
-all seven linears of every layer, dropout 0 (so the three loss curves can be compared step for step), gradient
+all seven linears of every layer, LoRA weights in bf16 in all three (the Guanaco recipe: artidoro/qlora's qlora.py
+casts LoRA layers to bf16, norms to fp32 and embeddings / LM head back to bf16 after PEFT's k-bit preparation; the
+same casts are applied here), dropout 0 (so the three loss curves can be compared step for step), gradient
 checkpointing, paged AdamW 32-bit, lr 2e-4, max grad norm 0.3.  Same initialisation everywhere: the saved base
 weights, and every lora_A filled from a generator seeded by its module name (B = 0).
 
@@ -93,7 +95,8 @@ def build(variant: str, model_dir: str):
         from backends.train import load_model, qlora_layers
 
         model = load_model(model_dir, backend="cupy", r=R, alpha=ALPHA, dropout=0.0, target="all-linear",
-                           quant_type="nf4", double_quant=True, blocksize=64, gradient_checkpointing=True)  # fmt: skip
+                           quant_type="nf4", double_quant=True, blocksize=64, gradient_checkpointing=True,
+                           lora_dtype="bfloat16")  # fmt: skip
         init_lora_A([(n + ".lora_A", m.lora_A) for n, m in qlora_layers(model).items()])
         params = [p for p in model.parameters() if p.requires_grad]
         return model, PagedAdamW(params, lr=LR, paged=True), lambda ps: clip_grad_norm_(ps, MAX_NORM)
@@ -121,6 +124,15 @@ def build(variant: str, model_dir: str):
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))  # fmt: skip
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():  # artidoro/qlora's qlora.py casts, with --bf16
+        if isinstance(module, LoraLayer):
+            module.to(torch.bfloat16)
+        if "norm" in name:
+            module.to(torch.float32)
+        if ("lm_head" in name or "embed_tokens" in name) and getattr(module, "weight", None) is not None:
+            module.to(torch.bfloat16)
     init_lora_A([(n, p) for n, p in model.named_parameters() if "lora_A" in n])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW32bit(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)

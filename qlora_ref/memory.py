@@ -208,6 +208,7 @@ def estimate(
     layer: str = "peft",
     step_in_backward: bool = False,
     offload_checkpoints: bool = False,
+    embeddings_on_host: bool = False,
 ) -> Ledger:
     """The QLoRA training-memory ledger for one GPU (MEM-2 .. MEM-11).  Defaults are the Guanaco scripts' recipe.
 
@@ -242,6 +243,8 @@ def estimate(
     step_in_backward: each gradient is freed by its optimizer step as soon as it exists (PagedAdamW.hook_into_backward),
     so lora_grads = l * the largest adapter tensor.  offload_checkpoints: the L block inputs live in host memory
     (torch.autograd.graph.save_on_cpu around a re-entrant checkpointed forward), dropping L c T h from the device.
+    embeddings_on_host: the input table stays in host memory (backends.train.synthetic.HostEmbedding); untied models
+    keep only the LM head on the device.
     """
     for name, dt in (("lora_dtype", lora_dtype), ("compute_dtype", compute_dtype), ("embed_dtype", embed_dtype),
                      ("norm_dtype", norm_dtype)):  # fmt: skip
@@ -270,7 +273,9 @@ def estimate(
 
     base_4bit = L * sum(quantized_bytes(fin * fout, blocksize=blocksize, double_quant=double_quant)
                         for _, fin, fout in linears)  # fmt: skip
-    embeddings = BYTES[embed_dtype] * shape.n_embedding
+    if embeddings_on_host and shape.tie_embeddings:
+        raise ValueError("embeddings_on_host needs untied embeddings: a tied LM head needs the table on the device")
+    embeddings = BYTES[embed_dtype] * (shape.vocab * shape.hidden if embeddings_on_host else shape.n_embedding)
     norms = BYTES[norm_dtype] * shape.n_norm
 
     if optimizer.endswith("32bit"):
@@ -315,7 +320,7 @@ def estimate(
         model=shape.name, r=r, seq_len=seq_len, batch=batch, checkpointing=checkpointing, double_quant=double_quant,
         blocksize=blocksize, lora_dtype=lora_dtype, optimizer=optimizer, compute_dtype=compute_dtype,
         lora_dropout=lora_dropout, attention=attention, layer=layer, step_in_backward=step_in_backward,
-        offload_checkpoints=offload_checkpoints,
+        offload_checkpoints=offload_checkpoints, embeddings_on_host=embeddings_on_host,
     )  # fmt: skip
     return Ledger(components, pageable=opt if optimizer.startswith("paged") else 0, config=config)
 

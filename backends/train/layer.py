@@ -228,10 +228,13 @@ class QLoRAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             W = layer._dequantize_scratch()  # (out, in), dequantized again
             dX = torch.mm(dY2.to(W.dtype), W)  # (M, in)
-            dXl = torch.mm(du, lora_A)  # (M, in)
-            if noise is not None:
-                dXl.mul_(noise)
-            dX.add_(dXl)  # mixed dtypes: summed in the wider one, rounded once into dX
+            if noise is None and du.dtype == dX.dtype:
+                dX.addmm_(du, lora_A)  # one fused GEMM + accumulate (the Guanaco recipe: LoRA in the compute dtype)
+            else:
+                dXl = torch.mm(du, lora_A)  # (M, in)
+                if noise is not None:
+                    dXl.mul_(noise)
+                dX.add_(dXl)  # mixed dtypes: summed in the wider one, rounded once into dX
             dX = dX.view(x.shape).to(x.dtype)
         return dX, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, None
 

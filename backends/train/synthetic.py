@@ -19,6 +19,25 @@ from .layer import DTYPE_NAMES, QLoRALinear, as_torch_dtype, scratch_buffer
 from .model import QLoRAConfig, _target_names
 
 
+class HostEmbedding(nn.Module):
+    """A frozen input embedding whose table lives in pinned host memory.
+
+        out[t] = weight[ids[t]]      gathered on the CPU, then one (T, h) host-to-device copy
+
+    Frozen only (no gradient reaches the table); the ids are read back to the host, one small synchronisation.
+    """
+
+    def __init__(self, weight: torch.Tensor, device: torch.device):
+        super().__init__()
+        table = weight.detach().cpu()
+        self.weight = nn.Parameter(table.pin_memory() if torch.cuda.is_available() else table, requires_grad=False)
+        self.device = torch.device(device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.index_select(0, ids.reshape(-1).cpu())  # (T, h)
+        return rows.view(*ids.shape, rows.shape[-1]).to(self.device, non_blocking=True)
+
+
 def llama_config(shape, *, max_positions: int = 4096):
     """A transformers LlamaConfig with the dimensions of a ``qlora_ref.memory.ModelShape`` (sdpa attention)."""
     import transformers
@@ -46,6 +65,8 @@ def random_qlora_model(
     std: float = 0.02,
     seed: int = 0,
     gradient_checkpointing: bool = True,
+    embeddings_on_host: bool = False,
+    init_lora: str = "peft",
     progress: bool = False,
 ):
     """A QLoRA LlamaForCausalLM of `shape` with N(0, std^2) weights, quantized as they are made (module docstring)."""
@@ -77,7 +98,8 @@ def random_qlora_model(
         w.normal_(0.0, std, generator=gen)
         q = be.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
         del w
-        new = QLoRALinear(q, backend=be, r=r, alpha=alpha, dropout=dropout, lora_dtype=ldt, compute_dtype=cdt)
+        new = QLoRALinear(q, backend=be, r=r, alpha=alpha, dropout=dropout, lora_dtype=ldt, compute_dtype=cdt,
+                          init=init_lora)  # fmt: skip
         setattr(parent, attr, new)
         largest = max(largest, q.nblocks * q.blocksize)
     for mname, module in model.named_modules():
@@ -94,6 +116,10 @@ def random_qlora_model(
             module._parameters[pname] = nn.Parameter(data, requires_grad=False)
     if shape.tie_embeddings:
         model.tie_weights()
+    if embeddings_on_host:
+        if shape.tie_embeddings:
+            raise ValueError("embeddings_on_host needs untied embeddings (the LM head uses the table on the device)")
+        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight, device)
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=cfg).to(device)  # built off the meta device
     for p in model.parameters():
@@ -103,6 +129,8 @@ def random_qlora_model(
     for p in lora:
         p.requires_grad_(True)
     scratch_buffer(largest, device, cdt)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # return the 16-bit weights' cached blocks: they were transient
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.qlora_config = QLoRAConfig(
