@@ -19,8 +19,8 @@ Measured, per shape, in a fresh process: "peak device used" = max of (total - fr
 after the build and after every forward, backward and step — it includes the CUDA context, torch's and CuPy's cached
 blocks and any resident managed pages (both allocators keep their high-water mark cached, so a transient peak inside
 a step is still held at the next sample); beside it torch.cuda.max_memory_allocated / max_memory_reserved and CuPy's
-pool.  The ledger (qlora_ref.memory.estimate with the same switches, layer="qlora-ref", plus the CUDA context measured
-before the first allocation as overhead) predicts the peak; its error is printed.
+pool.  The ledger predicts the peak: `qlora memory --model <shape> --seq-len 512 --batch 1 --r 64` with the run's
+switches (layer "qlora-ref", bf16 LoRA, the measured CUDA overhead MEM-14); its resident total and error are printed.
 
     python benchmarks/bench_memory.py                       # 7B, 33B, 65B; table + results/bench_memory.{json,png}
     python benchmarks/bench_memory.py --shapes llama-7b --steps 2
@@ -47,15 +47,21 @@ TARGET = {"llama-65b": 38.0}
 SEQ, BATCH, R, ALPHA, LR = 512, 1, 64, 16, 2e-4
 
 
-def ledger_for(shape_name: str, *, step_in_backward: bool, offload: bool, embed_on_host: bool, context: int):
+def ledger_for(shape_name: str, *, step_in_backward: bool, offload: bool, embed_on_host: bool):
+    """What `qlora memory` predicts for this run (the CLI's defaults plus the run's switches); see cli_command()."""
     from qlora_ref import memory
 
     return memory.estimate(
         memory.PRESETS[shape_name], seq_len=SEQ, batch=BATCH, r=R, lora_dtype="bfloat16",
-        optimizer="paged_adamw_32bit", embed_dtype="bfloat16", norm_dtype="bfloat16", lora_dropout=0.0,
-        layer="qlora-ref", step_in_backward=step_in_backward, offload_checkpoints=offload, overhead_bytes=context,
-        embeddings_on_host=embed_on_host,
+        optimizer="paged_adamw_32bit", lora_dropout=0.0, layer="qlora-ref", step_in_backward=step_in_backward,
+        offload_checkpoints=offload, embeddings_on_host=embed_on_host, overhead_bytes=memory.CUDA_OVERHEAD_BYTES,
     )  # fmt: skip
+
+
+def cli_command(shape_name: str, *, step_in_backward: bool, offload: bool, embed_on_host: bool) -> str:
+    flags = [f for f, on in (("--step-in-backward", step_in_backward), ("--offload-checkpoints", offload),
+                             ("--embeddings-on-host", embed_on_host)) if on]  # fmt: skip
+    return " ".join(["qlora memory --model", shape_name, f"--seq-len {SEQ} --batch {BATCH} --r {R}", *flags])
 
 
 def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_on_host) -> dict:
@@ -120,8 +126,8 @@ def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_
         sample("step")
         step_s.append(time.perf_counter() - ts)
         losses.append(float(loss))
-    ledger = ledger_for(shape_name, step_in_backward=step_in_backward, offload=offload, embed_on_host=embed_on_host,
-                        context=context)  # fmt: skip
+    switches = dict(step_in_backward=step_in_backward, offload=offload, embed_on_host=embed_on_host)
+    ledger = ledger_for(shape_name, **switches)
     peak = max(v for _, v in samples)
     return {
         "shape": shape_name,
@@ -154,6 +160,7 @@ def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_
         "losses": losses,
         "ledger_gb": {k: v / 1e9 for k, v in ledger.components.items()},
         "ledger_resident_gb": ledger.resident / 1e9,
+        "ledger_command": cli_command(shape_name, **switches),
         "ledger_error": (ledger.resident - peak) / peak,
         "fits_cap": peak <= cap,
     }

@@ -3,10 +3,11 @@
 Setup (issue 5, fixed shapes): LLaMA-7B dimensions (hidden 4096, MLP 11008, 32 heads, vocab 32000), 4 decoder
 layers of random weights (one safetensors dir, loaded by all three), sequence 1024 x batch 4, LoRA r 64 / alpha 16 on
 all seven linears of every layer, LoRA weights in bf16 in all three (the Guanaco recipe: artidoro/qlora's qlora.py
-casts LoRA layers to bf16, norms to fp32 and embeddings / LM head back to bf16 after PEFT's k-bit preparation; the
-same casts are applied here), dropout 0 (so the three loss curves can be compared step for step), gradient
-checkpointing, paged AdamW 32-bit, lr 2e-4, max grad norm 0.3.  Same initialisation everywhere: the saved base
-weights, and every lora_A filled from a generator seeded by its module name (B = 0).
+casts LoRA layers to bf16, norms to fp32 and embeddings / LM head back to bf16 after PEFT's k-bit preparation, and
+the HF Trainer runs the forward under bf16 autocast; the same is done here for the PEFT variants), dropout 0 (so the
+three loss curves can be compared step for step), gradient checkpointing, paged AdamW 32-bit, lr 2e-4, max grad
+norm 0.3.  Same initialisation everywhere: the saved base weights, and every lora_A filled from a generator seeded
+by its module name (B = 0).
 
     ours       backends.train.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW
     bnb+peft   transformers + BitsAndBytesConfig(nf4, double quant, bf16) + prepare_model_for_kbit_training + PEFT,
@@ -145,6 +146,8 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, opt, clip = build(variant, model_dir)
+    # PEFT variants run as the HF Trainer runs them with --bf16 (autocast); ours computes in bf16 by construction
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=variant != "ours")
     setup_s = time.perf_counter() - t0
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -161,7 +164,8 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
             torch.cuda.synchronize()
             start.record()
         ts = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         clip(params)
         opt.step()

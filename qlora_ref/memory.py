@@ -29,6 +29,10 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw_32bit", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 ATTENTIONS = ("sdpa", "eager")
 LAYERS = ("peft", "qlora-ref")
+# MEM-14: device memory a CUDA training process holds beyond its tensors, measured on an H100 80GB (torch 2.11 +
+# CuPy 14.2, CUDA 13.0 driver, benchmarks/bench_memory.py): the context after the first kernel and cuBLAS handle
+# 0.76 GB, plus 0.10 - 0.54 GB outside both allocators once training runs (lazily loaded kernels, driver mappings).
+CUDA_OVERHEAD_BYTES = 1_000_000_000
 MIN_8BIT_SIZE = 4096  # MEM-6: bitsandbytes keeps 32-bit state for tensors with fewer elements
 OPTIMIZER_BLOCKSIZE_8BIT = 256
 
@@ -341,6 +345,6 @@ def shape_from_dict(d: dict) -> ModelShape:
 
 
 __all__ = [
-    "GB", "Ledger", "ModelShape", "PRESETS", "bits_per_param", "estimate", "llama_7b", "llama_13b", "llama_33b",
-    "llama_65b", "quantized_bytes", "shape_from_dict",
+    "CUDA_OVERHEAD_BYTES", "GB", "Ledger", "ModelShape", "PRESETS", "bits_per_param", "estimate", "llama_7b",
+    "llama_13b", "llama_33b", "llama_65b", "quantized_bytes", "shape_from_dict",
 ]  # fmt: skip

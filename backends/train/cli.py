@@ -369,7 +369,8 @@ def cmd_memory(args) -> int:
         shape, r=args.r, seq_len=args.seq_len, batch=args.batch, checkpointing=args.checkpointing,
         double_quant=args.double_quant, blocksize=args.blocksize, optimizer=args.optimizer,
         compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, lora_dropout=args.lora_dropout,
-        overhead_bytes=int(args.overhead_gb * memory.GB),
+        overhead_bytes=int(args.overhead_gb * memory.GB), layer=args.layer, step_in_backward=args.step_in_backward,
+        offload_checkpoints=args.offload_checkpoints, embeddings_on_host=args.embeddings_on_host,
     )  # fmt: skip
     print(f"{shape.name}: {shape.n_params / 1e9:.2f}B parameters, {shape.n_lora(args.r) / 1e6:.1f}M LoRA parameters")
     print(ledger.table())
@@ -499,7 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--compute-dtype", default="bfloat16", choices=list(memory.BYTES))
     mem.add_argument("--lora-dtype", default="bfloat16", choices=list(memory.BYTES))
     mem.add_argument("--lora-dropout", type=float, default=0.0)
-    mem.add_argument("--overhead-gb", type=float, default=0.0, help="CUDA context, workspaces, fragmentation")
+    mem.add_argument("--overhead-gb", type=float, default=memory.CUDA_OVERHEAD_BYTES / memory.GB,
+                     help="CUDA context, loaded kernels, driver memory (default: measured on an H100, MEM-14)")
+    mem.add_argument("--layer", default="qlora-ref", choices=list(memory.LAYERS),
+                     help="whose LoRA layer: ours (qlora-ref) or bitsandbytes + PEFT (peft)")
+    mem.add_argument("--step-in-backward", action="store_true", help="optimizer steps inside backward (MEM-13)")
+    mem.add_argument("--offload-checkpoints", action="store_true", help="checkpointed block inputs in host memory")
+    mem.add_argument("--embeddings-on-host", action="store_true", help="input embedding table in host memory")
     mem.set_defaults(func=cmd_memory)
 
     g = sub.add_parser("generate", help="greedy generation from the base model plus an adapter")
