@@ -446,8 +446,11 @@ def plot(payload: dict, path: Path) -> None:
         bits = next(iter(models.values()))["results"]
         ax1.set_xticks(x, [f"{f}\n{bits[f]['bits_per_param']:.3f} bit/param" for f in fmts])
         ax1.set_ylabel("||W - W_hat||_F / ||W||_F  (%)")
+        ax1.set_ylim(top=ax1.get_ylim()[1] * 1.2)  # room for the legend above the bars
         ax1.set_title(f"weight quantization error, blocksize {payload['error']['blocksize']} (lower is better)")
-        ax1.legend(fontsize=8)
+        ax1.legend(fontsize=8, loc="upper right")
+    else:
+        ax1.text(0.5, 0.5, "quantization error: not run yet (--part error)", ha="center", transform=ax1.transAxes)
     if "ppl" in payload:
         p = payload["ppl"]
         base = p["results"][BASELINE]["ppl"]
@@ -462,6 +465,8 @@ def plot(payload: dict, path: Path) -> None:
             f"baseline = GGUF Q4_1 dequantized; {p['device']}",
             fontsize=9,
         )
+    else:
+        ax2.text(0.5, 0.5, "perplexity: not run yet (--part ppl)", ha="center", transform=ax2.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
