@@ -117,16 +117,25 @@ def test_memory_planner(capsys, tmp_path):
         assert part in out
     from qlora_ref import memory
 
-    ledger = memory.estimate(memory.llama_65b, seq_len=512, batch=1, layer="qlora-ref",
-                             overhead_bytes=memory.CUDA_OVERHEAD_BYTES)  # the CLI plans for our layer, MEM-14 overhead
+    ledger = memory.estimate(
+        memory.llama_65b, seq_len=512, batch=1, layer="qlora-ref", overhead_bytes=memory.CUDA_OVERHEAD_BYTES
+    )  # the CLI plans for our layer, MEM-14 overhead
     assert f"{ledger.total:,}" in out
     assert ("fits in 48 GB: yes" in out) == ledger.fits(48)
     code, out, _ = run(["memory", "--model", "llama-7b", "--gpu-gb", "4"], capsys)
     assert "fits in 4 GB: no" in out
     _, levers, _ = run(["memory", "--model", "llama-65b", "--step-in-backward", "--offload-checkpoints",
                         "--embeddings-on-host", "--gpu-gb", "38"], capsys)  # fmt: skip
-    lean = memory.estimate(memory.llama_65b, seq_len=512, batch=1, layer="qlora-ref", step_in_backward=True,
-                           offload_checkpoints=True, embeddings_on_host=True, overhead_bytes=memory.CUDA_OVERHEAD_BYTES)
+    lean = memory.estimate(
+        memory.llama_65b,
+        seq_len=512,
+        batch=1,
+        layer="qlora-ref",
+        step_in_backward=True,
+        offload_checkpoints=True,
+        embeddings_on_host=True,
+        overhead_bytes=memory.CUDA_OVERHEAD_BYTES,
+    )
     assert f"{lean.resident:,}" in levers and lean.resident < ledger.resident - 2 * memory.GB
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -500,10 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--compute-dtype", default="bfloat16", choices=list(memory.BYTES))
     mem.add_argument("--lora-dtype", default="bfloat16", choices=list(memory.BYTES))
     mem.add_argument("--lora-dropout", type=float, default=0.0)
-    mem.add_argument("--overhead-gb", type=float, default=memory.CUDA_OVERHEAD_BYTES / memory.GB,
-                     help="CUDA context, loaded kernels, driver memory (default: measured on an H100, MEM-14)")
-    mem.add_argument("--layer", default="qlora-ref", choices=list(memory.LAYERS),
-                     help="whose LoRA layer: ours (qlora-ref) or bitsandbytes + PEFT (peft)")
+    mem.add_argument(
+        "--overhead-gb",
+        type=float,
+        default=memory.CUDA_OVERHEAD_BYTES / memory.GB,
+        help="CUDA context, loaded kernels, driver memory (default: measured on an H100, MEM-14)",
+    )
+    mem.add_argument(
+        "--layer",
+        default="qlora-ref",
+        choices=list(memory.LAYERS),
+        help="whose LoRA layer: ours (qlora-ref) or bitsandbytes + PEFT (peft)",
+    )
     mem.add_argument("--step-in-backward", action="store_true", help="optimizer steps inside backward (MEM-13)")
     mem.add_argument("--offload-checkpoints", action="store_true", help="checkpointed block inputs in host memory")
     mem.add_argument("--embeddings-on-host", action="store_true", help="input embedding table in host memory")
