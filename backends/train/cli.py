@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="LoRA-finetune a 4-bit model (no arguments: the embedded default task)",
                         description="Defaults: Guanaco's recipe; with --data task (the default) the TASK_PRESET "
-                                    f"overrides {TASK_PRESET}, with --backend cupy also {TASK_PRESET_GPU}.")  # fmt: skip
+                                    f"overrides {TASK_PRESET} (--backend cupy: {TASK_PRESET_GPU}).")  # fmt: skip
     add_run_args(ft)
     ft.set_defaults(func=None)
 
