@@ -564,8 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["finetune"]:
             if any(a in ("-h", "--help") for a in argv[1:]):
-                p = _Parser(prog="qlora finetune", description=f"With --data task (default): preset {TASK_PRESET} "
-                            f"(and {TASK_PRESET_GPU} with --backend cupy).")
+                p = _Parser(
+                    prog="qlora finetune",
+                    description=f"With --data task (default): preset {TASK_PRESET} "
+                    f"(and {TASK_PRESET_GPU} with --backend cupy).",
+                )
                 add_run_args(p, defaults=TASK_PRESET)
                 p.print_help()
                 return 0
