@@ -45,9 +45,6 @@ EXIT_USAGE = 2
 # 94% exact match at 1e-3, 52% at 2e-4); micro-batch 8 x 2 accumulation = the paper's effective batch 16;
 # 25 steps = 400 examples.  Measured on this 2-core CPU: 5 min 45 s wall, held-out exact match 0.0% -> 82.8%.
 TASK_PRESET = dict(lr=1e-3, batch_size=8, grad_accum=2, max_steps=25, task_train=400, task_eval=64, eval_batches=0)
-# On the GPU the same effective batch of 16 goes through in one micro-batch: accumulation only pays off when memory
-# is short, and a step of SmolLM2 on the cupy backend is host-bound (its cost is per layer call, not per example).
-TASK_PRESET_GPU = dict(batch_size=16, grad_accum=1)
 
 MEMORY_PRESETS_EXTRA = {
     # SmolLM2-135M-Instruct (its GGUF / HF config.json): tied embeddings, grouped-query attention.
@@ -468,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="LoRA-finetune a 4-bit model (no arguments: the embedded default task)",
                         description="Defaults: Guanaco's recipe; with --data task (the default) the TASK_PRESET "
-                                    f"overrides {TASK_PRESET} (--backend cupy: {TASK_PRESET_GPU}).")  # fmt: skip
+                                    f"overrides {TASK_PRESET}.")  # fmt: skip
     add_run_args(ft)
     ft.set_defaults(func=None)
 
@@ -549,11 +546,8 @@ def finetune_config_from_argv(argv: list[str]) -> RunConfig:
     """Parse `qlora finetune` flags; the task preset applies when the data is the generated task."""
     probe = _Parser(prog="qlora finetune", add_help=False)
     probe.add_argument("--data", default=DataConfig.data)
-    probe.add_argument("--backend", default=ModelConfig.backend)
     known, _ = probe.parse_known_args(argv)
     defaults = dict(TASK_PRESET) if known.data == "task" else {}
-    if known.data == "task" and known.backend == "cupy":
-        defaults.update(TASK_PRESET_GPU)
     p = _Parser(prog="qlora finetune")
     add_run_args(p, defaults=defaults)
     return run_config_from_args(p.parse_args(argv))
@@ -564,11 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["finetune"]:
             if any(a in ("-h", "--help") for a in argv[1:]):
-                p = _Parser(
-                    prog="qlora finetune",
-                    description=f"With --data task (default): preset {TASK_PRESET} "
-                    f"(and {TASK_PRESET_GPU} with --backend cupy).",
-                )
+                p = _Parser(prog="qlora finetune", description=f"With --data task (default): preset {TASK_PRESET}.")
                 add_run_args(p, defaults=TASK_PRESET)
                 p.print_help()
                 return 0
