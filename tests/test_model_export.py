@@ -24,6 +24,7 @@ from backends.train import (
     QLoRALinear,
     adapter_prepare_kwargs,
     find_smollm2_gguf,
+    gguf_as_hf_dir,
     load_model,
     load_peft_adapter,
     load_tokenizer,
@@ -377,6 +378,35 @@ def test_smollm2_gguf_prepare_and_logits_close_to_unquantized():
     assert (base.argmax(-1) == ours.argmax(-1)).float().mean().item() > 0.6
     assert torch.nn.functional.cosine_similarity(base, ours, dim=-1).mean().item() > 0.8
     assert kl(bnb_logits, ours) < 1e-3
+
+
+def test_gguf_converted_once_to_an_equal_hf_directory(tmp_path, monkeypatch):
+    """gguf_as_hf_dir: the cached directory gives the GGUF's weights bit for bit, its tied head and its tokenizer."""
+    import shutil
+
+    import transformers
+
+    src = _smollm2_or_skip()
+    gguf = tmp_path / src.name
+    shutil.copy(src, gguf)
+    monkeypatch.setenv("QLORA_MODEL_CACHE", str(tmp_path / "cache"))
+    model = load_model(gguf, prepare=False)  # converts, then loads the directory
+    tok = load_tokenizer(gguf)
+    out = gguf_as_hf_dir(gguf)
+    assert out.parent.parent == tmp_path / "cache" and (out / "model.safetensors").is_file()
+    kw = dict(gguf_file=gguf.name, local_files_only=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kw)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, **kw)
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    msgs = [{"role": "user", "content": "Reverse the list: 2 9 1"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == ref_tok.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    )
+    for text in ("Hello world", " 7 1 4 1 9 2", "unicode: \u00fc\u00df <|im_start|>x"):
+        assert tok(text).input_ids == ref_tok(text).input_ids
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == (ref_tok.eos_token, ref_tok.pad_token, ref_tok.bos_token)
 
 
 # --- GPU: prepare_model with backend="cupy" ------------------------------------------------------------------------

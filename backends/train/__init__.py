@@ -20,6 +20,7 @@ from .layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, release_scra
 from .model import (
     QLoRAConfig,
     find_smollm2_gguf,
+    gguf_as_hf_dir,
     load_model,
     load_tokenizer,
     minilm_path,
@@ -36,6 +37,7 @@ __all__ = [
     "adapter_prepare_kwargs",
     "dequantize_4bit_cpu",
     "find_smollm2_gguf",
+    "gguf_as_hf_dir",
     "load_model",
     "load_peft_adapter",
     "load_tokenizer",

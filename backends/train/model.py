@@ -228,14 +228,54 @@ def _resolve(path_or_gguf) -> tuple[str, str | None]:
     return str(p), None
 
 
+def gguf_as_hf_dir(gguf) -> Path:
+    """A Hugging Face model directory converted once from a .gguf file and cached (``model_cache_dir()/gguf-hf/``).
+
+    transformers re-parses a GGUF's metadata in pure Python on every ``from_pretrained`` (config, tokenizer and
+    weights each: 6-7 s apiece for SmolLM2's 98 MB on an H100 host, measured).  The directory holds what loading the
+    GGUF gives — the blocks dequantized to float32 by transformers, saved as safetensors (exact), and the tokenizer
+    files — and loads in about a second.  Keyed by the file's resolved path, size and mtime; written atomically.
+    """
+    import transformers
+
+    gguf = Path(gguf).expanduser().resolve()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = model_cache_dir() / "gguf-hf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".part"))
+    try:
+        kw = dict(gguf_file=gguf.name, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, dtype=torch.float32, low_cpu_mem_usage=True, **kw
+        )
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are plain float32
+        # tensors by now, so drop the marks and save it as the ordinary model it is
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp, safe_serialization=True)
+        transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw).save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process converted it first
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _from_pretrained(cls_name: str, path_or_gguf, **kw):
     os.environ["HF_HUB_OFFLINE"] = "1"  # local files only, never the hub
     import transformers
 
     directory, gguf_file = _resolve(path_or_gguf)
     cls = getattr(transformers, cls_name)
-    if gguf_file is not None:
-        kw["gguf_file"] = gguf_file
+    if gguf_file is not None:  # parse the GGUF once, then load its converted directory
+        directory = str(gguf_as_hf_dir(Path(directory) / gguf_file))
     if "dtype" in kw and int(transformers.__version__.split(".")[0]) < 5:  # transformers 4.x names it torch_dtype
         kw["torch_dtype"] = kw.pop("dtype")
     return cls.from_pretrained(directory, local_files_only=True, **kw)
