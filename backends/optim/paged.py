@@ -557,8 +557,8 @@ def _local_module(src: str, options: tuple[str, ...]):
     return _LOCAL_MODULES[src]
 
 
-def _prefetch(ptr: int, nbytes: int, device_id: int | None, stream_ptr: int) -> None:
-    """cudaMemPrefetchAsync to device `device_id` (None: the host) on a stream; CUDA 13 takes a cudaMemLocation."""
+def _location(device_id: int | None):
+    """A cudaMemLocation (CUDA 13's argument of prefetch and advise): device `device_id`, or the host when None."""
     from cuda.bindings import runtime as cudart
 
     loc = cudart.cudaMemLocation()
@@ -568,6 +568,14 @@ def _prefetch(ptr: int, nbytes: int, device_id: int | None, stream_ptr: int) -> 
     else:
         loc.type = cudart.cudaMemLocationType.cudaMemLocationTypeDevice
         loc.id = device_id
+    return loc
+
+
+def _prefetch(ptr: int, nbytes: int, device_id: int | None, stream_ptr: int) -> None:
+    """cudaMemPrefetchAsync to device `device_id` (None: the host) on a stream; CUDA 13 takes a cudaMemLocation."""
+    from cuda.bindings import runtime as cudart
+
+    loc = _location(device_id)
     try:
         (err,) = cudart.cudaMemPrefetchAsync(ptr, nbytes, loc, 0, stream_ptr)
     except TypeError:  # cuda-bindings 12.x: (ptr, count, dstDevice, stream)
@@ -583,13 +591,7 @@ def _advise(ptr: int, nbytes: int, advice: str, device_id: int | None) -> None:
     from cuda.bindings import runtime as cudart
 
     adv = getattr(cudart.cudaMemoryAdvise, f"cudaMemAdvise{advice}")
-    loc = cudart.cudaMemLocation()
-    if device_id is None:
-        loc.type = cudart.cudaMemLocationType.cudaMemLocationTypeHost
-        loc.id = 0
-    else:
-        loc.type = cudart.cudaMemLocationType.cudaMemLocationTypeDevice
-        loc.id = device_id
+    loc = _location(device_id)
     try:
         (err,) = cudart.cudaMemAdvise(ptr, nbytes, adv, loc)
     except TypeError:  # cuda-bindings 12.x: an int device (cudaCpuDeviceId for the host)
