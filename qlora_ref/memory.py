@@ -17,7 +17,8 @@
 
 Bytes are exact for the stored tensors (MEM-2 .. MEM-6) and a documented model for the transient ones (MEM-7 ..
 MEM-10).  GB here is 10^9 bytes, the paper's unit; `fits(gb)` compares against gb * 10^9 (stricter than GiB).
-Not modelled: the CUDA context, cuBLAS workspaces and allocator fragmentation (pass `overhead_bytes`).
+The CUDA context and kernels are one measured constant, CUDA_OVERHEAD_BYTES (MEM-14; `qlora memory` adds it, pass
+`overhead_bytes`); allocator fragmentation is not modelled.
 """
 
 from __future__ import annotations

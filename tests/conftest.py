@@ -42,6 +42,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# The tiny LLaMA-family decoder the training tests build (intermediate a multiple of 64: bitsandbytes 0.50.2's CPU
+# dequantize is wrong otherwise); tests override vocab, positions, tying and token ids as they need.
+TINY_DECODER = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def require(condition: bool, why: str) -> None:
     """Skip locally when an optional input is missing, but fail in CI, where .ci/run provides it."""
     if not condition:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_DECODER
 
 from backends.train.cli import TASK_PRESET, finetune_config_from_argv, main
 from backends.train.config import RunConfig, TrainConfig
@@ -185,8 +186,7 @@ def tiny_dir(gguf, tmp_path_factory):
 
     tok = load_tokenizer(gguf)
     d = tmp_path_factory.mktemp("tiny")
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    cfg = transformers.LlamaConfig(**{**TINY_DECODER, "vocab_size": len(tok), "max_position_embeddings": 256},
                                    tie_word_embeddings=True, eos_token_id=tok.eos_token_id)  # fmt: skip
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)

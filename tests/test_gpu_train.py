@@ -18,6 +18,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import TINY_DECODER  # noqa: E402
+
 from backends.optim import PagedAdamW  # noqa: E402
 from backends.train import prepare_model  # noqa: E402
 from backends.train.model import qlora_layers, trainable_parameters  # noqa: E402
@@ -27,15 +29,7 @@ REL_BOUND = 1e-3
 
 
 def _tiny(seed: int):
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = transformers.LlamaConfig(**TINY_DECODER)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg)
 

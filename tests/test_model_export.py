@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DECODER
 from safetensors.torch import load_file
 
 import qlora_ref
@@ -44,16 +45,7 @@ LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def tiny_llama(seed=0, tie=True, layers=2):
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=192,  # a multiple of 64: bitsandbytes 0.50.2 CPU dequantizes rows wrongly otherwise
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
+    cfg = transformers.LlamaConfig(**{**TINY_DECODER, "num_hidden_layers": layers}, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -117,15 +109,7 @@ def test_prepare_target_subset_and_errors():
 def test_prepare_other_llama_family_models(arch):
     """Mistral and Qwen2 (q/k/v biases, kept frozen): 7 linears a block replaced; with B = 0 the prepared model is
     the original architecture running on W_hat (same logits to float32 rounding)."""
-    cfg = getattr(transformers, f"{arch}Config")(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = getattr(transformers, f"{arch}Config")(**TINY_DECODER)
     torch.manual_seed(0)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     original = {k: v.clone() for k, v in model.state_dict().items()}

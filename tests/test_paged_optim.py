@@ -489,9 +489,8 @@ def test_gpu_clip_within_bound():
 
 def _tiny_net(device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(
-        device
-    ).requires_grad_(True), torch.randn(5, 48, generator=g).to(device)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(device)
+    return net, torch.randn(5, 48, generator=g).to(device)
 
 
 def _run_hooked(device, hooked: bool, steps: int = 3, **opt_kw):

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_DECODER
 
 from backends.train import prepare_model, qlora_layers
 from backends.train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -33,13 +34,7 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_model(tokenizer, seed=0, r=8, dropout=0.05):
     cfg = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **{**TINY_DECODER, "vocab_size": len(tokenizer), "max_position_embeddings": 512},
         tie_word_embeddings=True,
         initializer_range=0.2,  # frozen random embeddings large enough that LoRA can move the logits
         bos_token_id=tokenizer.bos_token_id,

@@ -96,6 +96,25 @@ def _target_names(model, target) -> list[str]:
     return chosen
 
 
+def replace_linears(model, names: list[str], make, *, desc: str | None = None) -> int:
+    """Swap each named nn.Linear for ``make(name, linear)`` (a QLoRALinear), one at a time, so that the 16-bit
+    original is dropped before the next is quantized; a tqdm bar when ``desc`` is given.  Returns the largest
+    padded weight size (elements), what the shared dequantization scratch must hold."""
+    iterator = names
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(names, desc=desc, unit="layer")
+    largest = 0
+    for name in iterator:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = make(name, getattr(parent, attr))
+        setattr(parent, attr, new)  # the original is dropped here
+        largest = max(largest, new.q.nblocks * new.q.blocksize)
+    return largest
+
+
 def prepare_model(
     model,
     backend="numpy",
@@ -132,16 +151,7 @@ def prepare_model(
     for p in model.parameters():
         p.requires_grad_(False)
 
-    iterator = names
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(names, desc=f"quantizing to {quant_type} ({be.name})", unit="layer")
-    largest = 0
-    for name in iterator:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
+    def quantized(name, linear):
         new = QLoRALinear.from_linear(
             linear,
             backend=be,
@@ -156,8 +166,10 @@ def prepare_model(
             compute_dtype=cdt,
         )
         new.train(linear.training)  # keep the model's train/eval mode
-        setattr(parent, attr, new)  # the 16-bit original is dropped here
-        largest = max(largest, new.q.nblocks * new.q.blocksize)
+        return new
+
+    desc = f"quantizing to {quant_type} ({be.name})" if progress else None
+    largest = replace_linears(model, names, quantized, desc=desc)
 
     lora_params = {id(p) for m in model.modules() if isinstance(m, QLoRALinear) for p in (m.lora_A, m.lora_B)}
     for module in model.modules():
@@ -285,8 +297,9 @@ def load_model(path_or_gguf, *, backend="numpy", dtype=None, prepare: bool = Tru
     """Load a LLaMA-family causal LM (model dir with safetensors shards, or a .gguf file) and prepare it for QLoRA.
 
     The 16/32-bit weights are loaded on the CPU (in ``dtype``: float32 when the backend is the CPU one, bfloat16 for
-    CUDA) and quantized layer by layer onto the backend's device.  GGUF files are read by transformers (needs the
-    ``gguf`` package), which dequantizes their blocks (SmolLM2's file is Q4_1) to ``dtype`` first.
+    CUDA) and quantized layer by layer onto the backend's device.  A GGUF file is read once by transformers (needs the
+    ``gguf`` package), which dequantizes its blocks (SmolLM2's file is Q4_1) to float32, and cached as a Hugging Face
+    directory (``gguf_as_hf_dir``); loads after that read the directory and cast to ``dtype``.
     ``prepare=False`` returns the unquantized model (a baseline).  Keyword arguments go to ``prepare_model``.
     """
     from backends import get_backend

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .layer import DTYPE_NAMES, QLoRALinear, as_torch_dtype, scratch_buffer
-from .model import QLoRAConfig, _target_names
+from .model import QLoRAConfig, _target_names, replace_linears
 
 
 class HostEmbedding(nn.Module):
@@ -74,6 +74,8 @@ def random_qlora_model(
 
     from backends import get_backend
 
+    if embeddings_on_host and shape.tie_embeddings:
+        raise ValueError("embeddings_on_host needs untied embeddings (the LM head uses the table on the device)")
     be = get_backend(backend) if isinstance(backend, str) else backend
     device = torch.device("cuda", torch.cuda.current_device()) if be.device == "cuda" else torch.device("cpu")
     cdt = as_torch_dtype(compute_dtype) if compute_dtype is not None else (
@@ -84,24 +86,16 @@ def random_qlora_model(
         model = transformers.LlamaForCausalLM(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     names = _target_names(model, "all-linear")
-    iterator = names
-    if progress:
-        from tqdm.auto import tqdm
 
-        iterator = tqdm(names, desc=f"random {shape.name} -> {quant_type}", unit="linear")
-    largest = 0
-    for name in iterator:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, attr)
-        w = torch.empty(old.out_features, old.in_features, device=device, dtype=torch.bfloat16)
+    def random_quantized(name, linear):
+        w = torch.empty(linear.out_features, linear.in_features, device=device, dtype=torch.bfloat16)
         w.normal_(0.0, std, generator=gen)
         q = be.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
-        del w
-        new = QLoRALinear(q, backend=be, r=r, alpha=alpha, dropout=dropout, lora_dtype=ldt, compute_dtype=cdt,
-                          init=init_lora)  # fmt: skip
-        setattr(parent, attr, new)
-        largest = max(largest, q.nblocks * q.blocksize)
+        return QLoRALinear(q, backend=be, r=r, alpha=alpha, dropout=dropout, lora_dtype=ldt, compute_dtype=cdt,
+                           init=init_lora)  # fmt: skip
+
+    desc = f"random {shape.name} -> {quant_type}" if progress else None
+    largest = replace_linears(model, names, random_quantized, desc=desc)
     for mname, module in model.named_modules():
         if isinstance(module, QLoRALinear):
             continue
@@ -117,17 +111,10 @@ def random_qlora_model(
     if shape.tie_embeddings:
         model.tie_weights()
     if embeddings_on_host:
-        if shape.tie_embeddings:
-            raise ValueError("embeddings_on_host needs untied embeddings (the LM head uses the table on the device)")
         model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight, device)
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=cfg).to(device)  # built off the meta device
-    for p in model.parameters():
-        if not (p.requires_grad and p.device.type != "meta"):
-            p.requires_grad_(False)
-    lora = [p for m in model.modules() if isinstance(m, QLoRALinear) for p in (m.lora_A, m.lora_B)]
-    for p in lora:
-        p.requires_grad_(True)
+    # trainable: only the LoRA A/B each QLoRALinear made; every other parameter was created frozen above
     scratch_buffer(largest, device, cdt)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # return the 16-bit weights' cached blocks: they were transient
