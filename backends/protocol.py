@@ -2,8 +2,8 @@
 
 Each operation is the ``qlora_ref`` function of the same name, on the backend's arrays: numpy arrays (and torch CPU
 tensors) for "numpy", CuPy arrays (and torch CUDA tensors, zero-copy, on torch's current stream) for "cupy".
-Results are bit-identical across backends (tests/test_backend_parity.py).  bfloat16 values travel as uint16 bits
-unless written into a caller's torch bf16 buffer with ``out=``.
+Results are bit-identical across backends (tests/backends/test_backend_parity.py).  bfloat16 values travel as uint16
+bits unless written into a caller's torch bf16 buffer with ``out=``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Setup (issue 6, claim 1): a LLaMA-shaped model (qlora_ref.memory presets: 65B = 80 layers, hidden 8192, MLP 22016,
 64 heads, vocab 32000) with N(0, 0.02^2) weights drawn on the GPU one linear at a time and quantized as they are
-made (NF4 + double quantization, blocksize 64; backends.train.synthetic), LoRA r 64 / alpha 16 in bf16 on all seven
+made (NF4 + double quantization, blocksize 64; backends.torchlib.synthetic), LoRA r 64 / alpha 16 in bf16 on all seven
 linears of every layer, sequence 512, batch 1, gradient checkpointing, PagedAdamW 32-bit, lr 2e-4: real forward +
 backward + optimizer steps.  Three memory levers, each switchable:
 
@@ -71,8 +71,8 @@ def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_
     import cupy
     import torch
 
-    from backends.optim import PagedAdamW
-    from backends.train.synthetic import random_qlora_model
+    from backends.torchlib import PagedAdamW
+    from backends.torchlib.synthetic import random_qlora_model
     from qlora_ref import memory
 
     torch.cuda.init()

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.optim import PagedAdamW  # noqa: E402
+from backends.torchlib import PagedAdamW  # noqa: E402
 from benchmarks.common import cuda_median_ms  # noqa: E402
 
 

@@ -9,7 +9,7 @@ three loss curves can be compared step for step), gradient checkpointing, paged 
 norm 0.3.  Same initialisation everywhere: the saved base weights, and every lora_A filled from a generator seeded
 by its module name (B = 0).
 
-    ours       backends.train.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW
+    ours       backends.torchlib.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW
     bnb+peft   transformers + BitsAndBytesConfig(nf4, double quant, bf16) + prepare_model_for_kbit_training + PEFT,
                bitsandbytes PagedAdamW32bit (the QLoRA repository's recipe)
     bf16-lora  transformers bf16 model + PEFT LoRA, no quantization, bitsandbytes PagedAdamW32bit
@@ -92,8 +92,7 @@ def build(variant: str, model_dir: str):
     import torch
 
     if variant == "ours":
-        from backends.optim import PagedAdamW, clip_grad_norm_
-        from backends.train import load_model, qlora_layers
+        from backends.torchlib import PagedAdamW, clip_grad_norm_, load_model, qlora_layers
 
         model = load_model(model_dir, backend="cupy", r=R, alpha=ALPHA, dropout=0.0, target="all-linear",
                            quant_type="nf4", double_quant=True, blocksize=64, gradient_checkpointing=True,

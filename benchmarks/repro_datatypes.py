@@ -189,7 +189,7 @@ def load_minilm():
     """all-MiniLM-L6-v2 (a BertModel), fp32 as shipped, and its target layers (the encoder's linears)."""
     import transformers
 
-    from backends.train import minilm_path
+    from backends.app.hub import minilm_path
 
     model = transformers.AutoModel.from_pretrained(str(minilm_path()))  # fp32: the dtype it is stored in
     return model, linear_layers(model, "encoder")
@@ -199,7 +199,8 @@ def load_smollm2():
     """SmolLM2-135M-Instruct in fp32 (transformers dequantizes the GGUF's Q4_1), its decoder linears, its GGUF path."""
     import torch
 
-    from backends.train import load_model, smollm2_gguf_path
+    from backends.app.hub import smollm2_gguf_path
+    from backends.torchlib import load_model
 
     path = smollm2_gguf_path()
     model = load_model(path, backend="numpy", prepare=False, dtype=torch.float32)
@@ -322,7 +323,7 @@ def run_ppl(s: Settings) -> dict:
     """Part 2: SmolLM2's WikiText-2 valid ppl, as loaded and with its decoder linears fake-quantized per format."""
     import torch
 
-    from backends.train import load_tokenizer
+    from backends.torchlib import load_tokenizer
 
     t0 = time.perf_counter()
     device = resolve_device(s.device)

@@ -22,14 +22,14 @@ The arms share everything but the format of the frozen base weights of the targe
 
     bf16-lora  LoRALinear16 (below): the linear's weight rounded to bfloat16 (on the CPU held as float32 values that
                are exactly bf16-representable, compute float32; on CUDA stored and computed in bf16)
-    qlora-nf4  QLoRALinear (backends.train.layer): NF4, blocksize 64, double quantization
+    qlora-nf4  QLoRALinear (backends.torchlib.layer): NF4, blocksize 64, double quantization
     qlora-fp4  the same with FP4
 
 LoRALinear16 runs the very autograd function QLoRALinear runs (QLoRAFunction), with its dense weight standing in for
 the dequantized 4-bit one, so the LoRA math, dtypes (LoRA A/B float32), dropout masks (seeded from torch's generator)
 and PEFT init (A ~ kaiming_uniform(a=sqrt(5)), B = 0) are the same code.  Every other frozen parameter (embeddings,
-LayerNorms / RMSNorms) is identical in all arms: float32 on the CPU, bf16 on CUDA.  Same optimizer (backends.optim
-PagedAdamW, 32-bit states), same clipping (backends.optim.clip_grad_norm_), same steps.  A seed fixes the LoRA and
+LayerNorms / RMSNorms) is identical in all arms: float32 on the CPU, bf16 on CUDA.  Same optimizer (backends.torchlib
+PagedAdamW, 32-bit states), same clipping (backends.torchlib.clip_grad_norm_), same steps.  A seed fixes the LoRA and
 classifier init, the dropout masks and the data order, and is shared by the arms: seed s of one arm is paired with
 seed s of the other (same init, same batches), so the arms differ only by the base weights.
 
@@ -44,7 +44,7 @@ std = the sample standard deviation over the seeds (ddof 1), i.e. the gap is wit
 
 On the CPU, torch runs 1 thread by default (--threads): beside another job on 2 cores, 2 OpenMP threads were ~5x
 slower.  The data is read in place from $QLORA_SHARED or ../shared (--shared); the models come from the model cache
-(backends.train.model: minilm_path, smollm2_gguf_path).
+(backends.torchlib.prepare: minilm_path, smollm2_gguf_path).
 
 Outputs: a table on stdout, benchmarks/results/<name>.json (commit, date, device, command, settings, per-seed
 numbers, mean ± std, verdict) and <name>.png beside it.
@@ -76,7 +76,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from backends.train.layer import DTYPE_NAMES, QLoRAFunction, QLoRALinear, draw_dropout_seed  # noqa: E402
+from backends.torchlib.layer import DTYPE_NAMES, QLoRAFunction, QLoRALinear, draw_dropout_seed  # noqa: E402
 
 SST2_ARMS = ("bf16-lora", "qlora-nf4", "qlora-fp4")
 ALPACA_ARMS = ("bf16-lora", "qlora-nf4")
@@ -158,7 +158,7 @@ def quiet_transformers() -> None:
 
 
 def free_memory(device: torch.device) -> None:
-    from backends.train.layer import release_scratch
+    from backends.torchlib.layer import release_scratch
 
     release_scratch()
     gc.collect()
@@ -242,7 +242,7 @@ def make_lora_layer(arm: str, linear: nn.Linear, *, device, r, alpha, dropout) -
 def attach_lora(model: nn.Module, names: list[str], arm: str, *, device, r, alpha, dropout) -> nn.Module:
     """Replace the named nn.Linear modules by the arm's LoRA layer, in order, freezing everything else.
 
-    Like ``backends.train.model.prepare_model`` (which handles LLaMA-family causal LMs only): all parameters frozen,
+    Like ``backends.torchlib.prepare_model`` (which handles LLaMA-family causal LMs only): all parameters frozen,
     targets replaced one at a time in module order (so the lora_A draws follow the same sequence in every arm), the
     remaining parameters moved to the device and cast to the compute dtype (tied parameters stay tied), buffers moved.
     """
@@ -318,7 +318,7 @@ def load_minilm():
     quiet_transformers()
     from transformers import AutoModel, AutoTokenizer
 
-    from backends.train.model import minilm_path
+    from backends.app.hub import minilm_path
 
     path = str(minilm_path())
     with contextlib.redirect_stdout(io.StringIO()):  # the load report (the unused pooler weights)
@@ -334,7 +334,7 @@ def bert_target_names(encoder: nn.Module) -> list[str]:
 
 def build_classifier(arm: str, encoder: nn.Module, seed: int, *, device, r, alpha, dropout) -> SentenceClassifier:
     """A fresh copy of the encoder with the arm's LoRA layers + a classifier head, both drawn after seeding."""
-    from backends.train.trainer import seed_everything
+    from backends.app.trainer import seed_everything
 
     enc = copy.deepcopy(encoder)
     names = bert_target_names(enc)
@@ -364,7 +364,7 @@ def collate_cls(items, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor,
 @torch.no_grad()
 def accuracy(model, data, *, pad_id: int, batch_size: int = 128) -> float:
     """Dev accuracy (argmax of the logits), batches sorted by length; every RNG left as found."""
-    from backends.train.trainer import rng_preserved
+    from backends.app.trainer import rng_preserved
 
     device = next(model.parameters()).device
     was = model.training
@@ -397,8 +397,8 @@ def train_classifier(model, data, *, seed: int, epochs: int, batch_size: int, lr
                      desc: str = "train") -> list[float]:  # fmt: skip
     """Length-grouped batches (order from seed), mean cross-entropy, clip, PagedAdamW with the lr schedule; returns
     the per-step losses."""
-    from backends.optim import PagedAdamW, clip_grad_norm_
-    from backends.train.data import length_grouped_order
+    from backends.app.data import length_grouped_order
+    from backends.torchlib import PagedAdamW, clip_grad_norm_
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -455,9 +455,9 @@ def run_sst2(args) -> dict:
         n_lora_layers=len(bert_target_names(encoder)),
         r=args.r, alpha=args.alpha, dropout=args.dropout, lora_dtype="float32", init="PEFT (A kaiming_uniform, B 0)",
         lr=args.lr, schedule=args.schedule, warmup=args.warmup, weight_decay=0.0,
-        optimizer="backends.optim.PagedAdamW (32-bit states)",
+        optimizer="backends.torchlib.PagedAdamW (32-bit states)",
         max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, epochs=args.epochs,
-        batching="length-grouped (backends.train.data.length_grouped_order), order from the seed",
+        batching="length-grouped (backends.app.data.length_grouped_order), order from the seed",
         train_examples=len(train_tok), train_subset_seed=SST2_SUBSET_SEED,
         train_positive=sum(y for _, y in train_tok), dev_examples=len(dev_tok),
         dev_positive=sum(y for _, y in dev_tok), max_len=args.max_len,
@@ -509,7 +509,7 @@ def alpaca_split(n: int, n_eval: int, seed: int = ALPACA_SPLIT_SEED) -> tuple[li
 
 def tokenize_within(examples, tokenizer, max_len: int):
     """Tokenize (response-only labels); examples longer than max_len are dropped (counted), never cut."""
-    from backends.train.data import tokenize_example
+    from backends.app.data import tokenize_example
 
     kept, dropped = [], 0
     for ex in examples:
@@ -524,7 +524,8 @@ def tokenize_within(examples, tokenizer, max_len: int):
 def load_smollm2(device: torch.device):
     """(SmolLM2-135M-Instruct on the CPU, unprepared, in the compute dtype; its tokenizer; the GGUF path)."""
     quiet_transformers()
-    from backends.train.model import load_model, load_tokenizer, smollm2_gguf_path
+    from backends.app.hub import smollm2_gguf_path
+    from backends.torchlib.prepare import load_model, load_tokenizer
 
     path = smollm2_gguf_path()
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own bar
@@ -540,8 +541,8 @@ def llama_target_names(model: nn.Module) -> list[str]:
 
 def build_lm(arm: str, base: nn.Module, seed: int, *, device, r, alpha, dropout, gradient_checkpointing: bool):
     """A fresh copy of the causal LM prepared for the arm (LoRA drawn after seeding)."""
-    from backends.train.model import prepare_model
-    from backends.train.trainer import seed_everything
+    from backends.app.trainer import seed_everything
+    from backends.torchlib.prepare import prepare_model
 
     model = copy.deepcopy(base)
     names = llama_target_names(model)
@@ -562,7 +563,7 @@ def build_lm(arm: str, base: nn.Module, seed: int, *, device, r, alpha, dropout,
 
 
 def alpaca_config(args, seed: int, run_dir: str):
-    from backends.train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from backends.app.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
     return RunConfig(
         ModelConfig(r=args.r, alpha=args.alpha, dropout=args.dropout),
@@ -574,8 +575,8 @@ def alpaca_config(args, seed: int, run_dir: str):
 
 
 def run_alpaca(args) -> dict:
-    from backends.train.data import read_examples
-    from backends.train.trainer import Trainer
+    from backends.app.data import read_examples
+    from backends.app.trainer import Trainer
 
     device = resolve_device(args.device)
     sd = Path(args.shared) if args.shared else shared_dir()
@@ -600,7 +601,7 @@ def run_alpaca(args) -> dict:
         r=args.r, alpha=args.alpha, dropout=args.dropout, lora_dtype="float32", lr=args.lr, schedule="constant",
         max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, grad_accum=args.grad_accum,
         effective_batch=args.batch_size * args.grad_accum, steps=args.steps,
-        optimizer="backends.optim.PagedAdamW 32-bit (paged)", loss="response tokens only",
+        optimizer="backends.torchlib.PagedAdamW 32-bit (paged)", loss="response tokens only",
         gradient_checkpointing=args.gradient_checkpointing, group_by_length=True, max_len=args.max_len,
         data=str(data_path.name),
         split=f"random.Random({ALPACA_SPLIT_SEED}).shuffle of the {len(examples)} records, last {args.n_eval} held out",

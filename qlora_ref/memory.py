@@ -243,12 +243,12 @@ def estimate(
     dequant_scratch = dequant_buffers * c * max(in * out): dequantized weight for forward/backward    (MEM-10)
 
     Implementation switches (MEM-13): layer="peft" is bitsandbytes + PEFT (the Guanaco scripts: dropout mask and
-    dropped copy, cast copies, dequant_buffers 2 by default); layer="qlora-ref" is backends.train.QLoRALinear
+    dropped copy, cast copies, dequant_buffers 2 by default); layer="qlora-ref" is backends.torchlib.QLoRALinear
     (redraws the dropout mask from a seed and casts transiently: no per_in term; one shared scratch buffer).
     step_in_backward: each gradient is freed by its optimizer step as soon as it exists (PagedAdamW.hook_into_backward),
     so lora_grads = l * the largest adapter tensor.  offload_checkpoints: the L block inputs live in host memory
     (torch.autograd.graph.save_on_cpu around a re-entrant checkpointed forward), dropping L c T h from the device.
-    embeddings_on_host: the input table stays in host memory (backends.train.synthetic.HostEmbedding); untied models
+    embeddings_on_host: the input table stays in host memory (backends.torchlib.synthetic.HostEmbedding); untied models
     keep only the LM head on the device.
     """
     for name, dt in (("lora_dtype", lora_dtype), ("compute_dtype", compute_dtype), ("embed_dtype", embed_dtype),

@@ -74,7 +74,8 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="module")
 def tokenizer():
     """SmolLM2-135M-Instruct's own tokenizer, from its GGUF (downloaded in CI; skipped locally when not cached)."""
-    from backends.train import find_smollm2_gguf, load_tokenizer, smollm2_gguf_path
+    from backends.app.hub import find_smollm2_gguf, smollm2_gguf_path
+    from backends.torchlib import load_tokenizer
 
     path = smollm2_gguf_path(download=True) if IN_CI else find_smollm2_gguf()
     require(path is not None, "SmolLM2 GGUF not in the model cache (CI downloads it; or call smollm2_gguf_path())")

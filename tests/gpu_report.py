@@ -41,14 +41,14 @@ EXTRA_SOURCES = (
     "qlora_ref/packing.py",
     "qlora_ref/quantized.py",
     "qlora_ref/adamw.py",
-    "backends/optim/paged.py",
-    "backends/optim/clip.py",
-    "backends/train/layer.py",
-    "tests/test_backend_parity.py",
-    "tests/test_gpu_bnb.py",
-    "tests/test_paged_optim.py",
-    "tests/test_layer.py",
-    "tests/test_gpu_train.py",
+    "backends/torchlib/optim.py",
+    "backends/torchlib/clip.py",
+    "backends/torchlib/layer.py",
+    "tests/backends/test_backend_parity.py",
+    "tests/peers/test_gpu_bnb.py",
+    "tests/torchlib/test_paged_optim.py",
+    "tests/torchlib/test_layer.py",
+    "tests/torchlib/test_gpu_train.py",
 )
 REPORT = REPO / "tests" / "GPU_REPORT.json"
 

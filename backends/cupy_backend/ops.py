@@ -1,7 +1,8 @@
 """The CuPy backend's operations: boundary validation, one launch-config function per kernel, the launches.
 
-Every operation computes what its ``qlora_ref`` counterpart computes, bit for bit (tests/test_backend_parity.py);
-the math and rule IDs are in the kernel files' headers (kernels/*.cu) and in qlora_ref.
+Every operation computes what its ``qlora_ref`` counterpart computes, bit for bit
+(tests/backends/test_backend_parity.py); the math and rule IDs are in the kernel files' headers (kernels/*.cu) and in
+qlora_ref.
 
 Inputs are CuPy arrays or torch CUDA tensors, zero-copy.  The kernels run on torch's current stream when a torch
 tensor is involved, otherwise on CuPy's.  On the hot paths (the quantizer's input, the dequantizer's ``out``) a torch

@@ -2,7 +2,7 @@
 
 For the smallest case of each (kind, quant_type, double_quant) in ../shared/golden, the
 reference recomputes every output; the script refuses to write unless they equal bitsandbytes' CUDA output byte for
-byte.  tests/test_specs.py re-derives the file from the reference and compares.
+byte.  tests/spec/test_specs.py re-derives the file from the reference and compares.
 
     python specs/golden/make_vectors.py [path/to/bnb_cuda_0.50.2.npz]
 """

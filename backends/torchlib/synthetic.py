@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .layer import DTYPE_NAMES, QLoRALinear, as_torch_dtype, scratch_buffer
-from .model import QLoRAConfig, _target_names, replace_linears
+from .prepare import QLoRAConfig, _target_names, replace_linears
 
 
 class HostEmbedding(nn.Module):

@@ -90,7 +90,7 @@ def test_offset_order_matches_torch_mean_measured_on_h100():
 
     from qlora_ref.double_quant import absmax_mean
 
-    z = np.load(Path(__file__).resolve().parents[1] / "specs" / "golden" / "torch_mean_h100.npz")
+    z = np.load(Path(__file__).resolve().parents[2] / "specs" / "golden" / "torch_mean_h100.npz")
     keys = [k[2:] for k in z.files if k.startswith("a_")]
     sizes = {z[f"a_{k}"].size for k in keys}
     assert min(sizes) == 1 and max(sizes) > 128 and len(keys) > 50

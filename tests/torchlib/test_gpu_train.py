@@ -20,9 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import TINY_DECODER  # noqa: E402
 
-from backends.optim import PagedAdamW  # noqa: E402
-from backends.train import prepare_model  # noqa: E402
-from backends.train.model import qlora_layers, trainable_parameters  # noqa: E402
+from backends.torchlib import PagedAdamW, prepare_model, qlora_layers, trainable_parameters  # noqa: E402
 
 STEPS = 10
 REL_BOUND = 1e-3

@@ -143,7 +143,7 @@ def write_json(path: str, obj) -> None:
 
 def resolve_model_path(model: str) -> str:
     if model in ("smollm2", "smollm2-135m"):
-        from .model import smollm2_gguf_path
+        from .hub import smollm2_gguf_path
 
         return str(smollm2_gguf_path())
     if not os.path.exists(model):
@@ -157,7 +157,7 @@ def compute_dtype_of(m: ModelConfig) -> str | None:
 
 def load_prepared(m: ModelConfig, path: str, **overrides):
     """load_model with the ModelConfig's QLoRA settings (``overrides`` win, e.g. an adapter's own r/alpha)."""
-    from .model import load_model
+    from backends.torchlib.prepare import load_model
 
     kw = dict(
         r=m.r,
@@ -178,8 +178,8 @@ def load_prepared(m: ModelConfig, path: str, **overrides):
 
 def load_with_adapter(m: ModelConfig, model_path: str, adapter: str | None):
     """(model, tokenizer) — the base prepared with the adapter's own settings and its weights copied in."""
-    from .export import adapter_prepare_kwargs, load_peft_adapter
-    from .model import load_tokenizer
+    from backends.torchlib.export import adapter_prepare_kwargs, load_peft_adapter
+    from backends.torchlib.prepare import load_tokenizer
 
     overrides = {}
     if adapter:
@@ -224,9 +224,10 @@ def build_datasets(cfg: RunConfig, tokenizer, model_max: int | None):
 
 def finetune(cfg: RunConfig, *, log=print) -> dict:
     """Run one finetune; returns the summary written to <output_dir>/summary.json."""
+    from backends.torchlib.export import save_peft_adapter
+    from backends.torchlib.prepare import load_tokenizer
+
     from .data import model_max_length
-    from .export import save_peft_adapter
-    from .model import load_tokenizer
     from .trainer import Trainer, exact_match, find_checkpoint, plot_loss_curve, seed_everything
 
     validate(cfg)
@@ -318,7 +319,7 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
 
 
 def cmd_quantize(args) -> int:
-    from .export import save_bnb_checkpoint
+    from backends.torchlib.export import save_bnb_checkpoint
 
     RunDir.precheck(args.out)
     path = resolve_model_path(args.model)
@@ -329,7 +330,7 @@ def cmd_quantize(args) -> int:
         model = load_prepared(m, path)
         save_bnb_checkpoint(model, run.work, dtype=args.dtype, compute_dtype=args.dtype)
         try:
-            from .model import load_tokenizer
+            from backends.torchlib.prepare import load_tokenizer
 
             load_tokenizer(path).save_pretrained(run.work)
         except Exception as e:  # the checkpoint is complete without it; say so
@@ -582,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-# keep the dataclasses importable from here for scripts: `from backends.train.cli import RunConfig`
+# keep the dataclasses importable from here for scripts: `from backends.app.cli import RunConfig`
 __all__ = ["RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "main", "finetune", "add_dataclass_args"]
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import qlora_ref
 
 from .layer import QLoRALinear, as_torch_dtype
-from .model import QLoRAConfig, qlora_layers
+from .prepare import QLoRAConfig, qlora_layers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,7 +73,7 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | N
 def _layers_or_raise(model) -> dict[str, QLoRALinear]:
     layers = qlora_layers(model)
     if not layers:
-        raise ValueError("the model has no QLoRALinear layers: call backends.train.prepare_model(model) first")
+        raise ValueError("the model has no QLoRALinear layers: call backends.torchlib.prepare_model(model) first")
     return layers
 
 

@@ -267,7 +267,7 @@ class Trainer:
             loss_sum, _ = response_loss_sum(self.model, to_device(b, self.device))
             (loss_sum / n_tok).backward()
             total += float(loss_sum.detach())
-        from backends.optim import clip_grad_norm_
+        from backends.torchlib import clip_grad_norm_
 
         grad_norm = float(clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))  # ADAMW-10
         if not math.isfinite(grad_norm):
@@ -413,8 +413,8 @@ def find_checkpoint(run_dir: str) -> str | None:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig):
-    """The paper's paged AdamW (backends.optim.PagedAdamW; host-memory states on the CPU)."""
-    from backends.optim import PagedAdamW
+    """The paper's paged AdamW (backends.torchlib.PagedAdamW; host-memory states on the CPU)."""
+    from backends.torchlib import PagedAdamW
 
     t = cfg.train
     return PagedAdamW(

@@ -15,11 +15,10 @@ import pytest
 import torch
 from conftest import TINY_DECODER
 
-from backends.train import prepare_model, qlora_layers
-from backends.train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from backends.train.data import Example, read_examples, tokenize_examples
-from backends.train.task import is_correct, make_task
-from backends.train.trainer import (
+from backends.app.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from backends.app.data import Example, read_examples, tokenize_examples
+from backends.app.task import is_correct, make_task
+from backends.app.trainer import (
     CHECKPOINT,
     Trainer,
     exact_match,
@@ -28,6 +27,7 @@ from backends.train.trainer import (
     plot_loss_curve,
     seed_everything,
 )
+from backends.torchlib import prepare_model, qlora_layers
 
 transformers = pytest.importorskip("transformers")
 

@@ -35,7 +35,7 @@ N_TARGETS = 36  # 6 encoder layers x (query, key, value, attention output, inter
 @pytest.fixture(scope="module")
 def minilm():
     """(encoder, tokenizer) of all-MiniLM-L6-v2; skipped locally when not cached, downloaded in CI."""
-    from backends.train.model import minilm_path
+    from backends.app.hub import minilm_path
 
     try:
         minilm_path(download=IN_CI)
@@ -83,7 +83,7 @@ def test_read_sst2_rejects_a_bad_row(tmp_path):
 
 
 def test_alpaca_split_is_deterministic_and_disjoint(shared_dir):
-    from backends.train.data import read_examples
+    from backends.app.data import read_examples
 
     examples = read_examples(str(shared_dir / "data" / "alpaca" / "alpaca_5000.json"), "alpaca")
     assert len(examples) == 5000
@@ -119,7 +119,7 @@ def test_claim_rule():
 
 @pytest.mark.parametrize("arm", R.SST2_ARMS)
 def test_each_arm_trains_only_lora_and_the_head(minilm, arm):
-    from backends.train import QLoRALinear
+    from backends.torchlib import QLoRALinear
 
     encoder, _ = minilm
     targets = R.bert_target_names(encoder)
@@ -176,7 +176,7 @@ def test_arms_share_init_per_seed(minilm):
 
 def test_lora16_is_qlora_with_a_dense_weight():
     """LoRALinear16 holding QLoRALinear's dequantized weight gives the same output and gradients, bit for bit."""
-    from backends.train import QLoRALinear
+    from backends.torchlib import QLoRALinear
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 48)
@@ -247,7 +247,7 @@ def test_sst2_command_end_to_end(minilm, shared_dir, tmp_path, monkeypatch):
 def test_lm_arms_share_targets_and_init():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from backends.train import QLoRALinear
+    from backends.torchlib import QLoRALinear
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip

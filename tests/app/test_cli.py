@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import TINY_DECODER
 
-from backends.train.cli import TASK_PRESET, finetune_config_from_argv, main
-from backends.train.config import RunConfig, TrainConfig
+from backends.app.cli import TASK_PRESET, finetune_config_from_argv, main
+from backends.app.config import RunConfig, TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def assert_one_line_error(code, err, *needles):
 
 @pytest.fixture(scope="module")
 def gguf():
-    from backends.train import find_smollm2_gguf, smollm2_gguf_path
+    from backends.app.hub import find_smollm2_gguf, smollm2_gguf_path
 
     if os.environ.get("CI") == "true":
         return str(smollm2_gguf_path(download=True))
@@ -91,7 +91,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, shared_dir):
 def test_error_from_the_console_entry_point_is_one_line(tmp_path):
     """The real process: exit status 2 and exactly one stderr line, no traceback."""
     res = subprocess.run(
-        [sys.executable, "-m", "backends.train.cli", "finetune", "--data", str(tmp_path / "none.json")],
+        [sys.executable, "-m", "backends.app.cli", "finetune", "--data", str(tmp_path / "none.json")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 2
@@ -182,7 +182,7 @@ def tiny_dir(gguf, tmp_path_factory):
     import torch
     import transformers
 
-    from backends.train import load_tokenizer
+    from backends.torchlib import load_tokenizer
 
     tok = load_tokenizer(gguf)
     d = tmp_path_factory.mktemp("tiny")

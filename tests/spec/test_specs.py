@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULE = re.compile(r"\*\*([A-Z]{2,5}-\d+)\b")
 
 

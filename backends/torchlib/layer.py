@@ -248,7 +248,7 @@ class QLoRALinear(nn.Module):
     q: the base weight of shape (out, in) as a ``Quantized4bit`` whose arrays live on the backend's device (numpy for
     the "numpy" backend, CuPy for "cupy").  It is a plain attribute, not a Parameter or buffer: no gradient, no
     optimizer state, not moved by ``.to()`` (the backend fixes the device).  ``state_dict()`` holds only lora_A,
-    lora_B and bias; the 4-bit weight is written by ``backends.train.export``.
+    lora_B and bias; the 4-bit weight is written by ``backends.torchlib.export``.
     """
 
     def __init__(

@@ -17,7 +17,7 @@ import pytest
 
 import qlora_ref as Q
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import repro_datatypes as R  # noqa: E402

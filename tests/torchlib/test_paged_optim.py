@@ -7,7 +7,7 @@ Agreement classes and their tolerances (STYLE 11):
   correctly rounded mul/add/div/sqrt per element with --fmad=false: no powf or sqrtf approximation is left to differ.
 - PagedAdamW(decay="before") vs torch.optim.AdamW: a derived per-step bound (TORCH_BOUND below), teacher-forced from
   the same (p, g, m, v, t) each step, because torch rearranges the algebra and keeps its scalars in float64.
-- clip_grad_norm_: CPU exact; GPU total_norm within 1 ulp, gradients within 3 ulp (derived in backends/optim/clip.py).
+- clip_grad_norm_: CPU exact; GPU total_norm within 1 ulp, gradients within 3 ulp (derived in backends/torchlib/clip).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.optim import DeviceMemoryError, PagedAdamW, clip_grad_norm_
+from backends.torchlib import DeviceMemoryError, PagedAdamW, clip_grad_norm_
 from qlora_ref import adamw as spec
 from qlora_ref import bf16_to_f32, f32_to_bf16
 from qlora_ref.checks import NonFiniteError

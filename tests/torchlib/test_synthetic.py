@@ -1,12 +1,12 @@
-"""backends.train.synthetic: LLaMA-shaped random QLoRA models (the memory runs' models), on the CPU backend."""
+"""backends.torchlib.synthetic: LLaMA-shaped random QLoRA models (the memory runs' models), on the CPU backend."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from backends.train import QLoRALinear
-from backends.train.synthetic import HostEmbedding, random_qlora_model
+from backends.torchlib import QLoRALinear
+from backends.torchlib.synthetic import HostEmbedding, random_qlora_model
 from qlora_ref.memory import ModelShape
 
 TINY = ModelShape("tiny", hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=96)

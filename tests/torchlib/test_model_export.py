@@ -21,10 +21,10 @@ from conftest import TINY_DECODER
 from safetensors.torch import load_file
 
 import qlora_ref
-from backends.train import (
+from backends.app.hub import find_smollm2_gguf, smollm2_gguf_path
+from backends.torchlib import (
     QLoRALinear,
     adapter_prepare_kwargs,
-    find_smollm2_gguf,
     gguf_as_hf_dir,
     load_model,
     load_peft_adapter,
@@ -34,10 +34,9 @@ from backends.train import (
     qlora_layers,
     save_bnb_checkpoint,
     save_peft_adapter,
-    smollm2_gguf_path,
     trainable_parameters,
 )
-from backends.train.export import bnb_quantization_config
+from backends.torchlib.export import bnb_quantization_config
 from qlora_ref import lora as spec_lora
 
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from backends.train.data import (
+from backends.app.data import (
     ALPACA_PROMPT,
     IGNORE_INDEX,
     BatchStream,
@@ -27,7 +27,7 @@ from backends.train.data import (
     split_eval,
     tokenize_examples,
 )
-from backends.train.task import ReverseTask, format_prompt, is_correct, make_task, normalize
+from backends.app.task import ReverseTask, format_prompt, is_correct, make_task, normalize
 
 
 @pytest.fixture(scope="module")

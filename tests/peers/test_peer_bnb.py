@@ -1,7 +1,7 @@
 """The spec against bitsandbytes 0.50.2 installed in CI (its CPU backend), and its state-dict format.
 
-bitsandbytes' CPU backend is not its CUDA reference (tests/test_golden.py is).  Where the two differ, every differing
-element must fall in one of the classes listed in specs/peers.md; nothing else may differ:
+bitsandbytes' CPU backend is not its CUDA reference (tests/spec/test_golden.py is).  Where the two differ, every
+differing element must fall in one of the classes listed in specs/peers.md; nothing else may differ:
 
     CPU-1  all-zero block: CPU writes code 7 (NF4) / 0 (FP4) where CUDA writes 0, and for a partial last block it
            stores its clamp 1e-38 as absmax where CUDA stores 0 (BW-6)

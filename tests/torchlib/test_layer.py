@@ -17,8 +17,8 @@ import torch
 
 import qlora_ref
 from backends import get_backend
-from backends.train import layer as layer_mod
-from backends.train.layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, draw_dropout_seed, dropout_noise
+from backends.torchlib import layer as layer_mod
+from backends.torchlib.layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, draw_dropout_seed, dropout_noise
 from qlora_ref import lora as spec_lora
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -69,7 +69,7 @@ def _spec_W(m) -> np.ndarray:
 
 
 def _host_q(q):
-    from backends.train.export import _numpy_q
+    from backends.torchlib.export import _numpy_q
 
     return _numpy_q(q)
 

@@ -1,0 +1,60 @@
+"""The torch library: QLoRA on PyTorch over the backends' ops.  No argv, no downloads (those are backends.app's).
+
+    from backends.torchlib import load_model, save_peft_adapter, PagedAdamW
+    model = load_model("path/to/llama-dir-or.gguf", backend="cupy", r=64, alpha=16)
+
+layer.py      QLoRALinear + its autograd function (frozen 4-bit base, LoRA A/B, shared dequantization scratch)
+prepare.py    prepare_model / load_model / load_tokenizer / gguf_as_hf_dir / model_cache_dir
+synthetic.py  random LLaMA-shaped QLoRA models made on the device (memory runs)
+optim.py      PagedAdamW: the spec's AdamW with states paged in CUDA managed memory
+clip.py       the spec's global-norm gradient clipping
+export.py     PEFT adapter, bitsandbytes 4-bit checkpoint, exact merged 16-bit export
+"""
+
+from .clip import clip_grad_norm_
+from .export import (
+    adapter_prepare_kwargs,
+    load_peft_adapter,
+    merge_and_export,
+    read_adapter_config,
+    save_bnb_checkpoint,
+    save_peft_adapter,
+)
+from .layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, release_scratch
+from .optim import DeviceMemoryError, PagedAdamW, StepScalars, step_scalars
+from .prepare import (
+    QLoRAConfig,
+    gguf_as_hf_dir,
+    load_model,
+    load_tokenizer,
+    model_cache_dir,
+    prepare_model,
+    qlora_layers,
+    trainable_parameters,
+)
+
+__all__ = [
+    "DeviceMemoryError",
+    "PagedAdamW",
+    "QLoRAConfig",
+    "QLoRAFunction",
+    "QLoRALinear",
+    "StepScalars",
+    "adapter_prepare_kwargs",
+    "clip_grad_norm_",
+    "dequantize_4bit_cpu",
+    "gguf_as_hf_dir",
+    "load_model",
+    "load_peft_adapter",
+    "load_tokenizer",
+    "merge_and_export",
+    "model_cache_dir",
+    "prepare_model",
+    "qlora_layers",
+    "read_adapter_config",
+    "release_scratch",
+    "save_bnb_checkpoint",
+    "save_peft_adapter",
+    "step_scalars",
+    "trainable_parameters",
+]
