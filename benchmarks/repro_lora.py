@@ -76,7 +76,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from backends.torchlib.layer import DTYPE_NAMES, QLoRAFunction, QLoRALinear, draw_dropout_seed  # noqa: E402
+from backends.torchlib.layer import (  # noqa: E402
+    DTYPE_NAMES,
+    QLoRAFunction,
+    QLoRALinear,
+    draw_dropout_seed,
+    dropout_noise,
+)
 
 SST2_ARMS = ("bf16-lora", "qlora-nf4", "qlora-fp4")
 ALPACA_ARMS = ("bf16-lora", "qlora-nf4")
@@ -174,7 +180,7 @@ class LoRALinear16(nn.Module):
 
     W is the linear's weight rounded once to ``weight_dtype`` (bfloat16) and held in the compute dtype (float32 on
     the CPU: exactly the bf16 values; bf16 on CUDA), as a buffer (no gradient).  The forward is QLoRALinear's, line for
-    line, and runs ``QLoRAFunction`` with ``_dequantize_scratch`` returning W, so this layer differs from QLoRALinear
+    line, and runs ``QLoRAFunction`` with ``dequantized`` returning W, so this layer differs from QLoRALinear
     only in where W comes from.  Construction draws lora_A from torch's generator exactly as QLoRALinear does.
     """
 
@@ -210,8 +216,11 @@ class LoRALinear16(nn.Module):
     def from_linear(cls, linear: nn.Linear, **kw) -> LoRALinear16:
         return cls(linear.weight, bias=linear.bias, **kw)
 
-    def _dequantize_scratch(self) -> torch.Tensor:  # what QLoRAFunction calls for W (forward and backward)
+    def dequantized(self) -> torch.Tensor:  # what QLoRAFunction calls for W (forward and backward)
         return self.weight
+
+    def noise(self, shape, seed: int, dtype) -> torch.Tensor:  # QLoRALinear's dropout factor, same draws
+        return dropout_noise(shape, self.dropout, seed, self.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype

@@ -196,7 +196,7 @@ class QLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, layer, seed):
         in_f, out_f = layer.in_features, layer.out_features
         x2 = x.reshape(-1, in_f)  # (M, in)
-        W = layer._dequantize_scratch()  # (out, in) compute dtype, scratch
+        W = layer.dequantized()  # (out, in) compute dtype, scratch
         y = torch.mm(x2, W.t())  # (M, out)
         if layer.bias is not None:
             y.add_(layer.bias)
@@ -226,7 +226,7 @@ class QLoRAFunction(torch.autograd.Function):
         dA = torch.mm(du.t(), xd)  # (r, in)
         dX = None
         if ctx.needs_input_grad[0]:
-            W = layer._dequantize_scratch()  # (out, in), dequantized again
+            W = layer.dequantized()  # (out, in), dequantized again
             dX = torch.mm(dY2.to(W.dtype), W)  # (M, in)
             if noise is None and du.dtype == dX.dtype:
                 dX.addmm_(du, lora_A)  # one fused GEMM + accumulate (the Guanaco recipe: LoRA in the compute dtype)
@@ -332,7 +332,7 @@ class QLoRALinear(nn.Module):
 
     # -- dequantization --
 
-    def _dequantize_scratch(self) -> torch.Tensor:
+    def dequantized(self) -> torch.Tensor:
         """W_hat (out, in) in the compute dtype, written into the shared scratch buffer (valid until the next call)."""
         q, dt = self.q, self.compute_dtype
         padded = q.nblocks * q.blocksize

@@ -133,7 +133,7 @@ def test_layer_dequantize_one_rounding_to_compute_dtype(src_dtype):
     be = get_backend("numpy")
     for name in ("bfloat16", "float16", "float32"):
         m = QLoRALinear(q, backend=be, r=4, compute_dtype=name)
-        got = m._dequantize_scratch()
+        got = m.dequantized()
         want = qlora_ref.dequantize_4bit(q, name)
         if name == "bfloat16":
             np.testing.assert_array_equal(got.view(torch.int16).numpy().view(np.uint16), want)
@@ -148,7 +148,7 @@ def test_scratch_buffer_shared_across_layers():
     """One scratch buffer per (device, dtype): two layers dequantize into the same memory."""
     layer_mod.release_scratch()
     a, b = _layer(48, 96, seed=1), _layer(96, 48, seed=2)
-    wa, wb = a._dequantize_scratch(), b._dequantize_scratch()
+    wa, wb = a.dequantized(), b.dequantized()
     assert wa.data_ptr() == wb.data_ptr()
     assert len([k for k in layer_mod._SCRATCH if k[1] == torch.float32]) == 1
 
@@ -323,7 +323,7 @@ def test_gpu_dequantize_matches_spec(compute_dtype):
     want = qlora_ref.dequantize_4bit(_host_q(m.q), compute_dtype).view(bits)
     kernel = m.backend.dequantize_4bit(m.q, dtype=compute_dtype)  # CuPy array, bf16 as uint16 bits
     np.testing.assert_array_equal(kernel.get().view(bits), want, err_msg="backend kernel vs spec")
-    got = m._dequantize_scratch().cpu()
+    got = m.dequantized().cpu()
     got = got.view(torch.int16).numpy().view(bits) if compute_dtype == "bfloat16" else got.numpy().view(bits)
     np.testing.assert_array_equal(got, want, err_msg="layer scratch (out=) vs spec")
 
