@@ -24,23 +24,30 @@ to the LoRA dtype only transiently, so the ledger's "(1 + l) T n with dropout" /
 costs) are not incurred here.  Nothing proportional to the weight is kept: the dequantization scratch is one buffer
 per device and dtype (MEM-10), sized for the largest layer.
 
-Compute dtype: float32 on the CPU (torch's bf16 GEMM on the CPU is slow), bfloat16 by default on CUDA.  On the CPU the
-dequantization is a 65,536-entry lookup table over pairs of packed bytes followed by one float32 multiply per element,
-bit-identical to ``qlora_ref.dequantize_4bit`` (tested); on CUDA it is the CuPy backend's kernel writing straight into
-the torch scratch tensor.
+Compute dtype: the backend's (``backends.placement``: float32 for numpy, bfloat16 for cupy) unless asked otherwise.
+The dequantization is always the backend's, bound once per layer (``bind_dequantize_4bit``: kernel, launch
+configuration and arguments resolved, the shared scratch as its output), so a call is the launch alone: the numpy
+backend's pair-LUT (bit-identical to ``qlora_ref.dequantize_4bit``), or the CuPy kernel on torch's current stream
+(no host synchronisation, no allocation: the forward and backward can be captured in a CUDA graph).
+
+Two paths run the same math (functional.py): eager code calls ``QLoRAFunction`` (a torch.autograd.Function, the least
+host work per call); under ``torch.compile`` the layer calls the ``qlora::linear`` custom operator (ops.py), so the
+compiler traces through it without a graph break and fuses the work around it.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import torch
 from torch import nn
 
-from qlora_ref.codebooks import dequant_table
-from qlora_ref.fastmath import ftz
+from backends import get_backend, placement
+from backends.numpy_lut import dequantize_4bit_cpu  # noqa: F401  (re-exported: the numpy backend owns it)
+
+from . import ops
+from .functional import lora_backward, lora_forward
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -49,6 +56,7 @@ TORCH_DTYPES = {
     "float64": torch.float64,
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+DEQUANT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the backends' dequantize writes
 
 
 def as_torch_dtype(dtype) -> torch.dtype:
@@ -58,65 +66,6 @@ def as_torch_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype in TORCH_DTYPES:
         return TORCH_DTYPES[dtype]
     raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)} (str or torch.dtype), got {dtype!r}")
-
-
-# --- the CPU dequantization: qlora_ref's formula, table-driven ---------------------------------------------------
-
-
-_LUT_CACHE: dict[bytes, np.ndarray] = {}
-
-
-def _pair_lut(code: np.ndarray) -> np.ndarray:
-    """LUT[p] = the 4 table values of the two packed bytes read as one little-endian uint16 p, as complex128[65536].
-
-    p = byte0 | byte1 << 8, elements in order: code[byte0 >> 4], code[byte0 & 15], code[byte1 >> 4], code[byte1 & 15]
-    (PK-1: first element in the high nibble).  16 bytes a row = four float32 lanes, so one gather writes 4 values.
-    """
-    key = code.astype(np.float32).tobytes()
-    lut = _LUT_CACHE.get(key)
-    if lut is None:
-        p = np.arange(65536, dtype=np.uint32)
-        byte0, byte1 = p & 0xFF, p >> 8
-        vals = np.stack([code[byte0 >> 4], code[byte0 & 15], code[byte1 >> 4], code[byte1 & 15]], axis=1)  # (65536, 4)
-        lut = np.ascontiguousarray(vals, np.float32).view(np.complex128).ravel()  # (65536,) x 16 bytes
-        _LUT_CACHE[key] = lut
-    return lut
-
-
-def dequantize_4bit_cpu(q, out32: np.ndarray) -> np.ndarray:
-    """Write ftz(table[code_i] * absmax[i // blocksize]) (float32, BW-7, BW-8) into out32[:n]; returns out32[:n].
-
-    out32: float32, contiguous, at least nblocks * blocksize long (the tail past n is scratch).  Same arithmetic as
-    ``qlora_ref.dequantize_4bit(q, "float32")``: the table values are copied exactly, then one float32 product.
-    """
-    n, bs, nblocks = q.n, q.blocksize, q.nblocks
-    if out32.dtype != np.float32 or out32.ndim != 1 or out32.size < nblocks * bs or not out32.flags.c_contiguous:
-        raise ValueError(
-            f"out32 must be contiguous float32 with >= {nblocks * bs} elements, got {out32.dtype} {out32.shape}"
-        )
-    packed = np.asarray(q.packed)  # (nbytes,) uint8
-    nbytes = packed.size
-    code = dequant_table(q.quant_type)  # (16,) float32; FP4's code 8 decodes to -0.0 (CB-6)
-    npairs = nbytes // 2
-    if sys.byteorder == "little" and npairs:
-        pairs = packed[: 2 * npairs].view(np.uint16)  # (npairs,)
-        np.take(_pair_lut(code), pairs, out=out32[: 4 * npairs].view(np.complex128), mode="clip")
-    else:
-        npairs = 0
-    if nbytes > 2 * npairs:  # odd byte count (or a big-endian host): byte by byte
-        tail = packed[2 * npairs :]
-        out32[4 * npairs : 2 * nbytes : 2] = code[tail >> 4]
-        out32[4 * npairs + 1 : 2 * nbytes : 2] = code[tail & 15]
-    blocks = out32[: nblocks * bs].reshape(nblocks, bs)  # (nblocks, blocksize); past 2*nbytes is don't-care
-    absmax = np.asarray(q.absmax_f32(), np.float32)  # (nblocks,)
-    np.multiply(blocks, absmax[:, None], out=blocks)
-    # BW-8: a subnormal product flushes to a zero of its sign.  Only possible where |absmax| * min|code != 0| falls
-    # below the smallest normal float32, so the (rare) flush pass runs only then.
-    smallest = float(np.abs(code[code != 0]).min())
-    nonzero = np.abs(absmax[absmax != 0]).astype(np.float64)
-    if nonzero.size and float(nonzero.min()) * smallest < float(np.finfo(np.float32).tiny):
-        out32[:n] = ftz(out32[:n])
-    return out32[:n]
 
 
 # --- one scratch buffer per (device, dtype) ------------------------------------------------------------------------
@@ -190,53 +139,32 @@ def round_f64(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class QLoRAFunction(torch.autograd.Function):
-    """y = x W_hat^T + b + s * (drop(x) A^T) B^T; saves x and u = drop(x) A^T only (see the module docstring)."""
+    """y = x W_hat^T + b + s * (drop(x) A^T) B^T; saves x and u = drop(x) A^T only (see the module docstring).
+
+    ``layer`` provides ``dequantized()`` (W_hat in the compute dtype, in scratch), ``noise(shape, seed, dtype)``,
+    ``bias``, ``scaling``, ``in_features`` and ``out_features``; the math is functional.py's."""
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, layer, seed):
-        in_f, out_f = layer.in_features, layer.out_features
-        x2 = x.reshape(-1, in_f)  # (M, in)
-        W = layer.dequantized()  # (out, in) compute dtype, scratch
-        y = torch.mm(x2, W.t())  # (M, out)
-        if layer.bias is not None:
-            y.add_(layer.bias)
-        xl = x2.to(lora_A.dtype)
-        xd = xl * dropout_noise(xl.shape, layer.dropout, seed, xl.device, xl.dtype) if seed is not None else xl
-        u = torch.mm(xd, lora_A.t())  # (M, r)
-        if lora_B.dtype == y.dtype:
-            y.addmm_(u, lora_B.t(), alpha=layer.scaling)
-        else:
-            y.add_(torch.mm(u * layer.scaling, lora_B.t()))  # (M, out) in the LoRA dtype, one rounding into y
+        x2 = x.reshape(-1, layer.in_features)  # (M, in)
+        noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed is not None else None
+        y, u = lora_forward(x2, layer.dequantized(), lora_A, lora_B, layer.bias, layer.scaling, noise)
         ctx.save_for_backward(x, u, lora_A, lora_B)  # activations: x and u only; A, B are the parameters themselves
         ctx.layer, ctx.seed = layer, seed
-        return y.view(*x.shape[:-1], out_f)
+        return y.view(*x.shape[:-1], layer.out_features)
 
     @staticmethod
     def backward(ctx, dY):
         x, u, lora_A, lora_B = ctx.saved_tensors
         layer, seed = ctx.layer, ctx.seed
-        s = layer.scaling
+        x2 = x.reshape(-1, layer.in_features)
+        noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed is not None else None
         dY2 = dY.reshape(-1, layer.out_features)  # (M, out)
-        dYl = dY2.to(lora_B.dtype)
-        dB = torch.mm(dYl.t(), u).mul_(s)  # (out, r)
-        du = torch.mm(dYl, lora_B).mul_(s)  # (M, r)
-        xl = x.reshape(-1, layer.in_features).to(lora_A.dtype)
-        noise = dropout_noise(xl.shape, layer.dropout, seed, xl.device, xl.dtype) if seed is not None else None
-        xd = xl * noise if noise is not None else xl  # (M, in), the forward's drop(x)
-        dA = torch.mm(du.t(), xd)  # (r, in)
-        dX = None
-        if ctx.needs_input_grad[0]:
-            W = layer.dequantized()  # (out, in), dequantized again
-            dX = torch.mm(dY2.to(W.dtype), W)  # (M, in)
-            if noise is None and du.dtype == dX.dtype:
-                dX.addmm_(du, lora_A)  # one fused GEMM + accumulate (the Guanaco recipe: LoRA in the compute dtype)
-            else:
-                dXl = torch.mm(du, lora_A)  # (M, in)
-                if noise is not None:
-                    dXl.mul_(noise)
-                dX.add_(dXl)  # mixed dtypes: summed in the wider one, rounded once into dX
+        need_dx = ctx.needs_input_grad[0]
+        dX, dA, dB = lora_backward(dY2, x2, u, layer.dequantized, lora_A, lora_B, layer.scaling, noise, need_dx)
+        if dX is not None:
             dX = dX.view(x.shape).to(x.dtype)
-        return dX, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, None
+        return dX, dA, dB, None, None
 
 
 # --- the module ----------------------------------------------------------------------------------------------------
@@ -266,11 +194,9 @@ class QLoRALinear(nn.Module):
         init: str = "peft",
     ):
         super().__init__()
-        from backends import get_backend
-
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend.device == "cuda" else None
-        self.device = self.device or torch.device("cpu")
+        device, default_compute = placement(self.backend)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         if len(q.shape) != 2:
             raise ValueError(f"QLoRALinear needs a 2-D (out, in) weight, got a Quantized4bit of shape {q.shape}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -281,8 +207,7 @@ class QLoRALinear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.r, self.alpha, self.dropout, self.rslora = r, float(alpha), float(dropout), bool(rslora)
         self.scaling = self.alpha / math.sqrt(r) if rslora else self.alpha / r
-        default_compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.compute_dtype = as_torch_dtype(compute_dtype) if compute_dtype is not None else default_compute
+        self.compute_dtype = as_torch_dtype(compute_dtype if compute_dtype is not None else default_compute)
         if self.device.type == "cuda" and self.compute_dtype == torch.float64:
             raise ValueError("float64 compute is for CPU gradient checks only; use bfloat16/float16/float32 on CUDA")
         lora_dtype = as_torch_dtype(lora_dtype)
@@ -294,21 +219,21 @@ class QLoRALinear(nn.Module):
             bias = bias.detach().to(self.device, self.compute_dtype)
         self.register_buffer("bias", bias)
         self.reset_lora_parameters(init)
+        self.handle = ops.register(self)  # names this layer to the custom operators (torch.compile path)
+        self._bound = None  # (scratch buffer, W_hat view into it, the backend's bound dequantize launch)
 
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, *, backend="numpy", quant_type="nf4", blocksize=64, double_quant=True, **kw
     ):
         """Quantize an ``nn.Linear``'s weight with the backend (on the backend's device) and wrap it."""
-        from backends import get_backend
-
         if type(linear) is not nn.Linear:
             raise TypeError(
                 f"from_linear needs a torch.nn.Linear, got {type(linear).__module__}.{type(linear).__name__}"
             )
         be = get_backend(backend) if isinstance(backend, str) else backend
         w = linear.weight.detach()
-        w = w.to("cuda") if be.device == "cuda" else w.cpu()
+        w = w.to(placement(be)[0])
         q = be.quantize_4bit(w.contiguous(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
         return cls(q, bias=linear.bias, backend=be, **kw)
 
@@ -333,33 +258,42 @@ class QLoRALinear(nn.Module):
     # -- dequantization --
 
     def dequantized(self) -> torch.Tensor:
-        """W_hat (out, in) in the compute dtype, written into the shared scratch buffer (valid until the next call)."""
+        """W_hat (out, in) in the compute dtype, written into the shared scratch buffer (valid until the next call).
+
+        The backend's launch is bound once (kernel, launch configuration, arguments, the scratch address) and re-bound
+        only when the shared buffer was re-allocated, so a call costs the launch and nothing else."""
+        bound = self._bound
+        if bound is None or _SCRATCH.get(bound[0]) is not bound[1]:
+            bound = self._bind()
+        bound[3]()
+        return bound[2]
+
+    def _bind(self):
         q, dt = self.q, self.compute_dtype
-        padded = q.nblocks * q.blocksize
-        if self.device.type == "cpu":
-            if dt == torch.float32:
-                buf = scratch_buffer(padded, self.device, torch.float32)
-                dequantize_4bit_cpu(q, buf.numpy())
-                return buf[: q.n].view(q.shape)
-            tmp = scratch_buffer(padded, self.device, torch.float32)  # float32 product, then one rounding
-            dequantize_4bit_cpu(q, tmp.numpy())
-            out = scratch_buffer(q.n, self.device, dt)
-            out.copy_(tmp[: q.n])
-            return out.view(q.shape)
-        out = scratch_buffer(q.n, self.device, dt).view(q.shape)
-        self.backend.dequantize_4bit(q, dtype=DTYPE_NAMES[dt], out=out)
-        return out
+        key = (str(self.device), dt if dt in DEQUANT_DTYPES else torch.float32)  # float64: via float32, exact
+        W = scratch_buffer(q.n, self.device, key[1]).view(q.shape)
+        launch = self.backend.bind_dequantize_4bit(q, W)
+        if key[1] != dt:  # float64 (CPU gradient checks): the float32 values, widened exactly
+            W64 = torch.empty(q.shape, dtype=dt, device=self.device)
+
+            def launch(bound32=launch, W=W, W64=W64):
+                bound32()
+                W64.copy_(W)
+
+            W = W64
+        self._bound = (key, _SCRATCH[key], W, launch)
+        return self._bound
 
     def dequantize_weight(self, dtype=None) -> torch.Tensor:
         """A fresh copy of W_hat (out, in) in ``dtype`` (default: the compute dtype), one rounding (BW-7)."""
         dt = as_torch_dtype(dtype) if dtype is not None else self.compute_dtype
-        if self.device.type == "cpu":
-            tmp = np.empty(self.q.nblocks * self.q.blocksize, np.float32)
-            w32 = torch.from_numpy(dequantize_4bit_cpu(self.q, tmp)).view(self.q.shape)
-            return w32.to(dt) if dt != torch.float32 else w32
-        out = torch.empty(self.q.shape, device=self.device, dtype=dt)
-        self.backend.dequantize_4bit(self.q, dtype=DTYPE_NAMES[dt], out=out)
-        return out
+        out = torch.empty(self.q.shape, device=self.device, dtype=dt if dt in DEQUANT_DTYPES else torch.float32)
+        self.backend.dequantize_4bit(self.q, dtype=DTYPE_NAMES[out.dtype], out=out)
+        return out.to(dt)
+
+    def noise(self, shape, seed: int, dtype) -> torch.Tensor:
+        """The dropout factor keep / (1 - p) of this layer's call with ``seed`` (LORA-3), redrawn in backward."""
+        return dropout_noise(shape, self.dropout, seed, self.device, dtype)
 
     def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W' = T(W_hat + s * B A): W_hat in float32 (exact), the sum in float64, one rounding to T (LORA-6)."""
@@ -377,10 +311,14 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"input is on {x.device} but this layer's 4-bit weight is on {self.device}")
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
-        seed = None
-        if self.training and self.dropout > 0.0:
-            seed = draw_dropout_seed()
-        y = QLoRAFunction.apply(x, self.lora_A, self.lora_B, self, seed)
+        seed = draw_dropout_seed() if self.training and self.dropout > 0.0 else None
+        if torch.compiler.is_compiling():  # the custom operators: no graph break at this layer
+            x2 = x.reshape(-1, self.in_features)
+            s = -1 if seed is None else seed
+            y, _ = ops.linear(x2, self.lora_A, self.lora_B, self.bias, self.handle, self.scaling, s)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = QLoRAFunction.apply(x, self.lora_A, self.lora_B, self, seed)
         return y.to(in_dtype)
 
     def extra_repr(self) -> str:
