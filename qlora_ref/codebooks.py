@@ -1,6 +1,6 @@
 """Codebooks: the 16 levels of each 4-bit data type and the 256-entry 8-bit dynamic maps.
 
-Spec: specs/codebooks.md (rules CB-1 .. CB-7).
+Spec: specs/codebooks.md (rules CB-1 .. CB-6).
 
 NF4 (CB-1).  QLoRA's NormalFloat puts the 16 levels at quantiles of N(0, 1), rescaled to [-1, 1], with an exact zero
 and one more positive level than negative ones (7 negative, 0, 8 positive).  The quantiles are taken at evenly spaced

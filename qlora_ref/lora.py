@@ -1,4 +1,4 @@
-"""LoRA: the low-rank adapter QLoRA trains beside the frozen 4-bit weight (specs/lora.md, rules LORA-1 .. LORA-8).
+"""LoRA: the low-rank adapter QLoRA trains beside the frozen 4-bit weight (specs/lora.md, rules LORA-1 .. LORA-7).
 
 Shapes follow PEFT (`lora_A = nn.Linear(in, r)`, `lora_B = nn.Linear(r, out)`), so A is [r, in] and B is [out, r]:
 

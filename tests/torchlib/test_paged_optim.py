@@ -391,6 +391,8 @@ def test_gpu_naive_kernel_agrees():
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [32, 8])
 def test_gpu_page_out_page_in_bit_identical(bits):
+    """ADAMW-9: paging moves bytes, never values: states paged out and in are unchanged, and the run equals the
+    unpaged one bit for bit."""
     n = 16 << 20  # 16M params: 128 MB of 32-bit state
     rng = np.random.default_rng(2)
     p0 = [rng.standard_normal(n).astype(np.float32)]
@@ -529,6 +531,7 @@ def test_placement_boundary_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [32, 8])
 def test_gpu_host_placement_matches_spec_and_takes_no_device_memory(bits):
+    """ADAMW-9: states kept in host memory give the spec's bits and take no device memory."""
     import cupy
 
     _check_spec_parity([1100, 300, 5], dict(lr=1e-3, weight_decay=0.01), bits, "after", "bfloat16", 3, 1.0, 7, "cuda",
