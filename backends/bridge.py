@@ -81,6 +81,34 @@ def cupy_stream(ptr: int, device_id: int | None = None):
     return stream
 
 
+def torch_stream_getter(device_index: int):
+    """A function of no arguments giving torch's current stream on ``device_index`` as a cached CuPy stream.
+
+    Everything is resolved once (torch's raw accessor, the cache); each call costs one raw-pointer read and one dict
+    lookup, so the lean launch paths can ask for the stream at every launch (CUDA-graph capture swaps torch's
+    current stream, and the launch must follow it).
+    """
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    streams = _STREAMS
+    if raw is None:
+
+        def pointer() -> int:
+            return torch.cuda.current_stream(device_index).cuda_stream
+    else:
+
+        def pointer() -> int:
+            return raw(device_index)
+
+    def stream():
+        ptr = pointer()
+        cached = streams.get(ptr)
+        return cached if cached is not None else cupy_stream(ptr, device_index)
+
+    return stream
+
+
 def current_stream(device_index: int):
     """torch's current stream on ``device_index`` as a cached CuPy stream."""
     return cupy_stream(torch_stream_ptr(device_index), device_index)

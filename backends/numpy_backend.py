@@ -1,46 +1,98 @@
-"""The numpy backend: `qlora_ref` behind the backend interface, no logic of its own.
+"""The numpy backend: `qlora_ref` behind the backend interface, on the CPU.
 
-Beyond calling the spec it only converts at the boundary: torch CPU tensors become numpy arrays (bf16 tensors as
-their uint16 bits, the spec's bf16 convention), and ``out=`` (a numpy array or torch CPU tensor) receives a copy.
+Every operation calls the spec, except dequantization into a caller's buffer (``out=`` and `bind_dequantize_4bit`),
+which is the table-driven decoder in backends/numpy_lut.py: the same bits as the spec's (tested), several times faster.
+At the boundary torch CPU tensors become numpy arrays (bf16 tensors as their uint16 bits, the spec's bf16 convention,
+through backends.bridge).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 import qlora_ref
+from qlora_ref.checks import NonFiniteError
 from qlora_ref.checks import check_finite as _spec_check_finite
 from qlora_ref.dtypes import DTYPES, to_float32
 
-
-def _is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "numpy")
+from . import numpy_adamw
+from .bridge import dtype_name, is_torch, torch_to_numpy
+from .numpy_lut import dequantize_4bit_into
 
 
 def to_numpy(x, what: str = "input") -> tuple[np.ndarray, str | None]:
     """(numpy array, "bfloat16" or None): torch CPU tensors are viewed as numpy, bf16 as uint16 bits."""
-    if _is_torch(x):
-        import torch
-
+    if is_torch(x):
         if x.device.type != "cpu":
             raise TypeError(
                 f"{what} is a torch tensor on {x.device}; the numpy backend takes CPU tensors "
                 "(use get_backend('cupy') for CUDA tensors, or .cpu())"
             )
-        x = x.detach()
-        if x.dtype == torch.bfloat16:
-            return x.contiguous().view(torch.int16).numpy().view(np.uint16), "bfloat16"
-        return x.numpy(), None
+        return torch_to_numpy(x), ("bfloat16" if dtype_name(x) == "bfloat16" else None)
     if isinstance(x, np.ndarray) or np.isscalar(x):
         return np.asarray(x), None
     raise TypeError(f"{what} must be a numpy array or a torch CPU tensor, got {type(x).__name__}")
 
 
+def _out_view(q, out, dtype: str | None) -> tuple[np.ndarray, str, object]:
+    """(flat numpy view of out, its dtype name, the torch tensor or None) after checking out can take q's n values."""
+    if not isinstance(q, qlora_ref.Quantized4bit):
+        raise TypeError(f"dequantize_4bit expects a Quantized4bit, got {type(q).__name__}")
+    tensor = out if is_torch(out) else None
+    if tensor is not None and not out.is_contiguous():
+        raise ValueError("out must be contiguous (the values are written as one flat buffer)")
+    if tensor is None and isinstance(out, np.ndarray) and not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous (the values are written as one flat buffer)")
+    view, name = to_numpy(out, "out")
+    if name is None:
+        name = "bfloat16" if view.dtype in (np.uint16, np.int16) else view.dtype.name
+    if name not in DTYPES:
+        raise TypeError(f"out has dtype {view.dtype}; it must be one of {DTYPES} (bf16 as uint16 bits)")
+    if dtype is not None and dtype != name:
+        raise TypeError(f"dtype={dtype!r} but out has dtype {name}; pass one or make them agree")
+    if view.size != q.n:
+        raise ValueError(f"out has {view.size} elements but the quantized tensor has {q.n}")
+    flat = view.reshape(-1)
+    if name == "bfloat16":
+        flat = flat.view(np.uint16)
+    return flat, name, tensor
+
+
+class NumpyFiniteFlag:
+    """The numpy backend's deferred non-finite count (see backends.cupy_backend.finite.FiniteFlag): a host counter."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def clear(self) -> None:
+        self.total = 0
+
+    def count(self) -> int:
+        return self.total
+
+    def raise_if_nonfinite(self, what: str = "input") -> None:
+        if self.total:
+            raise NonFiniteError(
+                f"{what} has {self.total} non-finite value(s) (NaN/Inf) since the flag was cleared; "
+                "check the tensors one by one (check_finite without a flag) to find the first"
+            )
+
+
 class NumpyBackend:
-    """CPU backend: every operation is the spec's."""
+    """CPU backend: every operation is the spec's (dequantization into a buffer: the same bits, table-driven)."""
 
     name = "numpy"
     device = "cpu"
+
+    def to_host(self, x):
+        """A numpy array (torch CPU tensors viewed, bf16 as uint16 bits); a Quantized4bit as it is."""
+        if isinstance(x, qlora_ref.Quantized4bit):
+            return x
+        return to_numpy(x, "x")[0]
+
+    to_device = to_host  # the numpy backend's device is the host
 
     def quantize_4bit(self, x, *, quant_type="nf4", blocksize=64, double_quant=True, dtype=None):
         arr, bf16 = to_numpy(x)
@@ -53,20 +105,17 @@ class NumpyBackend:
     def dequantize_4bit(self, q, *, dtype=None, out=None):
         if out is None:
             return qlora_ref.dequantize_4bit(q, dtype)
-        if _is_torch(out) and not out.is_contiguous():
-            raise ValueError("out must be contiguous (the values are written as one flat buffer)")
-        view, name = to_numpy(out, "out")
-        if name is None:
-            name = "bfloat16" if view.dtype in (np.uint16, np.int16) else view.dtype.name
-        if name not in DTYPES:
-            raise TypeError(f"out has dtype {view.dtype}; it must be one of {DTYPES} (bf16 as uint16 bits)")
-        if dtype is not None and dtype != name:
-            raise TypeError(f"dtype={dtype!r} but out has dtype {name}; pass one or make them agree")
-        if view.size != q.n:
-            raise ValueError(f"out has {view.size} elements but the quantized tensor has {q.n}")
-        values = qlora_ref.dequantize_4bit(q, name)
-        view.reshape(-1)[...] = values.reshape(-1).view(view.dtype)
+        view, name, tensor = _out_view(q, out, dtype)
+        dequantize_4bit_into(q, view, name, tensor)
         return out
+
+    def bind_dequantize_4bit(self, q, out) -> Callable[[], None]:
+        view, name, tensor = _out_view(q, out, None)
+
+        def launch() -> None:
+            dequantize_4bit_into(q, view, name, tensor)
+
+        return launch
 
     def quantize_blockwise_8bit(self, x, code, blocksize=256):
         arr, bf16 = to_numpy(x, "x")
@@ -85,6 +134,22 @@ class NumpyBackend:
     def unpack_4bit(self, packed, n):
         return qlora_ref.unpack_4bit(to_numpy(packed, "packed")[0], n)
 
-    def check_finite(self, x, what="input"):
+    def finite_flag(self) -> NumpyFiniteFlag:
+        return NumpyFiniteFlag()
+
+    def check_finite(self, x, what="input", *, flag=None):
         arr, bf16 = to_numpy(x, what)
-        _spec_check_finite(to_float32(arr, bf16)[0], what)
+        x32 = to_float32(arr, bf16)[0]
+        if flag is not None:
+            flag.total += int(x32.size - np.count_nonzero(np.isfinite(x32)))
+            return
+        _spec_check_finite(x32, what)
+
+    def adamw_states(self, sizes, **options):
+        return numpy_adamw.adamw_states(sizes, **options)
+
+    def adamw_step(self, params, grads, states, index, scalars, *, decay="after", check_finite=True):
+        numpy_adamw.adamw_step(params, grads, states, index, scalars, decay=decay, check_finite=check_finite)
+
+    def clip_grad_norm_(self, grads, max_norm):
+        return numpy_adamw.clip_grad_norm_(grads, max_norm)

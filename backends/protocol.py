@@ -4,19 +4,41 @@ Each operation is the ``qlora_ref`` function of the same name, on the backend's 
 tensors) for "numpy", CuPy arrays (and torch CUDA tensors, zero-copy, on torch's current stream) for "cupy".
 Results are bit-identical across backends (tests/backends/test_backend_parity.py).  bfloat16 values travel as uint16
 bits unless written into a caller's torch bf16 buffer with ``out=``.
+
+The seams every caller uses:
+    to_host(x) / to_device(x)          arrays, tensors and Quantized4bit between the host and the backend's device
+    dequantize_4bit(q, out=buf)        W_hat written into the caller's buffer (torch tensor or array), checked per call
+    launch = bind_dequantize_4bit(q, buf); launch()
+                                       the same write, checked and resolved once: each call only launches (CUDA:
+                                       on torch's current stream, no allocation, no synchronisation: capturable)
+    flag = finite_flag(); check_finite(x, flag=flag); flag.raise_if_nonfinite()
+                                       non-finite checks queued on the device, read back once per step
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import qlora_ref
+
+from .adamw_state import AdamWStates, StepScalars
 
 
 @runtime_checkable
 class Backend(Protocol):
     name: str  # "numpy" | "cupy"
     device: Literal["cpu", "cuda"]
+
+    def to_host(self, x: Any) -> Any:
+        """A host copy: numpy array (bf16 as uint16 bits) for arrays and tensors, the spec's Quantized4bit (numpy
+        arrays) for a quantized state.  The numpy backend returns host values as they are (viewed, not copied)."""
+        ...
+
+    def to_device(self, x: Any) -> Any:
+        """The backend's form of x on its device: a CuPy array / DeviceQuantized4bit for "cupy" (torch CUDA tensors
+        viewed, no copy), a numpy array / Quantized4bit for "numpy"."""
+        ...
 
     def quantize_4bit(
         self,
@@ -31,8 +53,17 @@ class Backend(Protocol):
         ...
 
     def dequantize_4bit(self, q: qlora_ref.Quantized4bit, *, dtype: str | None = None, out: Any = None) -> Any:
-        """T(table[code] * absmax) in q.shape (BW-7, DQ-3).  dtype None: out's dtype if out is given, else q.dtype.
-        With ``out`` (an array or torch tensor of n elements) the values are written there and ``out`` is returned."""
+        """T(table[code] * absmax) in q.shape (BW-7, DQ-3), one rounding to T.  dtype None: out's dtype if out is
+        given, else q.dtype.  ``out``: the caller's buffer, a torch tensor (bf16 / fp16 / fp32) on the backend's
+        device or an array of the backend (bf16 as uint16), q.n elements, contiguous; the values are written there
+        and ``out`` is returned.  Without out: a new array of q.shape (bf16 as uint16 bits)."""
+        ...
+
+    def bind_dequantize_4bit(self, q: qlora_ref.Quantized4bit, out: Any) -> Callable[[], None]:
+        """``dequantize_4bit(q, out=out)`` as a function of no arguments, everything checked and resolved now; each
+        call writes the same bits into out.  CUDA: only the kernel launch, on torch's current stream (CuPy's for a
+        CuPy out), no allocation or synchronisation, so it can be captured in a CUDA graph.  Bound to q's arrays and
+        to out: bind again when either is replaced."""
         ...
 
     def quantize_blockwise_8bit(self, x: Any, code: Any, blocksize: int = 256) -> tuple[Any, Any]:
@@ -53,6 +84,53 @@ class Backend(Protocol):
         """The first n 4-bit codes of packed bytes (PK-3)."""
         ...
 
-    def check_finite(self, x: Any, what: str = "input") -> None:
-        """Raise qlora_ref.NonFiniteError (how many, index of the first) if x holds NaN or Inf (BW-9)."""
+    def finite_flag(self) -> Any:
+        """A zeroed non-finite counter on the backend's device, with clear(), count() and raise_if_nonfinite(what)."""
+        ...
+
+    def check_finite(self, x: Any, what: str = "input", *, flag: Any = None) -> None:
+        """Raise qlora_ref.NonFiniteError (how many, index of the first) if x holds NaN or Inf (BW-9).  With ``flag``
+        (from `finite_flag`) nothing is raised or read back: the count of x's non-finite values is added to the
+        flag on the device, read once later by ``flag.raise_if_nonfinite()``."""
+        ...
+
+    def adamw_states(
+        self,
+        sizes: Sequence[int],
+        *,
+        state_bits: int = 32,
+        device: int | None = None,
+        paged: bool = True,
+        placement: str = "device",
+        margin_bytes: int | None = None,
+        free_memory_fn: Callable[[], int] | None = None,
+        chunk: int = 4096,
+    ) -> AdamWStates:
+        """Zeroed AdamW states for tensors of ``sizes`` values (ADAMW-6 layout when state_bits=8), held where this
+        backend computes: numpy arrays ("numpy"; the device-memory options do not apply) or one arena on GPU
+        ``device`` ("cupy": CUDA managed memory when paged, kept in host memory for good with placement="host";
+        DeviceMemoryError when it does not fit beside margin_bytes).  chunk: elements per CUDA block of the step."""
+        ...
+
+    def adamw_step(
+        self,
+        params: Sequence[Any],
+        grads: Sequence[Any],
+        states: AdamWStates,
+        index: Sequence[int],
+        scalars: Sequence[StepScalars],
+        *,
+        decay: str = "after",
+        check_finite: bool = True,
+    ) -> None:
+        """One AdamW step in place (ADAMW-2, ADAMW-3; 8-bit ADAMW-7, ADAMW-8): params[k] (float32 / bf16 / fp16,
+        contiguous) with grads[k] (same dtype) on the states of tensor index[k] under scalars[k]
+        (`backends.adamw_state.step_scalars`); each param becomes qlora_ref.adamw.adamw_step(_8bit) of its float32
+        values, rounded once to its dtype.  check_finite: NonFiniteError naming the first bad gradient before
+        anything is written (ADAMW-12).  Pages the states in first when they are out (may raise DeviceMemoryError)."""
+        ...
+
+    def clip_grad_norm_(self, grads: Sequence[Any], max_norm: float) -> Any:
+        """ADAMW-10 in place: every gradient times min(1, max_norm / (||g||_2 + 1e-6)); returns the float32 norm
+        before clipping (numpy float32 / a 0-dim value on the device).  NonFiniteError before anything is scaled."""
         ...

@@ -1,4 +1,13 @@
-"""The CuPy GPU backend: kernels in kernels/*.cu (compiled by build.py), Python side in ops.py.
+"""The CuPy GPU backend: kernels in kernels/*.cu, bit-identical to qlora_ref.
+
+    build.py      compile kernels/*.cu (one registry of name expressions, one module cache; CI compiles the same)
+    launch.py     one launch-configuration function per kernel
+    inputs.py     what the operations accept (CuPy arrays, torch CUDA tensors), the status read-back
+    quantized.py  DeviceQuantized4bit and the codebooks as device constants
+    ops.py        the operations, and the lean bound dequantize launch
+    finite.py     the non-finite check, at once or deferred into a FiniteFlag
+    adamw.py      the AdamW step over many tensors in one launch, and gradient clipping
+    paged.py      the optimizer states' arena: CUDA managed memory paged between device and host
 
 Get it through `backends.get_backend("cupy")`, which checks for CuPy and a GPU first.  Importing this package does
 not import CuPy (CI imports `build` to compile the kernels with nvcc on a machine without a GPU).
@@ -14,17 +23,27 @@ class CupyBackend:
     device = "cuda"
 
     def __init__(self) -> None:
-        from . import ops  # imports CuPy
+        from . import adamw, ops  # imports CuPy
 
         self.ops = ops
+        self.adamw = adamw
 
     def quantize_4bit(self, x, *, quant_type="nf4", blocksize=64, double_quant=True, dtype=None):
         return self.ops.quantize_4bit(
             x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, dtype=dtype
         )
 
+    def to_host(self, x):
+        return self.ops.to_host(x)
+
+    def to_device(self, x):
+        return self.ops.to_device(x)
+
     def dequantize_4bit(self, q, *, dtype=None, out=None):
         return self.ops.dequantize_4bit(q, dtype=dtype, out=out)
+
+    def bind_dequantize_4bit(self, q, out):
+        return self.ops.bind_dequantize_4bit(q, out)
 
     def quantize_blockwise_8bit(self, x, code, blocksize=256):
         return self.ops.quantize_blockwise_8bit(x, code, blocksize)
@@ -38,8 +57,20 @@ class CupyBackend:
     def unpack_4bit(self, packed, n):
         return self.ops.unpack_4bit(packed, n)
 
-    def check_finite(self, x, what="input"):
-        self.ops.check_finite(x, what)
+    def finite_flag(self):
+        return self.ops.FiniteFlag()
+
+    def check_finite(self, x, what="input", *, flag=None):
+        self.ops.check_finite(x, what, flag=flag)
+
+    def adamw_states(self, sizes, **options):
+        return self.adamw.adamw_states(sizes, **options)
+
+    def adamw_step(self, params, grads, states, index, scalars, *, decay="after", check_finite=True):
+        self.adamw.adamw_step(params, grads, states, index, scalars, decay=decay, check_finite=check_finite)
+
+    def clip_grad_norm_(self, grads, max_norm):
+        return self.adamw.clip_grad_norm_(grads, max_norm)
 
 
 __all__ = ["CupyBackend"]

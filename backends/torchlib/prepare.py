@@ -136,12 +136,12 @@ def prepare_model(
     Raises ValueError/TypeError for an unsupported architecture, a module that is not a plain nn.Linear, or a target
     that matches nothing.
     """
-    from backends import get_backend
+    from backends import get_backend, placement
 
     _check_model(model)
     be = get_backend(backend) if isinstance(backend, str) else backend
     device = torch.device("cuda", torch.cuda.current_device()) if be.device == "cuda" else torch.device("cpu")
-    default_compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default_compute = as_torch_dtype(placement(be)[1])  # float32 on the CPU, bfloat16 on CUDA
     cdt = as_torch_dtype(compute_dtype) if compute_dtype is not None else default_compute
     ldt = as_torch_dtype(lora_dtype)
     names = _target_names(model, target)
@@ -312,10 +312,10 @@ def load_model(path_or_gguf, *, backend="numpy", dtype=None, prepare: bool = Tru
     directory (``gguf_as_hf_dir``); loads after that read the directory and cast to ``dtype``.
     ``prepare=False`` returns the unquantized model (a baseline).  Keyword arguments go to ``prepare_model``.
     """
-    from backends import get_backend
+    from backends import get_backend, placement
 
     be = get_backend(backend) if isinstance(backend, str) else backend
-    dt = as_torch_dtype(dtype) if dtype is not None else (torch.bfloat16 if be.device == "cuda" else torch.float32)
+    dt = as_torch_dtype(dtype if dtype is not None else placement(be)[1])
     model = _from_pretrained("AutoModelForCausalLM", path_or_gguf, dtype=dt, low_cpu_mem_usage=True)
     model.eval()
     if not prepare:

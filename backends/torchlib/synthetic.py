@@ -72,14 +72,13 @@ def random_qlora_model(
     """A QLoRA LlamaForCausalLM of `shape` with N(0, std^2) weights, quantized as they are made (module docstring)."""
     import transformers
 
-    from backends import get_backend
+    from backends import get_backend, placement
 
     if embeddings_on_host and shape.tie_embeddings:
         raise ValueError("embeddings_on_host needs untied embeddings (the LM head uses the table on the device)")
     be = get_backend(backend) if isinstance(backend, str) else backend
     device = torch.device("cuda", torch.cuda.current_device()) if be.device == "cuda" else torch.device("cpu")
-    cdt = as_torch_dtype(compute_dtype) if compute_dtype is not None else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)  # fmt: skip
+    cdt = as_torch_dtype(compute_dtype if compute_dtype is not None else placement(be)[1])
     ldt = as_torch_dtype(lora_dtype)
     cfg = llama_config(shape)
     with torch.device("meta"):

@@ -1,5 +1,5 @@
-// blockwise_8bit.cu — 8-bit blockwise quantization with a sorted 256-entry dynamic map, and the float64 sum behind
-// double quantization's offset.
+// blockwise_8bit.cu — 8-bit blockwise quantization with a sorted 256-entry dynamic map, and absmax_mean: the float32
+// mean (a fixed tree of float32 sums) behind double quantization's offset.
 //
 // What (specs/double_quant.md DQ-1..DQ-3; reference: qlora_ref/blockwise.py quantize_blockwise_8bit / encode_dynamic /
 //   dequantize_blockwise_8bit, qlora_ref/double_quant.py absmax_mean):
@@ -10,17 +10,17 @@
 //                 float32 midpoint (neighbour + code[pivot]) * 0.5 on y's side decides neighbour vs pivot; the bracket
 //                 starts at -1 / +1 and is code[0] / code[255] at the table's ends.  NaN -> 0.
 //     decode:   x_hat = ftz(code[q] * absmax[i / blocksize])   (DQ-3, BW-8)
-//     offset    = torch_block_sum(absmax) * (1.0f / n)          float32, the spec's fixed summation tree (DQ-1)
+//     offset    = absmax_mean(absmax): the spec's fixed float32 summation tree, times (1.0f / n)    (DQ-1)
 // Kernels:
 //   quantize_blockwise_8bit_v1<SUB>   naive: one thread per block, sequential.  Second oracle.
 //   quantize_blockwise_8bit_v2<SUB>   one warp per block (8 blocks per 256-thread CTA), the map in shared memory.
 //   dequantize_blockwise_8bit_v1      one thread per value.
 //   dequantize_blockwise_8bit_v2      16 codes per thread (one 16-byte load, four 16-byte stores); blocksize % 16 == 0.
-//   absmax_sum_chains<D>              the 4W sequential float32 chains of the spec's tree, one per thread, D loads ahead.
-//   absmax_sum_fold                   one CTA: combine each lane's 4 accumulators, fold the lanes in halves, write the
+//   absmax_mean_chains<D>             the 4W sequential float32 chains of the spec's tree, one per thread, D loads ahead.
+//   absmax_mean_fold                  one CTA: combine each lane's 4 accumulators, fold the lanes in halves, write the
 //                                     offset's bits to status[3].  (No naive twin: the order IS the spec; tested against
 //                                     qlora_ref.double_quant.absmax_mean at many n.)
-// Launch configs: backends/cupy_backend/ops.py.  Build: -std=c++17 --fmad=false.
+// Launch configs: backends/cupy_backend/launch.py.  Build: -std=c++17 --fmad=false.
 #include "common.cuh"
 
 __device__ __forceinline__ u8 encode_dynamic(float y, const float* code) {
@@ -123,13 +123,14 @@ __global__ void __launch_bounds__(256) dequantize_blockwise_8bit_v2(const u8* __
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// offset = torch_block_sum(absmax) * (1.0f / n) in float32, in the spec's fixed tree (DQ-1, qlora_ref.double_quant):
+// offset = absmax_mean(absmax) = tree_sum(absmax) * (1.0f / n) in float32, the spec's fixed tree (DQ-1,
+// qlora_ref.double_quant.absmax_mean):
 //   W lanes; each lane keeps 4 accumulators, each a chain of float32 adds in a fixed order (it cannot be split); then
 //   lane t combines ((a0 + a1) + a2) + a3 and the lanes fold in halves (stage 2).  Two element-to-accumulator maps:
 //     vec = 0  element t + (4k + j) W          -> accumulator j of lane t        (torch's scalar loop)
 //     vec = 1  element 4 (t + k W) + j         -> accumulator j of lane t        (torch's float4 loop), and the n % 4
 //              tail elements 4 (n/4) + t       -> accumulator 0 of lane t, after the loop
-//   Python chooses vec and W to match the spec (ops.absmax_sum_plan).
+//   Python chooses vec and W to match the spec (launch.absmax_mean_plan).
 // Stage 1 runs the 4W (<= 2048) chains in parallel, one per thread, 64 threads per CTA (spread over many SMs), with D
 // loads in flight ahead of the adds: at most 2048 threads exist, so the bytes in flight come from D.
 // Asynchronous 4-byte global -> shared copies (sm_80+): the loads of a whole batch are in flight at once, whatever
@@ -145,8 +146,8 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 template <int D>
-__global__ void __launch_bounds__(64) absmax_sum_chains(const float* __restrict__ a, i64 n, int W, int vec,
-                                                        float* __restrict__ acc) {
+__global__ void __launch_bounds__(64) absmax_mean_chains(const float* __restrict__ a, i64 n, int W, int vec,
+                                                         float* __restrict__ acc) {
     __shared__ float buf[2][D][64];  // two stages of D values per thread; a thread reads only its own column
     const int tid = threadIdx.x;
     const int c = blockIdx.x * 64 + tid;  // chain c = j * W + t
@@ -183,8 +184,8 @@ __global__ void __launch_bounds__(64) absmax_sum_chains(const float* __restrict_
 }
 
 // Stage 2 (one CTA of 512 threads): combine and fold; status[3] = bits of the float32 offset.
-__global__ void __launch_bounds__(512) absmax_sum_fold(const float* __restrict__ acc, i64 n, int W,
-                                                       u64* __restrict__ status) {
+__global__ void __launch_bounds__(512) absmax_mean_fold(const float* __restrict__ acc, i64 n, int W,
+                                                        u64* __restrict__ status) {
     __shared__ float v[512];
     const int t = threadIdx.x;
     if (t < W) v[t] = __fadd_rn(__fadd_rn(__fadd_rn(acc[t], acc[W + t]), acc[2 * W + t]), acc[3 * W + t]);

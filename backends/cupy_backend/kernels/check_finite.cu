@@ -7,7 +7,7 @@
 //   check_finite_v1<T>   naive: one thread per value, an atomic per non-finite value.  Second oracle.
 //   check_finite_v2<T>   16-byte loads, CH per thread in flight, per-thread counts; atomics only where something is
 //                        non-finite (the common all-finite case writes nothing).
-// Launch configs: backends/cupy_backend/ops.py.  Build: -std=c++17 --fmad=false.
+// Launch configs: backends/cupy_backend/launch.py.  Build: -std=c++17 --fmad=false.
 #include "common.cuh"
 
 template <typename T>

@@ -7,7 +7,7 @@
 //     instructions are written out explicitly: rcp.approx.ftz.f32 for 1/absmax and mul.rn.ftz.f32 for the products
 //     that are flushed to zero; everything else keeps IEEE semantics (-ftz=false);
 //   * conversions to the output dtype round once (__float2bfloat16_rn, __float2half_rn);
-//   * a kernel's only check is its bounds guard: validation happens in Python (backends/cupy_backend/ops.py).
+//   * a kernel's only check is its bounds guard: validation happens in Python (backends/cupy_backend/inputs.py, ops.py).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

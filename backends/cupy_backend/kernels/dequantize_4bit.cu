@@ -22,13 +22,15 @@
 //                               (A first v2 gave each thread 32 consecutive values: 16-byte loads, but its four
 //                               16-byte stores per thread were 64 bytes apart, half-filled sectors per warp store:
 //                               1.6 TB/s on an H100 against 2.98 TB/s for a copy.)
-// Launch configs: backends/cupy_backend/ops.py.  Build: -std=c++17 --fmad=false.
+// Launch configs: backends/cupy_backend/launch.py.  Build: -std=c++17 --fmad=false.
 #include "common.cuh"
 
+// The float32 absmax of block b the decoder multiplies by (qlora_ref Quantized4bit.absmax_f32): stored, or decoded
+// from double quantization (DQ-3, qlora_ref.double_quant.double_dequantize).
 template <bool DQ>
-__device__ __forceinline__ float block_absmax(i64 b, const float* __restrict__ absmax, const u8* __restrict__ absmax_q,
-                                              const float* __restrict__ code2, const float* __restrict__ nested_absmax,
-                                              float offset) {
+__device__ __forceinline__ float absmax_f32(i64 b, const float* __restrict__ absmax, const u8* __restrict__ absmax_q,
+                                            const float* __restrict__ code2, const float* __restrict__ nested_absmax,
+                                            float offset) {
     if (!DQ) return __ldg(absmax + b);
     return __fadd_rn(fmul_ftz(code2[__ldg(absmax_q + b)], __ldg(nested_absmax + (b >> 8))), offset);
 }
@@ -43,7 +45,7 @@ __global__ void dequantize_4bit_v1(const u8* __restrict__ packed, i64 n, int log
     if (i >= n) return;
     const u32 byte = packed[i >> 1];
     const u32 code = (i & 1) ? (byte & 15u) : (byte >> 4);
-    const float am = block_absmax<DQ>(i >> log2_blocksize, absmax, absmax_q, code2, nested_absmax, offset);
+    const float am = absmax_f32<DQ>(i >> log2_blocksize, absmax, absmax_q, code2, nested_absmax, offset);
     out[i] = from_f32<T>(fmul_ftz(table[code], am));
 }
 
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(256) dequantize_4bit_v2(const u8* __restrict__
         const i64 g = g0 + (i64)u * 256;
         if (g < nunits) {
             q[u] = __ldcs(reinterpret_cast<const Packed*>(packed) + g);
-            am[u] = block_absmax<DQ>((g * E) >> log2_blocksize, absmax, absmax_q, s_code2, nested_absmax, offset);
+            am[u] = absmax_f32<DQ>((g * E) >> log2_blocksize, absmax, absmax_q, s_code2, nested_absmax, offset);
         }
     }
 #pragma unroll
@@ -113,7 +115,7 @@ __global__ void __launch_bounds__(256) dequantize_4bit_v2(const u8* __restrict__
             for (i64 i = g * E; i < n; i++) {
                 const u32 byte = packed[i >> 1];
                 const u32 code = (i & 1) ? (byte & 15u) : (byte >> 4);
-                const float a = block_absmax<DQ>(i >> log2_blocksize, absmax, absmax_q, s_code2, nested_absmax, offset);
+                const float a = absmax_f32<DQ>(i >> log2_blocksize, absmax, absmax_q, s_code2, nested_absmax, offset);
                 out[i] = from_f32<T>(fmul_ftz(s_table[code], a));
             }
         }

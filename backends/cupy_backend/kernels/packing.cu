@@ -8,7 +8,7 @@
 // Kernels:
 //   pack_4bit_v1 / unpack_4bit_v1   naive: one thread per packed byte.  Second oracle and the unaligned path.
 //   pack_4bit_v2 / unpack_4bit_v2   16 packed bytes per thread: 16-byte loads and stores; scalar for the tail.
-// Launch configs: backends/cupy_backend/ops.py.  Build: -std=c++17 --fmad=false.
+// Launch configs: backends/cupy_backend/launch.py.  Build: -std=c++17 --fmad=false.
 #include "common.cuh"
 
 __global__ void pack_4bit_v1(const u8* __restrict__ codes, i64 n, int filler, u8* __restrict__ packed,

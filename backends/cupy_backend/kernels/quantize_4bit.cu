@@ -26,7 +26,7 @@
 //                                    the warp).  256 threads per CTA.  H100, bf16 22016x8192, blocksize 64: 225 us =
 //                                    2.0 TB/s of 2.98 for a copy (one 16-byte load per thread instead of two: 255 us).
 // QT: 0 = sorted table (NF4, Int4: code = count), 1 = FP4 sign-magnitude.
-// Launch configs: backends/cupy_backend/ops.py (one function per kernel).  Build: -std=c++17 --fmad=false.
+// Launch configs: backends/cupy_backend/launch.py (one function per kernel).  Build: -std=c++17 --fmad=false.
 #include "common.cuh"
 
 // #{k : y > t[k]} over 15 ascending thresholds (t[15] unused), by binary search: identical to the linear count.
