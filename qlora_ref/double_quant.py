@@ -35,8 +35,10 @@ float32 vector of n values (setReduceConfig), on a device with `sm_count` multip
 Everything else torch's launch reads leaves the bits alone: 512 threads per block (MAX_NUM_THREADS), 4 accumulators
 (vt0 = input_vec_size = 4), 16 and 256 values per thread (min/max_values_per_thread) are compile-time constants of
 torch; the warp size only moves the boundary between the shared-memory and the shuffle part of one halving tree.
-`vectorized_from` is the smallest vectorised n: 129 (``dim0 > 128``, torch <= 2.11 on CUDA); later torch sources
-read ``dim0 >= 128`` (128).  Zero padding stands in for missing loads: +0.0 added to a sum of values >= 0 is exact.
+`vectorized_from` is the smallest vectorised n: 129 for sources that read ``dim0 > 128`` (what this spec has assumed
+for torch 2.11 since DQ-1 was written; tests/peers/test_gpu_offset.py checks the installed torch at n = 128), 128 for
+the newer sources that read ``dim0 >= 128``.  Zero padding stands in for missing loads: +0.0 added to a sum of
+values >= 0 is exact.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ BLOCK_THREADS = 512  # torch's MAX_NUM_THREADS for float32 reductions (mnt_wrapp
 ACCUMULATORS = 4  # vt0 = input_vec_size = 4 for float32 mean
 MIN_VALUES_PER_THREAD = 16  # setReduceConfig (CUDA)
 MAX_VALUES_PER_THREAD = 256
-VECTORIZED_FROM = 129  # torch <= 2.11 vectorises a contiguous row when dim0 > 128
+VECTORIZED_FROM = 129  # torch vectorises a contiguous row when dim0 > 128 (newer sources: dim0 >= 128)
 MAX_THREADS_PER_SM = 2048  # Hopper (H100, H200); also Ampere A100
 MAX_32BIT_INDEXED = 2**29  # more float32 values than this and torch splits the input into 32-bit-indexable pieces
 
@@ -169,7 +171,7 @@ def checked_reduce_plan(n: int, *, sm_count: int | None, max_threads_per_sm: int
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
             raise ValueError(f"{name} must be a positive int (the device's cudaDeviceProp value), got {value!r}")
     if vectorized_from not in (128, 129):
-        raise ValueError(f"vectorized_from must be 129 (torch <= 2.11) or 128 (later torch), got {vectorized_from!r}")
+        raise ValueError(f"vectorized_from must be 129 (dim0 > 128) or 128 (dim0 >= 128), got {vectorized_from!r}")
     if sm_count is not None and n > MAX_32BIT_INDEXED:
         raise ValueError(f"{n} values: torch splits more than 2**29 float32 values into pieces, an order not emulated")
     return torch_reduce_plan(
