@@ -58,10 +58,12 @@ def _names() -> dict[str, tuple[str, ...]]:
             f"absmax_mean_chains<{MEAN_LOADS_AHEAD}>",
             "absmax_mean_fold",
         ),
+        "absmax_mean.cu": ("absmax_mean_partials_v1", "absmax_mean_combine_v1"),  # DQ-1 / DQ-5, torch's order
         "packing.cu": ("pack_4bit_v1", "pack_4bit_v2", "unpack_4bit_v1", "unpack_4bit_v2"),
         "check_finite.cu": tuple(
             [f"check_finite_v1<{t}>" for t in ctypes] + [f"check_finite_v2<{t}, {FINITE_CHUNKS}>" for t in ctypes]
         ),
+        "adamw.cu": ("adamw32_v1", "adamw32_v2", "adamw8_v1", "adamw8_v2"),  # dtype is per tensor, at run time
     }
 
 

@@ -6,7 +6,7 @@
 layer.py      QLoRALinear + its autograd function (frozen 4-bit base, LoRA A/B, shared dequantization scratch)
 prepare.py    prepare_model / load_model / load_tokenizer / gguf_as_hf_dir / model_cache_dir
 synthetic.py  random LLaMA-shaped QLoRA models made on the device (memory runs)
-optim.py      PagedAdamW: the spec's AdamW with states paged in CUDA managed memory
+optim.py      PagedAdamW: the torch optimizer over the backend's AdamW step (CUDA: states paged in managed memory)
 clip.py       the spec's global-norm gradient clipping
 export.py     PEFT adapter, bitsandbytes 4-bit checkpoint, exact merged 16-bit export
 """

@@ -4,13 +4,14 @@
     coef       = f32(max_norm) / (total_norm + f32(1e-6))   float32
     g_i       <- g_i * min(coef, 1)                         float32, every tensor, rounded once to g's dtype
 
-CPU gradients go through ``qlora_ref.adamw.clip_grad_norm`` itself: bit-identical to the spec.
+The backend that computes on the gradients' device does it (`Backend.clip_grad_norm_`):
 
-CUDA gradients use torch reductions in float64.  Each square of a float32 is exact in float64; the float64 sums
-(numpy's pairwise order in the spec, the GPU's tree order here) each carry a relative error below log2(n)*2^-53,
-so the two float64 totals differ by far less than half a float32 ulp, and their float32 roundings can differ only
-when the exact value sits within that distance of a rounding boundary: total_norm agrees to within 1 ulp (almost
-always 0), coef to within 2 ulp, and each clipped gradient to within 3 ulp (0 whenever total_norm agrees).
+- "numpy" (CPU gradients): ``qlora_ref.adamw.clip_grad_norm`` itself, bit-identical to the spec.
+- "cupy" (CUDA gradients): float64 reductions on the device.  Each square of a float32 is exact in float64; the
+  float64 sums (numpy's pairwise order in the spec, the GPU's tree order here) each carry a relative error below
+  log2(n)*2^-53, so the two float64 totals differ by far less than half a float32 ulp, and their float32 roundings can
+  differ only when the exact value sits within that distance of a rounding boundary: total_norm agrees to within 1 ulp
+  (almost always 0), coef to within 2 ulp, and each clipped gradient to within 3 ulp (0 whenever total_norm agrees).
 """
 
 from __future__ import annotations
@@ -20,16 +21,22 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from qlora_ref import adamw as spec
-from qlora_ref.checks import NonFiniteError
+from backends import Backend
+
+from .optim import backend_for
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float = 0.3) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float = 0.3, *, backend: str | Backend | None = None
+) -> torch.Tensor:
     """Scale the gradients of ``parameters`` in place so their global 2-norm is at most ``max_norm``.
 
     Returns the float32 norm before clipping (0-dim, on the gradients' device), like torch.nn.utils.clip_grad_norm_.
     Parameters without a gradient are skipped; a NaN/Inf gradient raises NonFiniteError before anything is scaled.
+    ``backend``: default the one that computes on the gradients' device.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
@@ -42,24 +49,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
     if len(devices) != 1:
         raise ValueError(f"gradients must be on one device, got {sorted(map(str, devices))}")
     for i, g in enumerate(grads):
-        if g.dtype not in (torch.float32, torch.bfloat16, torch.float16) or g.is_sparse:
+        if g.dtype not in _DTYPES or g.is_sparse:
             raise TypeError(f"gradient {i} is {g.layout} {g.dtype}; clip_grad_norm_ takes dense float gradients")
     device = devices.pop()
-    if device.type == "cpu":
-        g32 = [g.detach().to(torch.float32).reshape(-1).numpy() for g in grads]
-        clipped, total_norm = spec.clip_grad_norm(g32, max_norm)  # raises NonFiniteError itself
-        for g, c in zip(grads, clipped, strict=True):
-            g.copy_(torch.from_numpy(np.asarray(c, np.float32)).view(g.shape))
-        return torch.tensor(total_norm, dtype=torch.float32)
-    total_sq = torch.stack([torch.sum(torch.square(g.to(torch.float64))) for g in grads]).sum()
-    total_norm = torch.sqrt(total_sq).to(torch.float32)
-    if not bool(torch.isfinite(total_norm)):
-        raise NonFiniteError(
-            f"the gradients' global norm is {total_norm.item()} (NaN/Inf in a gradient); nothing was scaled"
-        )
-    denom = total_norm + torch.tensor(spec.CLIP_EPS, dtype=torch.float32, device=device)
-    coef = torch.div(torch.tensor(max_norm, dtype=torch.float32, device=device), denom)
-    coef = torch.clamp(coef, max=1.0)
-    for g in grads:
-        g.mul_(coef)  # float32 product, one rounding to g's dtype
-    return total_norm
+    total_norm = backend_for(device, backend).clip_grad_norm_(grads, max_norm)
+    return torch.as_tensor(total_norm, dtype=torch.float32, device=device)

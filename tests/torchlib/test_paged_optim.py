@@ -1,4 +1,4 @@
-"""PagedAdamW (backends/optim) against the spec (qlora_ref.adamw) and against torch.optim.AdamW.
+"""PagedAdamW (backends/torchlib/optim.py) against the spec (qlora_ref.adamw) and against torch.optim.AdamW.
 
 Agreement classes and their tolerances (STYLE 11):
 
@@ -20,7 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.torchlib import DeviceMemoryError, PagedAdamW, clip_grad_norm_
+from backends import get_backend
+from backends.torchlib import DeviceMemoryError, PagedAdamW, clip_grad_norm_, step_scalars
 from qlora_ref import adamw as spec
 from qlora_ref import bf16_to_f32, f32_to_bf16
 from qlora_ref.checks import NonFiniteError
@@ -370,22 +371,27 @@ def test_gpu_every_chunk_gives_the_same_bits(bits, chunk):
 
 
 @pytest.mark.gpu
-def test_gpu_naive_kernel_agrees():
-    """The v1 kernel (one thread per element, one launch per tensor) is a second oracle for the fused one."""
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_v1_kernel_agrees_with_spec(bits, dtype):
+    """The v1 kernels (plain, one launch per tensor) are a second oracle for the fused v2 ones: both equal the spec."""
+    opt = _check_spec_parity([3000, 17, 257], dict(lr=1e-3, weight_decay=0.01), bits, "after", dtype, 5, 1.0, 11,
+                             "cuda", chunk=1024)  # fmt: skip
+    assert opt._states.kernel == "v2"
     rng = np.random.default_rng(11)
-    p0 = [rng.standard_normal(n).astype(np.float32) for n in (3000, 17)]
-    grads = _grads(rng, [3000, 17], 5, 1.0, "float32")
-    kw = dict(lr=1e-3, weight_decay=0.01)
-    fused, _ = _ours_run(p0, grads, kw, 32, "after", "float32", "cuda")
-    params = _torch_params(p0, "float32", "cuda")
-    opt = PagedAdamW(params, **kw)
-    opt._impl.naive = True
+    p0 = [_round(rng.standard_normal(n).astype(np.float32), dtype) for n in (3000, 17, 257)]
+    grads = _grads(rng, [3000, 17, 257], 5, 1.0, dtype)
+    ref, ref_states = _spec_run(p0, grads, dict(lr=1e-3, weight_decay=0.01), bits, "after", dtype)
+    params = _torch_params(p0, dtype, "cuda")
+    opt = PagedAdamW(params, lr=1e-3, weight_decay=0.01, state_bits=bits)
+    opt._states.kernel = "v1"
     for gs in grads:
         for p, g in zip(params, gs, strict=True):
-            p.grad = torch.from_numpy(g).cuda()
+            p.grad = torch.from_numpy(g).to(device="cuda", dtype=p.dtype)
         opt.step()
-    for p, ref in zip(params, fused[-1], strict=True):
-        assert np.array_equal(p.detach().cpu().numpy(), ref)
+    for p, r in zip(params, ref[-1], strict=True):
+        assert np.array_equal(p.detach().float().cpu().numpy().view(np.uint32), r.view(np.uint32))
+    _assert_states_equal(opt, ref_states, bits, "v1")
 
 
 @pytest.mark.gpu
@@ -526,6 +532,71 @@ def test_placement_boundary_errors():
         PagedAdamW(p, placement="disk")
     with pytest.raises(ValueError, match="paged=True"):
         PagedAdamW(p, placement="host", paged=False)
+
+
+def test_backend_is_chosen_by_the_parameters_device():
+    """No device branch in the front: the backend whose placement is the tensors' device does the step."""
+    assert PagedAdamW([torch.nn.Parameter(torch.zeros(3))]).backend.name == "numpy"
+    meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    with pytest.raises(ValueError, match="no backend computes on meta"):
+        PagedAdamW(meta)
+    with pytest.raises(ValueError, match="numpy backend computes on cpu"):
+        PagedAdamW(meta, backend="numpy")
+
+
+# ---- the backend op itself (Backend.adamw_states / adamw_step), on the backends' own arrays ----------------------
+
+
+def _backend_run(be, p0, grads, kw, bits, decay, dtype, to_array, to_host):
+    """p0 and grads (float32 values of dtype) through be.adamw_step on arrays made by to_array; (params, states)."""
+    states = be.adamw_states([p.size for p in p0], state_bits=bits)
+    bits16 = dtype == "bfloat16"
+    params = [to_array(f32_to_bf16(p) if bits16 else p.copy()) for p in p0]
+    index = list(range(len(p0)))
+    for t, gs in enumerate(grads, start=1):
+        s = step_scalars(t, **{"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **kw})
+        be.adamw_step(params, [to_array(f32_to_bf16(g) if bits16 else g) for g in gs], states, index, [s] * len(p0),
+                      decay=decay)  # fmt: skip
+    out = [to_host(p) for p in params]
+    return [bf16_to_f32(p) if bits16 else p for p in out], states.export()
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_numpy_backend_adamw_step_is_the_spec(bits, dtype):
+    """numpy arrays (bf16 as uint16 bits) through get_backend("numpy").adamw_step: the spec's bits, p and states."""
+    rng = np.random.default_rng(21)
+    sizes = [300, 1, 513]
+    p0 = [_round(rng.standard_normal(n).astype(np.float32), dtype) for n in sizes]
+    grads = _grads(rng, sizes, 4, 1.0, dtype)
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    ref, ref_states = _spec_run(p0, grads, kw, bits, "before", dtype)
+    got, states = _backend_run(get_backend("numpy"), p0, grads, kw, bits, "before", dtype, np.asarray, np.asarray)
+    for a, b in zip(got, ref[-1], strict=True):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    for s, r in zip(states, ref_states, strict=True):
+        refs = {"m": r[0], "v": r[1]} if bits == 32 else {k: getattr(r, k) for k in s}
+        assert all(np.array_equal(s[k], refs[k]) for k in s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_cupy_backend_adamw_step_on_cupy_arrays_equals_numpy_backend(bits, dtype):
+    """CuPy arrays (no torch tensors) through get_backend("cupy").adamw_step: the numpy backend's bits."""
+    import cupy
+
+    rng = np.random.default_rng(22)
+    sizes = [5000, 3, 256]
+    p0 = [_round(rng.standard_normal(n).astype(np.float32), dtype) for n in sizes]
+    grads = _grads(rng, sizes, 4, 1.0, dtype)
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    ref, ref_states = _backend_run(get_backend("numpy"), p0, grads, kw, bits, "after", dtype, np.asarray, np.asarray)
+    got, states = _backend_run(get_backend("cupy"), p0, grads, kw, bits, "after", dtype, cupy.asarray, cupy.asnumpy)
+    for a, b in zip(got, ref, strict=True):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    for s, r in zip(states, ref_states, strict=True):
+        assert all(np.array_equal(s[k], r[k]) for k in s)
 
 
 @pytest.mark.gpu

@@ -1,61 +1,60 @@
-// adamw.cu — fused multi-tensor AdamW for qlora-ref's PagedAdamW (backends/optim/paged.py).
+// adamw.cu — AdamW over many tensors in one launch, 32-bit or 8-bit blockwise states, updated in place.
 //
-// What: one launch updates every parameter of an optimizer: a table of TensorArgs (pointers, sizes, per-tensor
-// float32 scalars) and a block table (tensor index, chunk index) let each CUDA block update one chunk of one tensor.
-// States m, v live in CUDA managed memory (or ordinary device memory) and are read/written in place; parameters and
-// gradients are torch tensors read through their device pointers (zero-copy, like a DLPack view).
-//
-// Reference: qlora_ref/adamw.py (AD-1 .. AD-4) — the executable spec this must match bit for bit:
-//     m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*(g*g)
-//     p = p + step_size * (m / (sqrt(v) + eps*c2))      step_size = -lr*c2/c1, c1 = 1-b1^t, c2 = sqrt(1-b2^t)
-//     decay "after": p = p*(1-lr*wd) after the step; "before": before it.
-// The scalars (b1, 1-b1, b2, 1-b2, step_size, eps*c2, 1-lr*wd) are computed ON THE HOST by the same numpy float32
-// expressions as the spec and passed in the table, so no powf runs here.  Per element only IEEE-exact ops remain
-// (mul, add, div, sqrt, all correctly rounded), which is why the build options are --fmad=false (no contraction of
-// b1*m + (1-b1)*g into an FMA), --prec-div=true, --prec-sqrt=true, --ftz=false and no fast math: with them every
-// element is bit-identical to numpy's float32 evaluation.  Low-precision params (bf16/fp16) are widened to float32,
-// updated, and rounded once to nearest-even, as torch's .to(dtype) does on the CPU path.
-//
-// 8-bit states (ADAMW-6..8, SPEC-NOTES 1.10): blockwise dynamic-map codes, 256 values per block: m with the signed
-// map, v with the unsigned map.  One CUDA block of 256 threads walks the quantization blocks of its chunk, with the
-// spec's blockwise rules (qlora_ref/blockwise.py, which reproduces bitsandbytes' fast-math build, BW-3 / BW-8):
-//     dequantize   s = ftz(code[c] * absmax)                           mul.rn.ftz.f32
-//     update       the 32-bit step above (IEEE, p from the unquantized s)
-//     absmax'      ftz(max |s'|) over the block (NaN propagates like np.max)
-//     requantize   y = ftz(ftz(s') * rcp(absmax'))                     rcp.approx.ftz.f32, mul.rn.ftz.f32
-//                  code = encode_dynamic(y): 7 halving steps from pivot 127, then the midpoint rule (DQ-2)
-//
+// What (specs/adamw.md ADAMW-2, ADAMW-3, ADAMW-6..ADAMW-8; reference: qlora_ref/adamw.py adamw_step / adamw_step_8bit):
+//     if decay_before:  p = p * decay                                      (ADAMW-3, torch.optim.AdamW's placement)
+//     m = b1*m + one_minus_b1*g ;  v = b2*v + one_minus_b2*(g*g)           (ADAMW-2)
+//     p = p + step_size * (m / (sqrt(v) + eps_c2))
+//     else:             p = p * decay                                      (ADAMW-3, bitsandbytes' placement)
+//   with the float32 scalars b1, 1-b1, b2, 1-b2, step_size = -lr*c2/c1, eps_c2 = eps*c2, decay = 1-lr*wd computed on
+//   the host by the spec's own expressions (ADAMW-2: adam_scalars; device powf may differ in the last ulp), one set per
+//   tensor in its TensorArgs row.  Per element only mul, add, div and sqrt remain, each correctly rounded under the
+//   build options (--fmad=false, --prec-div=true, --prec-sqrt=true, --ftz=false): bit-identical to numpy's float32.
+//   bf16/fp16 parameters and gradients widen exactly to float32 (BW-1); the new p rounds once to its dtype (BW-7).
+//   8-bit states (ADAMW-6: 256 values per block, m into the signed dynamic map, v into the unsigned one):
+//     dequantize   s = ftz(code[c] * absmax[block])                        (ADAMW-7, DQ-3, BW-8: mul.rn.ftz.f32)
+//     update       the 32-bit step above on s; p from the unquantized new m, v (ADAMW-7)
+//     absmax'      ftz(max |s'|) over the block, NaN propagating as np.max  (ADAMW-8, BW-2, BW-8)
+//     requantize   code = encode_dynamic(ftz(ftz(s') * rcp(absmax')))      (ADAMW-8, BW-3, DQ-2)
+//   Non-finite gradients (ADAMW-12) are refused in Python before any launch.
 // Kernels:
-//   adamw32_multi — 32-bit states; each thread ILP elements strided by blockDim (coalesced), chunk given by the host.
-//   adamw8_multi  — 8-bit blockwise states; blockDim must be 256 (one thread per element of a quantization block).
-//   adamw32_naive — v1: one thread per element of one tensor (grid over n), the second oracle for tests.
+//   adamw32_v1   plain: one thread per element of one tensor (a launch per tensor).  Second oracle.
+//   adamw32_v2   one launch for every tensor: a block table of (tensor row, chunk) pairs, each CUDA block updates one
+//                chunk of one tensor, every thread ILP elements strided by blockDim (coalesced).
+//   adamw8_v1    plain: one thread per 256-block of one tensor, sequential (absmax in a first pass, codes in a second
+//                that recomputes the same update).  Second oracle.
+//   adamw8_v2    one launch for every tensor: blockDim must be 256, one thread per element of a 256-block; each CUDA
+//                block walks the 256-blocks of its chunk, maps in shared memory.
+// Launch configs: backends/cupy_backend/adamw.py.  Build: -std=c++17 --fmad=false (build.OPTIONS, the same as every
+// kernel file).  The TensorArgs layout is mirrored by ARGS_DTYPE in backends/cupy_backend/adamw.py.
+#include "common.cuh"
 
-#include "common.cuh"  // rcp_approx_ftz, fmul_ftz, ftz (the spec's fast-math rules); cuda_bf16.h, cuda_fp16.h
-
-struct TensorArgs {                      // 96 bytes, mirrored by _ARGS_DTYPE in backends/optim/paged.py
-    unsigned long long p, g, m, v;       // param (T), grad (T), m and v (float32 or uint8 codes)
-    unsigned long long m_absmax, v_absmax;  // float32[ceil(n/256)], 8-bit states only
-    long long n;                         // elements
-    int dtype;                           // T: 0 float32, 1 bfloat16, 2 float16
-    int decay_before;                    // 1: p*(1-lr*wd) before the Adam step (torch), 0: after (bitsandbytes)
+struct TensorArgs {                         // 96 bytes, one row per tensor
+    u64 p, g, m, v;                         // param (T), grad (T), m and v (float32, or uint8 codes for 8-bit states)
+    u64 m_absmax, v_absmax;                 // float32[ceil(n/256)], 8-bit states only
+    i64 n;                                  // elements
+    int dtype;                              // T: 0 float32, 1 bfloat16, 2 float16
+    int decay_before;                       // 1: p*(1-lr*wd) before the Adam step (torch), 0: after (bitsandbytes)
     float b1, one_minus_b1, b2, one_minus_b2;
     float step_size, eps_c2, decay, pad_;
 };
-static_assert(sizeof(TensorArgs) == 96, "TensorArgs must match _ARGS_DTYPE");
+static_assert(sizeof(TensorArgs) == 96, "TensorArgs must match ARGS_DTYPE in backends/cupy_backend/adamw.py");
 
-__device__ __forceinline__ float load_t(unsigned long long ptr, long long i, int dtype) {
+constexpr int ILP = 4;       // elements in flight per thread in adamw32_v2
+constexpr int QBLOCK = 256;  // ADAMW-6: values per 8-bit state block
+
+__device__ __forceinline__ float load_t(u64 ptr, i64 i, int dtype) {
     if (dtype == 0) return reinterpret_cast<const float*>(ptr)[i];
-    if (dtype == 1) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(ptr)[i]);
-    return __half2float(reinterpret_cast<const __half*>(ptr)[i]);
+    if (dtype == 1) return to_f32(reinterpret_cast<const __nv_bfloat16*>(ptr)[i]);
+    return to_f32(reinterpret_cast<const __half*>(ptr)[i]);
 }
 
-__device__ __forceinline__ void store_t(unsigned long long ptr, long long i, int dtype, float x) {
+__device__ __forceinline__ void store_t(u64 ptr, i64 i, int dtype, float x) {
     if (dtype == 0) reinterpret_cast<float*>(ptr)[i] = x;
-    else if (dtype == 1) reinterpret_cast<__nv_bfloat16*>(ptr)[i] = __float2bfloat16_rn(x);
-    else reinterpret_cast<__half*>(ptr)[i] = __float2half_rn(x);
+    else if (dtype == 1) reinterpret_cast<__nv_bfloat16*>(ptr)[i] = from_f32<__nv_bfloat16>(x);
+    else reinterpret_cast<__half*>(ptr)[i] = from_f32<__half>(x);
 }
 
-// The spec's per-element update (AD-2, AD-3), one float32 op at a time.
+// The spec's per-element update (ADAMW-2, ADAMW-3), one float32 op at a time.
 __device__ __forceinline__ void adamw_element(const TensorArgs& a, float& p, float g, float& m, float& v) {
     if (a.decay_before) p = p * a.decay;
     m = a.b1 * m + a.one_minus_b1 * g;
@@ -66,46 +65,9 @@ __device__ __forceinline__ void adamw_element(const TensorArgs& a, float& p, flo
 
 // ---- 32-bit states ------------------------------------------------------------------------------------------------
 
-#define ILP 4
-
-extern "C" __global__ void adamw32_multi(const TensorArgs* __restrict__ args, const int2* __restrict__ blocks,
-                                         long long chunk) {
-    const int2 bt = blocks[blockIdx.x];  // (tensor index, chunk index)
-    const TensorArgs a = args[bt.x];
-    const long long start = (long long)bt.y * chunk;
-    const long long end = min(start + chunk, a.n);
-    float* m_ptr = reinterpret_cast<float*>(a.m);
-    float* v_ptr = reinterpret_cast<float*>(a.v);
-    const long long stride = (long long)blockDim.x * ILP;
-    for (long long base = start + threadIdx.x; base < end; base += stride) {
-        float p[ILP], g[ILP], m[ILP], v[ILP];
-#pragma unroll
-        for (int k = 0; k < ILP; ++k) {
-            const long long i = base + (long long)k * blockDim.x;
-            if (i < end) {
-                p[k] = load_t(a.p, i, a.dtype);
-                g[k] = load_t(a.g, i, a.dtype);
-                m[k] = m_ptr[i];
-                v[k] = v_ptr[i];
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < ILP; ++k) {
-            const long long i = base + (long long)k * blockDim.x;
-            if (i < end) {
-                adamw_element(a, p[k], g[k], m[k], v[k]);
-                store_t(a.p, i, a.dtype, p[k]);
-                m_ptr[i] = m[k];
-                v_ptr[i] = v[k];
-            }
-        }
-    }
-}
-
-// v1: one thread per element of one tensor; the plain port, kept as a second oracle.
-extern "C" __global__ void adamw32_naive(const TensorArgs* __restrict__ args, int tensor) {
+__global__ void adamw32_v1(const TensorArgs* __restrict__ args, int tensor) {
     const TensorArgs a = args[tensor];
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= a.n) return;
     float p = load_t(a.p, i, a.dtype);
     float m = reinterpret_cast<float*>(a.m)[i];
@@ -116,88 +78,122 @@ extern "C" __global__ void adamw32_naive(const TensorArgs* __restrict__ args, in
     reinterpret_cast<float*>(a.v)[i] = v;
 }
 
-// ---- 8-bit blockwise states ---------------------------------------------------------------------------------------
-
-#define QBLOCK 256
-
-// np.max semantics: NaN wins.
-__device__ __forceinline__ float nanmax(float x, float y) { return (x > y || isnan(x)) ? x : y; }
-
-// qlora_ref.blockwise.encode_dynamic, scalar form (DQ-2): 7 halving steps from pivot 127, then the midpoint rule.
-__device__ __forceinline__ unsigned char encode_dynamic(float y, const float* code) {
-    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-    float lower = -1.0f, upper = 1.0f;
-    float val = code[pivot];
-    for (int step = 64; step > 0; step >>= 1) {
-        if (y > val) {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += step;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= step;
+__global__ void adamw32_v2(const TensorArgs* __restrict__ args, const int2* __restrict__ blocks, i64 chunk) {
+    const int2 bt = blocks[blockIdx.x];  // (tensor row, chunk index)
+    const TensorArgs a = args[bt.x];
+    const i64 start = (i64)bt.y * chunk;
+    const i64 end = min(start + chunk, a.n);
+    float* m_ptr = reinterpret_cast<float*>(a.m);
+    float* v_ptr = reinterpret_cast<float*>(a.v);
+    const i64 stride = (i64)blockDim.x * ILP;
+    for (i64 base = start + threadIdx.x; base < end; base += stride) {
+        float p[ILP], g[ILP], m[ILP], v[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = base + (i64)k * blockDim.x;
+            if (i < end) {
+                p[k] = load_t(a.p, i, a.dtype);
+                g[k] = load_t(a.g, i, a.dtype);
+                m[k] = m_ptr[i];
+                v[k] = v_ptr[i];
+            }
         }
-        val = code[pivot];
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = base + (i64)k * blockDim.x;
+            if (i < end) {
+                adamw_element(a, p[k], g[k], m[k], v[k]);
+                store_t(a.p, i, a.dtype, p[k]);
+                m_ptr[i] = m[k];
+                v_ptr[i] = v[k];
+            }
+        }
     }
-    if (upper_pivot == 255) upper = code[255];
-    if (lower_pivot == 0) lower = code[0];
-    int out = pivot;
-    if (y > val) {
-        if (y > (upper + val) * 0.5f) out = upper_pivot;
-    } else {
-        if (y < (lower + val) * 0.5f) out = lower_pivot;
-    }
-    return (unsigned char)out;
 }
 
-// Block-wide max over 256 threads (exact: max is order-independent, NaN propagates).
+// ---- 8-bit blockwise states ---------------------------------------------------------------------------------------
+
+// The dequantize + update of element i (ADAMW-7): the new p, m, v in float32.
+__device__ __forceinline__ void adamw8_element(const TensorArgs& a, i64 i, i64 qb, const float* code_m,
+                                               const float* code_v, float& p, float& m, float& v) {
+    const u8* m_codes = reinterpret_cast<const u8*>(a.m);
+    const u8* v_codes = reinterpret_cast<const u8*>(a.v);
+    p = load_t(a.p, i, a.dtype);
+    const float g = load_t(a.g, i, a.dtype);
+    m = fmul_ftz(code_m[m_codes[i]], reinterpret_cast<const float*>(a.m_absmax)[qb]);  // DQ-3 (BW-8: flushed)
+    v = fmul_ftz(code_v[v_codes[i]], reinterpret_cast<const float*>(a.v_absmax)[qb]);
+    adamw_element(a, p, g, m, v);
+}
+
+__global__ void adamw8_v1(const TensorArgs* __restrict__ args, int tensor, const float* __restrict__ code_m,
+                          const float* __restrict__ code_v) {
+    const TensorArgs a = args[tensor];
+    const i64 qb = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 start = qb * QBLOCK;
+    if (start >= a.n) return;
+    const i64 stop = min(start + (i64)QBLOCK, a.n);
+    float am = 0.0f, av = 0.0f, p, m, v;
+    for (i64 i = start; i < stop; i++) {  // pass 1: the new absmax (ADAMW-8), nothing written yet
+        adamw8_element(a, i, qb, code_m, code_v, p, m, v);
+        am = nan_max(am, fabsf(m));
+        av = nan_max(av, fabsf(v));
+    }
+    am = ftz(am);
+    av = ftz(av);
+    const float rm = rcp_approx_ftz(am), rv = rcp_approx_ftz(av);  // BW-3: 1/0 = inf, then 0*inf = NaN -> code 0
+    u8* m_codes = reinterpret_cast<u8*>(a.m);
+    u8* v_codes = reinterpret_cast<u8*>(a.v);
+    for (i64 i = start; i < stop; i++) {  // pass 2: the same update again (same bits), then p and the codes
+        adamw8_element(a, i, qb, code_m, code_v, p, m, v);
+        store_t(a.p, i, a.dtype, p);
+        m_codes[i] = encode_dynamic(fmul_ftz(m, rm), code_m);
+        v_codes[i] = encode_dynamic(fmul_ftz(v, rv), code_v);
+    }
+    reinterpret_cast<float*>(a.m_absmax)[qb] = am;  // last: pass 2 read the old absmax
+    reinterpret_cast<float*>(a.v_absmax)[qb] = av;
+}
+
+// Block-wide max over 256 threads (exact: max is order-independent; NaN propagates as one canonical NaN).
 __device__ __forceinline__ float block_max_256(float x, float* scratch) {
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) x = nanmax(x, __shfl_xor_sync(0xffffffffu, x, off));
+    for (int off = 16; off > 0; off >>= 1) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, off));
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (lane == 0) scratch[warp] = x;
     __syncthreads();
     float r = scratch[0];
 #pragma unroll
-    for (int w = 1; w < QBLOCK / 32; ++w) r = nanmax(r, scratch[w]);
+    for (int w = 1; w < QBLOCK / 32; ++w) r = nan_max(r, scratch[w]);
     __syncthreads();  // scratch is reused by the next call
     return r;
 }
 
-extern "C" __global__ void adamw8_multi(const TensorArgs* __restrict__ args, const int2* __restrict__ blocks,
-                                        int qblocks_per_chunk, const float* __restrict__ code_m,
-                                        const float* __restrict__ code_v) {
+__global__ void adamw8_v2(const TensorArgs* __restrict__ args, const int2* __restrict__ blocks,
+                                                 int qblocks_per_chunk, const float* __restrict__ code_m,
+                                                 const float* __restrict__ code_v) {
     __shared__ float s_code_m[256], s_code_v[256], scratch_m[QBLOCK / 32], scratch_v[QBLOCK / 32];
     s_code_m[threadIdx.x] = code_m[threadIdx.x];
     s_code_v[threadIdx.x] = code_v[threadIdx.x];
     __syncthreads();
-    const int2 bt = blocks[blockIdx.x];
+    const int2 bt = blocks[blockIdx.x];  // (tensor row, chunk index)
     const TensorArgs a = args[bt.x];
-    unsigned char* m_codes = reinterpret_cast<unsigned char*>(a.m);
-    unsigned char* v_codes = reinterpret_cast<unsigned char*>(a.v);
+    u8* m_codes = reinterpret_cast<u8*>(a.m);
+    u8* v_codes = reinterpret_cast<u8*>(a.v);
     float* m_absmax = reinterpret_cast<float*>(a.m_absmax);
     float* v_absmax = reinterpret_cast<float*>(a.v_absmax);
-    const long long nqb = (a.n + QBLOCK - 1) / QBLOCK;
-    const long long qb0 = (long long)bt.y * qblocks_per_chunk;
-    const long long qb1 = min(qb0 + qblocks_per_chunk, nqb);
-    for (long long qb = qb0; qb < qb1; ++qb) {
-        const long long i = qb * QBLOCK + threadIdx.x;
+    const i64 nqb = (a.n + QBLOCK - 1) / QBLOCK;
+    const i64 qb0 = (i64)bt.y * qblocks_per_chunk;
+    const i64 qb1 = min(qb0 + qblocks_per_chunk, nqb);
+    for (i64 qb = qb0; qb < qb1; ++qb) {
+        const i64 i = qb * QBLOCK + threadIdx.x;
         const bool valid = i < a.n;
         float p = 0.0f, m = 0.0f, v = 0.0f;
-        if (valid) {
-            p = load_t(a.p, i, a.dtype);
-            const float g = load_t(a.g, i, a.dtype);
-            m = fmul_ftz(s_code_m[m_codes[i]], m_absmax[qb]);  // DQ-3 dequantize (BW-8: flushed)
-            v = fmul_ftz(s_code_v[v_codes[i]], v_absmax[qb]);
-            adamw_element(a, p, g, m, v);
-        }
-        // BW-2, BW-8: new absmax over the valid items (padding counts as 0), subnormal flushed
+        if (valid) adamw8_element(a, i, qb, s_code_m, s_code_v, p, m, v);
+        // ADAMW-8, BW-2, BW-8: new absmax over the valid items (padding counts as 0), subnormal flushed
         const float am = ftz(block_max_256(valid ? fabsf(m) : 0.0f, scratch_m));
         const float av = ftz(block_max_256(valid ? fabsf(v) : 0.0f, scratch_v));
         if (valid) {
             store_t(a.p, i, a.dtype, p);
-            const float rm = rcp_approx_ftz(am), rv = rcp_approx_ftz(av);  // BW-3: 1/0 = inf, then 0*inf = NaN -> 0
+            const float rm = rcp_approx_ftz(am), rv = rcp_approx_ftz(av);  // BW-3: 1/0 = inf, 0*inf = NaN -> code 0
             m_codes[i] = encode_dynamic(fmul_ftz(m, rm), s_code_m);
             v_codes[i] = encode_dynamic(fmul_ftz(v, rv), s_code_v);
         }

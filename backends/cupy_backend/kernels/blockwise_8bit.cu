@@ -23,24 +23,7 @@
 // Launch configs: backends/cupy_backend/launch.py.  Build: -std=c++17 --fmad=false.
 #include "common.cuh"
 
-__device__ __forceinline__ u8 encode_dynamic(float y, const float* code) {
-    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-    float lower = -1.0f, upper = 1.0f;
-    float val = code[pivot];
-#pragma unroll
-    for (int step = 64; step > 0; step >>= 1) {
-        if (y > val) { lower_pivot = pivot; lower = val; pivot += step; }
-        else { upper_pivot = pivot; upper = val; pivot -= step; }
-        val = code[pivot];
-    }
-    if (upper_pivot == 255) upper = code[255];
-    if (lower_pivot == 0) lower = code[0];
-    if (y > val) return (y > __fmul_rn(__fadd_rn(upper, val), 0.5f)) ? (u8)upper_pivot : (u8)pivot;
-    return (y < __fmul_rn(__fadd_rn(lower, val), 0.5f)) ? (u8)lower_pivot : (u8)pivot;
-}
-
-// max |v| that propagates NaN (np.max semantics); fmaxf alone would drop it.
-__device__ __forceinline__ float nan_max(float m, float a) { return (isnan(a) || isnan(m)) ? __int_as_float(0x7fc00000) : fmaxf(m, a); }
+// encode_dynamic (DQ-2) and nan_max (BW-2) live in common.cuh (shared with adamw.cu).
 
 template <bool SUB>
 __device__ __forceinline__ float centred(const float* x, i64 i, float offset) { return SUB ? __fsub_rn(x[i], offset) : x[i]; }

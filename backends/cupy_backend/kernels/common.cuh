@@ -85,3 +85,25 @@ __device__ __forceinline__ float warp_max(float m) {
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     return m;
 }
+
+// --- the 8-bit dynamic map (blockwise_8bit.cu, adamw.cu) -----------------------------------------------------------
+// DQ-2: qlora_ref.blockwise.encode_dynamic, scalar form: bitsandbytes' dQuantize<0>, 7 halving steps from pivot 127
+// (right when y > code[pivot]), then the float32 midpoint on y's side decides neighbour vs pivot.  NaN -> 0.
+__device__ __forceinline__ u8 encode_dynamic(float y, const float* code) {
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f;
+    float val = code[pivot];
+#pragma unroll
+    for (int step = 64; step > 0; step >>= 1) {
+        if (y > val) { lower_pivot = pivot; lower = val; pivot += step; }
+        else { upper_pivot = pivot; upper = val; pivot -= step; }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255) upper = code[255];
+    if (lower_pivot == 0) lower = code[0];
+    if (y > val) return (y > __fmul_rn(__fadd_rn(upper, val), 0.5f)) ? (u8)upper_pivot : (u8)pivot;
+    return (y < __fmul_rn(__fadd_rn(lower, val), 0.5f)) ? (u8)lower_pivot : (u8)pivot;
+}
+
+// BW-2: max |v| that propagates NaN (np.max semantics); fmaxf alone would drop it.
+__device__ __forceinline__ float nan_max(float m, float a) { return (isnan(a) || isnan(m)) ? __int_as_float(0x7fc00000) : fmaxf(m, a); }

@@ -1,0 +1,344 @@
+"""The CuPy backend's AdamW: every tensor's step in one launch of kernels/adamw.cu, states in one arena (paged.py).
+
+The math and rule IDs are in the kernel file's header (specs/adamw.md ADAMW-2, -3, -6..-8).  The host's part:
+
+    scalars   the spec's float32 expressions per (t, hyperparameters), `backends.adamw_state.step_scalars`
+    table     one TensorArgs row per tensor (ARGS_DTYPE): param, grad and state pointers, n, dtype, the scalars
+    blocks    (row, chunk) per CUDA block, int32[nblocks, 2], cached by the set of tensors stepped
+    launch    adamw32_v2 / adamw8_v2 once over the block table (v1: one plain launch per tensor, the second oracle)
+
+No device-wide synchronisation per parameter (bitsandbytes syncs after every parameter, SPEC-NOTES 1.9); the
+non-finite check (ADAMW-12) is one fused reduction and one host sync per step.  Parameters and gradients are read in
+place through their device pointers (what a DLPack view carries; a capsule per tensor per step would cost ~10 us of
+host time each).  Any chunk gives the same bits (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cupy
+import numpy as np
+
+from qlora_ref.codebooks import dynamic_map
+from qlora_ref.dtypes import bf16_to_f32
+
+from ..adamw_state import (
+    BLOCKSIZE_8BIT,
+    KERNEL_SCALARS,
+    STATE_NAMES,
+    StepScalars,
+    aligned,
+    check_state_options,
+    nonfinite_error,
+    state_layout,
+)
+from ..bridge import device_ptr, is_torch, to_host
+from . import build
+from .paged import StateArena, stream_for
+
+THREADS = 256  # adamw8_v2 requires exactly 256 (one thread per element of a 256-block)
+
+# Mirrors `struct TensorArgs` in kernels/adamw.cu (96 bytes, static_assert there).
+ARGS_DTYPE = np.dtype(
+    [
+        ("p", "<u8"), ("g", "<u8"), ("m", "<u8"), ("v", "<u8"), ("m_absmax", "<u8"), ("v_absmax", "<u8"),
+        ("n", "<i8"), ("dtype", "<i4"), ("decay_before", "<i4"),
+        ("b1", "<f4"), ("one_minus_b1", "<f4"), ("b2", "<f4"), ("one_minus_b2", "<f4"),
+        ("step_size", "<f4"), ("eps_c2", "<f4"), ("decay", "<f4"), ("pad", "<f4"),
+    ]
+)  # fmt: skip
+assert ARGS_DTYPE.itemsize == 96
+
+
+# ---- launch configurations: (grid, block) per kernel -----------------------------------------------------------
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def adamw32_v1_config(n: int) -> tuple[tuple[int], tuple[int]]:
+    """One thread per element of one tensor."""
+    return (ceil_div(n, THREADS),), (THREADS,)
+
+
+def adamw32_v2_config(nblocks: int) -> tuple[tuple[int], tuple[int]]:
+    """One CUDA block per (tensor, chunk) row of the block table."""
+    return (nblocks,), (THREADS,)
+
+
+def adamw8_v1_config(n: int) -> tuple[tuple[int], tuple[int]]:
+    """One thread per 256-block of one tensor."""
+    return (ceil_div(ceil_div(n, BLOCKSIZE_8BIT), 128),), (128,)
+
+
+def adamw8_v2_config(nblocks: int) -> tuple[tuple[int], tuple[int]]:
+    """One CUDA block of 256 threads (one per element of a 256-block) per (tensor, chunk) row."""
+    return (nblocks,), (THREADS,)
+
+
+# ---- the states ----------------------------------------------------------------------------------------------------
+
+
+class DeviceAdamWStates:
+    """Every tensor's states in one StateArena (`backends.adamw_state.AdamWStates`); the static half of the table.
+
+    Arena layout: per tensor its arrays in `state_layout` order (m, v; or m_codes, m_absmax, v_codes, v_absmax),
+    each 256-byte aligned.
+    ``kernel``: "v2" (one fused launch, default) or "v1" (one plain launch per tensor, the second oracle).
+    """
+
+    def __init__(self, sizes, state_bits, device_id, *, paged, placement, margin_bytes, free_memory_fn, chunk):
+        self.sizes = list(sizes)
+        self.state_bits = state_bits
+        self.device_id = device_id
+        self.chunk = chunk
+        self.kernel = "v2"
+        self.offsets: list[dict[str, int]] = []
+        off = 0
+        for n in self.sizes:
+            entry = {}
+            for name, (dtype, count) in state_layout(n, state_bits).items():
+                entry[name] = off
+                off += aligned(np.dtype(dtype).itemsize * count)
+            self.offsets.append(entry)
+        self.nbytes = max(off, 256)
+        self.arena = StateArena(self.nbytes, device_id, paged=paged, placement=placement, margin_bytes=margin_bytes,
+                                free_memory_fn=free_memory_fn)  # fmt: skip
+        m_key, v_key = ("m", "v") if state_bits == 32 else ("m_codes", "v_codes")
+        self.static = np.zeros(len(self.sizes), ARGS_DTYPE)  # (tensors,) rows without p, g, dtype and scalars
+        for i, (n, o) in enumerate(zip(self.sizes, self.offsets, strict=True)):
+            self.static[i]["m"] = self.arena.base + o[m_key]
+            self.static[i]["v"] = self.arena.base + o[v_key]
+            if state_bits == 8:
+                self.static[i]["m_absmax"] = self.arena.base + o["m_absmax"]
+                self.static[i]["v_absmax"] = self.arena.base + o["v_absmax"]
+            self.static[i]["n"] = n
+        with cupy.cuda.Device(device_id):
+            if state_bits == 8:
+                self.code_m = cupy.asarray(dynamic_map(signed=True))  # (256,)
+                self.code_v = cupy.asarray(dynamic_map(signed=False))  # (256,)
+        self._blocks_cache: dict[tuple[int, ...], cupy.ndarray] = {}
+        self._keep = None  # the last uploaded table, alive until the next step's launch is queued
+
+    # -- paging: the arena's -----------------------------------------------------------------------------------------
+
+    @property
+    def pageable(self) -> bool:
+        return self.arena.pageable
+
+    @property
+    def resident(self) -> bool:
+        return self.arena.resident
+
+    def page_in(self) -> None:
+        self.arena.page_in()
+
+    def page_out(self, sync: bool = True) -> None:
+        self.arena.page_out(sync)
+
+    def location(self) -> str:
+        return self.arena.location()
+
+    def free_bytes(self) -> int:
+        return self.arena.free_bytes()
+
+    # -- state I/O ------------------------------------------------------------------------------------------------
+
+    def _view(self, i: int, name: str) -> cupy.ndarray:
+        dtype, count = state_layout(self.sizes[i], self.state_bits)[name]
+        return cupy.ndarray((count,), dtype, memptr=self.arena.mem + self.offsets[i][name])
+
+    def export(self) -> list[dict[str, np.ndarray]]:
+        """Copies of every state (device-to-host memcpy: reading managed memory this way does not migrate it)."""
+        names = STATE_NAMES[self.state_bits]
+        with cupy.cuda.Device(self.device_id):
+            stream = stream_for(self.device_id)
+            out = [{k: self._view(i, k).get(stream=stream) for k in names} for i in range(len(self.sizes))]
+            stream.synchronize()
+        return out
+
+    def load(self, arrays: list[dict[str, np.ndarray]]) -> None:
+        with cupy.cuda.Device(self.device_id):
+            stream = stream_for(self.device_id)
+            for i, a in enumerate(arrays):
+                for k in STATE_NAMES[self.state_bits]:
+                    self._view(i, k).set(np.ascontiguousarray(a[k]), stream=stream)
+            stream.synchronize()
+
+    def blocks(self, active: tuple[int, ...]) -> cupy.ndarray:
+        """(row in the launch table, chunk index) per CUDA block, int32[nblocks, 2]; cached by the tensors stepped."""
+        cached = self._blocks_cache.get(active)
+        if cached is None:
+            rows = []
+            for k, i in enumerate(active):
+                nchunks = ceil_div(self.sizes[i], self.chunk)  # 8-bit: chunk / 256 quantization blocks each
+                rows.append(np.stack([np.full(nchunks, k, np.int32), np.arange(nchunks, dtype=np.int32)], axis=1))
+            cached = cupy.asarray(np.ascontiguousarray(np.concatenate(rows)))  # (nblocks, 2)
+            if len(self._blocks_cache) > 8:
+                self._blocks_cache.clear()
+            self._blocks_cache[active] = cached
+        return cached
+
+
+def adamw_states(sizes, *, state_bits=32, device=None, paged=True, placement="device", margin_bytes=None,
+                 free_memory_fn=None, chunk=4096) -> DeviceAdamWStates:  # fmt: skip
+    """Zeroed states of tensors of `sizes` elements in one arena on GPU `device` (default: CuPy's current)."""
+    sizes = check_state_options(sizes, state_bits, paged, placement, chunk)
+    device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)
+    return DeviceAdamWStates(sizes, state_bits, device_id, paged=paged, placement=placement,
+                             margin_bytes=margin_bytes, free_memory_fn=free_memory_fn, chunk=chunk)  # fmt: skip
+
+
+# ---- the step ------------------------------------------------------------------------------------------------------
+
+
+def all_finite(grads) -> bool:
+    """Whether every gradient is finite: fused foreach L1 norms for torch tensors (NaN/Inf makes a norm non-finite),
+    a reduction per CuPy array; one host sync."""
+    torch_grads = [g for g in grads if is_torch(g)]
+    ok = True
+    if torch_grads:
+        import torch
+
+        by_dtype: dict[object, list] = {}
+        for g in torch_grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        norms = [n.float() for gs in by_dtype.values() for n in torch._foreach_norm(gs, 1)]
+        ok = bool(torch.isfinite(torch.stack(norms)).all())
+    others = [g for g in grads if not is_torch(g)]
+    if ok and others:  # bf16 as uint16 bits: non-finite is an all-ones exponent
+        flags = [((g & 0x7F80) != 0x7F80).all() if g.dtype == np.uint16 else cupy.isfinite(g).all() for g in others]
+        ok = bool(cupy.stack(flags).all())
+    return ok
+
+
+def _raise_nonfinite(grads, index) -> None:
+    """The slow path: name the first gradient with a NaN/Inf (ADAMW-12's message)."""
+    for i, g in zip(index, grads, strict=True):
+        bits = to_host(g).reshape(-1)
+        g32 = bf16_to_f32(bits) if bits.dtype == np.uint16 else bits.astype(np.float32)  # bf16 travels as uint16
+        err = nonfinite_error(i, g32)
+        if err is not None:
+            raise err
+
+
+_NUMPY_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # TensorArgs.dtype
+
+
+@functools.cache
+def _torch_codes() -> dict:
+    import torch
+
+    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _torch_numel(x) -> int:
+    return x.numel()
+
+
+def _torch_ptr(x) -> int:
+    return x.data_ptr()
+
+
+def _array_numel(x) -> int:
+    return int(x.size)
+
+
+def adamw_step(params, grads, states: DeviceAdamWStates, index, scalars, *, decay="after", check_finite=True) -> None:
+    """One AdamW step in place for params[k] with grads[k] on states' tensor index[k] under scalars[k] (one launch).
+
+    params and grads: torch CUDA tensors or CuPy arrays (bf16 as uint16), contiguous, a grad of its param's dtype.
+    """
+    if not len(params) == len(grads) == len(index) == len(scalars):
+        raise ValueError("params, grads, index and scalars must have one entry per tensor")
+    if decay not in ("after", "before"):
+        raise ValueError(f"decay must be 'after' (bitsandbytes) or 'before' (torch.optim.AdamW), got {decay!r}")
+    sizes = states.sizes
+    if is_torch(params[0]):  # the hot path (~0.3 us per tensor): torch's own accessors
+        by_dtype, numel, ptr = _torch_codes(), _torch_numel, _torch_ptr
+    else:
+        by_dtype, numel, ptr = _NUMPY_CODES, _array_numel, device_ptr
+    codes = [by_dtype.get(p.dtype) for p in params]
+    for p, g, i, c in zip(params, grads, index, codes, strict=True):
+        if c is None:
+            raise TypeError(f"parameter {i} has dtype {p.dtype}; AdamW takes float32, bfloat16 or float16")
+        if numel(p) != sizes[i] or numel(g) != sizes[i] or g.dtype != p.dtype:
+            raise ValueError(f"parameter {i} and its gradient must both be {p.dtype} with the {sizes[i]} values "
+                             "of its state")  # fmt: skip
+    if check_finite and not all_finite(grads):  # ADAMW-12, before anything is written
+        _raise_nonfinite(grads, index)
+    with cupy.cuda.Device(states.device_id):
+        states.page_in()  # may refuse (DeviceMemoryError) before anything is written
+        active = tuple(index)
+        args = states.static[list(active)]  # (k,) copy of the static rows
+        args["p"] = [ptr(p) for p in params]  # in place, read and written through the pointers
+        args["g"] = [ptr(g) for g in grads]
+        args["dtype"] = codes
+        args["decay_before"] = 1 if decay == "before" else 0
+        first = scalars[0]
+        same = all(s is first for s in scalars)
+        for name in KERNEL_SCALARS:
+            args[name] = getattr(first, name) if same else [getattr(s, name) for s in scalars]
+        stream = stream_for(states.device_id)
+        with stream:
+            table = cupy.asarray(args.view(np.uint8))  # async H2D from pinned staging, stream-ordered
+            _launch(states, table, active)
+        states._keep = table
+
+
+def _launch(states: DeviceAdamWStates, table: cupy.ndarray, active: tuple[int, ...]) -> None:
+    name = f"adamw{states.state_bits}_{states.kernel}"
+    kern = build.kernel("adamw.cu", name)
+    if states.kernel == "v1":
+        config = adamw32_v1_config if states.state_bits == 32 else adamw8_v1_config
+        for k, i in enumerate(active):
+            grid, block = config(states.sizes[i])
+            extra = () if states.state_bits == 32 else (states.code_m, states.code_v)
+            kern(grid, block, (table, np.int32(k), *extra))
+        return
+    blocks = states.blocks(active)
+    if states.state_bits == 32:
+        grid, block = adamw32_v2_config(int(blocks.shape[0]))
+        kern(grid, block, (table, blocks, np.int64(states.chunk)))
+    else:
+        grid, block = adamw8_v2_config(int(blocks.shape[0]))
+        qpc = np.int32(states.chunk // BLOCKSIZE_8BIT)
+        kern(grid, block, (table, blocks, qpc, states.code_m, states.code_v))
+
+
+# ---- gradient clipping ---------------------------------------------------------------------------------------------
+
+
+def clip_grad_norm_(grads, max_norm: float):
+    """ADAMW-10 in place on the device: float64 sums of squares, one float32 norm, every gradient times min(coef, 1).
+
+    Returns the float32 norm as a 0-dim torch tensor on the gradients' device (no host sync but the finite check).
+    The reductions are torch's (on torch's current stream): CuPy gradients are viewed as torch tensors (bf16 from
+    uint16 bits).  Within 1 ulp of the spec's norm, 3 ulp on the gradients (backends/torchlib/clip.py).
+    """
+    import torch
+
+    from qlora_ref.adamw import CLIP_EPS
+    from qlora_ref.checks import NonFiniteError
+
+    from ..bridge import cupy_to_torch
+
+    grads = [g if is_torch(g) else cupy_to_torch(g, "bfloat16" if g.dtype == np.uint16 else None) for g in grads]
+    device = grads[0].device
+    total_sq = torch.stack([torch.sum(torch.square(g.to(torch.float64))) for g in grads]).sum()
+    total_norm = torch.sqrt(total_sq).to(torch.float32)
+    if not bool(torch.isfinite(total_norm)):
+        raise NonFiniteError(
+            f"the gradients' global norm is {total_norm.item()} (NaN/Inf in a gradient); nothing was scaled"
+        )
+    denom = total_norm + torch.tensor(CLIP_EPS, dtype=torch.float32, device=device)
+    coef = torch.div(torch.tensor(max_norm, dtype=torch.float32, device=device), denom)
+    coef = torch.clamp(coef, max=1.0)
+    for g in grads:
+        g.mul_(coef)  # float32 product, one rounding to g's dtype
+    return total_norm
+
+
+__all__ = ["ARGS_DTYPE", "DeviceAdamWStates", "StepScalars", "adamw_states", "adamw_step", "clip_grad_norm_"]
