@@ -67,38 +67,45 @@ class TokenizedExample:
 # --- reading ---------------------------------------------------------------------------------------------------
 
 
-def _check_file(path: str) -> None:
+def check_data_file(path: str, expected: str = "a .json or .jsonl file") -> None:
+    """A readable data file, or a DataError naming it: not found, or a directory."""
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path!r}")
     if os.path.isdir(path):
-        raise DataError(f"data path is a directory, expected a .json or .jsonl file: {path!r}")
+        raise DataError(f"data path {path!r} is a directory; expected {expected}")
+
+
+def read_text(path: str, expected: str = "a .json or .jsonl file") -> str:
+    """The whole file as UTF-8 text; a binary or otherwise non-UTF-8 file is a DataError naming it."""
+    check_data_file(path, expected)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected {expected}") from None
 
 
 def read_jsonl(path: str) -> list[dict]:
     """One JSON object per non-blank line; a bad line is reported by its 1-based number."""
-    _check_file(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):  # text mode: \r\n and \r already read as \n
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
     return records
 
 
 def read_json_array(path: str) -> list[dict]:
-    _check_file(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     for i, rec in enumerate(data):
@@ -149,10 +156,7 @@ def to_example(rec: dict, fmt: str, where: str) -> Example:
 
 def read_examples(path: str, fmt: str = "auto") -> list[Example]:
     """Alpaca .json array or .jsonl (oasst / prompt-completion) -> examples; empty input is an error."""
-    _check_file(path)
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-    is_array = head.startswith("[")
+    is_array = read_text(path).lstrip().startswith("[")
     records = read_json_array(path) if is_array else read_jsonl(path)
     if not records:
         raise DataError(f"{path}: empty dataset (no records)")
@@ -212,6 +216,19 @@ def tokenize_examples(
             raise DataError(f"{source}: example {i} has no response tokens to train on")
         out.append(t)
     return out
+
+
+def text_chunks(path: str, tokenizer, seq_len: int, max_chunks: int = 0) -> list[TokenizedExample]:
+    """A plain text file as consecutive seq_len-token chunks, every token scored (perplexity)."""
+    text = read_text(path, expected="a text file (.txt) or a .json / .jsonl data file")
+    if not text.strip():
+        raise DataError(f"{path}: empty dataset (no text)")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chunks = [ids[k : k + seq_len] for k in range(0, len(ids) - 1, seq_len)]
+    chunks = [c for c in chunks if len(c) > 1]
+    if max_chunks:
+        chunks = chunks[:max_chunks]
+    return [TokenizedExample(list(c), list(c)) for c in chunks]
 
 
 # --- batching --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The training loop: gradient accumulation, clipping, constant lr, paged AdamW, eval, atomic checkpoint/resume.
+"""The training loop and what it trains on: the run's datasets, gradient accumulation, clipping, constant lr, paged
+AdamW, the held-out scores before and after, atomic checkpoint/resume.
 
 One optimizer step over an effective batch of K = grad_accum micro-batches, N response tokens in all:
 
@@ -9,11 +10,9 @@ One optimizer step over an effective batch of K = grad_accum micro-batches, N re
 Resume is bit-for-bit on the CPU: a checkpoint holds the LoRA weights, the optimizer's state dict, every RNG state
 (torch CPU/CUDA — the LoRA dropout seeds are drawn from it — Python, NumPy), the data order position
 (epoch, batch index; the order of an epoch depends only on the seed) and the step.  A checkpoint directory is
-written beside the live one and swapped in with renames, so a crash leaves the previous checkpoint intact.
-
-Exact match (the generated task): greedy decoding reproduces the answer and then stops iff the argmax of the
-logits equals the next reference token at every response position (answer tokens and the end token), so one
-teacher-forced forward pass scores a batch — no token-by-token generation needed.
+written beside the live one and swapped in with renames, so a crash leaves the previous checkpoint intact; Ctrl-C
+(KeyboardInterrupt) during ``fit`` saves one before it stops, so an interrupted run can always be resumed.
+The held-out scores themselves (eval loss, exact match) are computed in evaluate.py.
 """
 
 from __future__ import annotations
@@ -30,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import RunConfig
-from .data import IGNORE_INDEX, BatchStream, DataError, Example, TokenizedExample, collate
+from .data import BatchStream, DataError, Example, TokenizedExample, collate
+from .evaluate import eval_loss, exact_match, model_device, n_response_tokens, pad_id_of, response_loss_sum, to_device
 
 CHECKPOINT = "checkpoint"
 _CKPT_TMP = ".checkpoint-tmp"
@@ -41,12 +40,6 @@ _CKPT_OLD = ".checkpoint-old"
 
 
 # --- small helpers ---------------------------------------------------------------------------------------------
-
-
-def model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def trainable_named_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -60,108 +53,50 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
-def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of -log p over response tokens, logits) for one micro-batch; labels -100 are ignored."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits = out.logits  # (B, T, V)
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
-    loss_sum = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, logits
+# --- the datasets of a run -------------------------------------------------------------------------------------
 
 
-def n_response_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+@dataclass
+class Datasets:
+    """What a finetune trains on (``train``), scores the eval loss on (``eval``) and, for the generated task, scores
+    exact match on (``scored``: the held-out examples before tokenization; None for a data file)."""
 
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    scored: list[Example] | None = None
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    @classmethod
+    def from_config(cls, cfg: RunConfig, tokenizer) -> Datasets:
+        """The generated task (``--data task``) or a data file with its eval file or an eval split, tokenized."""
+        from .data import check_data_file, read_examples, split_eval, tokenize_examples
+        from .task import make_task
 
+        d = cfg.data
+        tk = dict(max_len=d.max_len, model_max=None, train_on_source=d.train_on_source)
+        scored = None
+        if d.data == "task":
+            train_ex, eval_ex = make_task(tokenizer, n_train=d.task_train, n_eval=d.task_eval, seed=cfg.train.seed)
+            scored = eval_ex
+        else:
+            check_data_file(d.data)
+            train_ex = read_examples(d.data, d.format)
+            if d.max_examples:
+                train_ex = train_ex[: d.max_examples]
+            if d.eval_data:
+                eval_ex = read_examples(d.eval_data, d.format)
+            else:
+                train_ex, eval_ex = split_eval(train_ex, d.eval_fraction, cfg.train.seed)
+        train = tokenize_examples(train_ex, tokenizer, source=d.data, **tk)
+        ev = tokenize_examples(eval_ex, tokenizer, source=d.eval_data or d.data, **tk) if eval_ex else []
+        return cls(train, ev, scored)
 
-def pad_id_of(tokenizer) -> int:
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pid is None:
-        raise DataError("the tokenizer has neither a pad nor an eos token")
-    return pid
-
-
-@torch.no_grad()
-def eval_loss(model, data: list[TokenizedExample], *, batch_size: int, pad_id: int, max_batches: int = 0) -> float:
-    """Mean response-token cross-entropy over (the first max_batches micro-batches of) data, in nats."""
-    if not data:
-        raise DataError("empty eval set")
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    total, count = 0.0, 0
-    batches = [data[k : k + batch_size] for k in range(0, len(data), batch_size)]
-    if max_batches:
-        batches = batches[:max_batches]
-    for b in batches:
-        batch = to_device(collate(b, pad_id), device)
-        loss_sum, _ = response_loss_sum(model, batch)
-        total += float(loss_sum)
-        count += n_response_tokens(batch)
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def exact_match(model, tokenizer, examples: list[Example], *, batch_size: int = 16) -> tuple[float, list[bool]]:
-    """Fraction of examples whose greedy continuation is exactly the completion followed by the end token.
-
-    Teacher-forced: correct iff argmax(logits[t]) == input_ids[t+1] at every response position (module docstring).
-    """
-    from .data import tokenize_example
-
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    pad_id = pad_id_of(tokenizer)
-    tok = [
-        tokenize_example(Example(e.prompt, e.answer if e.answer is not None else e.completion), tokenizer)
-        for e in examples
-    ]
-    correct: list[bool] = []
-    for k in range(0, len(tok), batch_size):
-        batch = to_device(collate(tok[k : k + batch_size], pad_id), device)
-        _, logits = response_loss_sum(model, batch)
-        pred = logits[:, :-1, :].argmax(-1)  # (B, T-1)
-        target = batch["labels"][:, 1:]  # (B, T-1)
-        mask = target != IGNORE_INDEX
-        ok = ((pred == target) | ~mask).all(dim=1)  # (B,)
-        correct += [bool(v) for v in ok]
-    model.train(was_training)
-    return sum(correct) / len(correct), correct
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64) -> list[str]:
-    """Greedy continuations (left-padded batch, KV cache), decoded without special tokens."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    pad_id = pad_id_of(tokenizer)
-    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    T = max(len(i) for i in ids)
-    input_ids = torch.tensor([[pad_id] * (T - len(i)) + list(i) for i in ids], device=device)  # (B, T)
-    attention_mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids], device=device)  # (B, T)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
-    model.train(was_training)
-    return [tokenizer.decode(o[T:], skip_special_tokens=True) for o in out]
+    def check_fits(self, model_max: int | None) -> None:
+        """Every example within the model's positions (known only once the model is loaded)."""
+        too_long = [i for i, t in enumerate(self.train + self.eval) if model_max is not None and len(t) > model_max]
+        if too_long:
+            raise DataError(
+                f"example {too_long[0]} is longer than the model's {model_max} positions; shorten it or drop it"
+            )
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
@@ -225,6 +160,7 @@ class Trainer:
     """Runs ``cfg.train.max_steps`` optimizer steps of a prepared model over tokenized data; see the module docstring.
 
     run_dir receives checkpoint/ (resumable state) and metrics.jsonl (one JSON object per logged step or eval).
+    ``scored``: examples scored by exact match in ``scores()`` (the generated task's held-out split), if any.
     """
 
     def __init__(
@@ -237,9 +173,10 @@ class Trainer:
         *,
         run_dir: str,
         optimizer=None,
+        scored: list[Example] | None = None,
     ):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.train_set, self.eval_set = train_set, eval_set or []
+        self.train_set, self.eval_set, self.scored = train_set, eval_set or [], scored
         self.run_dir = run_dir
         self.pad_id = pad_id_of(tokenizer)
         self.device = model_device(model)
@@ -285,6 +222,18 @@ class Trainer:
                 self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id, max_batches=b.eval_batches
             )
 
+    def scores(self) -> dict:
+        """The held-out scores of the model as it is now: ``eval_loss`` (None without an eval set; the eval logged at
+        this very step when there is one) and, with ``scored`` examples, ``exact_match`` (a fraction)."""
+        last = self.history[-1] if self.history else {}
+        out: dict = {"eval_loss": None}
+        if self.eval_set:
+            at_step = "eval_loss" in last and last["step"] == self.step
+            out["eval_loss"] = last["eval_loss"] if at_step else self.evaluate()
+        if self.scored is not None:
+            out["exact_match"], _ = exact_match(self.model, self.tokenizer, self.scored)
+        return out
+
     # -- the loop --
 
     def fit(self, *, on_step=None) -> list[dict]:
@@ -296,8 +245,11 @@ class Trainer:
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="finetune", unit="step", dynamic_ncols=True)
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        last_save = time.monotonic()
+        at_start = None  # (step, data position, RNG states) as the step in progress found them
         try:
             while self.step < cfg.max_steps:
+                at_start = (self.step, self.stream.state_dict(), rng_state())
                 r = self.train_step()
                 rec = {
                     "step": r.step,
@@ -313,8 +265,11 @@ class Trainer:
                     _append_jsonl(metrics_path, rec)
                 if self.eval_set and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < cfg.max_steps:
                     self._log_eval(metrics_path)
-                if cfg.save_every and r.step % cfg.save_every == 0 and r.step < cfg.max_steps:
+                every_n = cfg.save_every and r.step % cfg.save_every == 0
+                every_minutes = cfg.save_minutes and time.monotonic() - last_save >= 60 * cfg.save_minutes
+                if (every_n or every_minutes) and r.step < cfg.max_steps:
                     self.save_checkpoint()
+                    last_save = time.monotonic()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -322,6 +277,11 @@ class Trainer:
                     )
                 if on_step is not None:
                     on_step(self, rec)
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, see finetune.py): keep what was trained, resumably
+            if at_start is not None and at_start[0] == self.step:  # stopped inside a step: checkpoint its start
+                self._rewind(*at_start[1:])
+            self.save_checkpoint()
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -329,6 +289,13 @@ class Trainer:
             self._log_eval(metrics_path)
         self.save_checkpoint()
         return self.history
+
+    def _rewind(self, stream_state: dict, rng: dict) -> None:
+        """Undo a step stopped half-way: its batches and RNG draws are put back and its gradients dropped, so a run
+        resumed from the checkpoint makes that step exactly as an uninterrupted one would."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stream.load_state_dict(stream_state)
+        set_rng_state(rng)
 
     def _log_eval(self, metrics_path: str) -> None:
         rec = {"step": self.step, "eval_loss": self.evaluate()}
@@ -432,27 +399,3 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig):
 def _append_jsonl(path: str, rec: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
-
-
-def plot_loss_curve(history: list[dict], path: str, *, title: str = "QLoRA finetune") -> None:
-    """Train loss per step (and eval loss where measured) as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss (response tokens)", lw=1.5)
-    if ev:
-        ax.plot(*zip(*ev, strict=True), "o-", label="eval loss", lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -11,10 +11,10 @@ import sys
 import pytest
 from conftest import TINY_DECODER
 
-from backends.app.cli import TASK_PRESET, finetune_config_from_argv, main
-from backends.app.config import RunConfig, TrainConfig
+from backends.app.cli import finetune_config_from_argv, main
+from backends.app.config import TASK_PRESET, RunConfig, TrainConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
 
 def run(argv, capsys):
@@ -116,26 +116,21 @@ def test_memory_planner(capsys, tmp_path):
     assert code == 0
     for part in ("base_4bit", "lora_params", "optimizer", "activations", "total", "fits in 48 GB"):
         assert part in out
+    from backends.torchlib.ledger import Runtime, estimate
     from qlora_ref import memory
 
-    ledger = memory.estimate(
-        memory.llama_65b, seq_len=512, batch=1, layer="qlora-ref", overhead_bytes=memory.CUDA_OVERHEAD_BYTES
-    )  # the CLI plans for our layer, MEM-14 overhead
+    recipe = memory.Recipe(seq_len=512, batch=1)
+    ledger = estimate(memory.llama_65b, recipe, Runtime(layer="qlora-ref"))  # our layer, MEM-14 overhead
     assert f"{ledger.total:,}" in out
     assert ("fits in 48 GB: yes" in out) == ledger.fits(48)
     code, out, _ = run(["memory", "--model", "llama-7b", "--gpu-gb", "4"], capsys)
     assert "fits in 4 GB: no" in out
     _, levers, _ = run(["memory", "--model", "llama-65b", "--step-in-backward", "--offload-checkpoints",
                         "--embeddings-on-host", "--gpu-gb", "38"], capsys)  # fmt: skip
-    lean = memory.estimate(
+    lean = estimate(
         memory.llama_65b,
-        seq_len=512,
-        batch=1,
-        layer="qlora-ref",
-        step_in_backward=True,
-        offload_checkpoints=True,
-        embeddings_on_host=True,
-        overhead_bytes=memory.CUDA_OVERHEAD_BYTES,
+        recipe,
+        Runtime(layer="qlora-ref", step_in_backward=True, offload_checkpoints=True, embeddings_on_host=True),
     )
     assert f"{lean.resident:,}" in levers and lean.resident < ledger.resident - 2 * memory.GB
     cfg = tmp_path / "config.json"

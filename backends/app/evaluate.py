@@ -1,0 +1,152 @@
+"""Held-out evaluation: response-token loss, exact match on the generated task, greedy generation.
+
+    loss        = (1/N) sum over the N response tokens of -log p(x_t | x_<t)      (nats/token; labels -100 ignored)
+    exact match = greedy decoding reproduces the answer and then stops, which holds iff the argmax of the logits
+                  equals the next reference token at every response position (answer tokens and the end token),
+                  so one teacher-forced forward pass scores a batch — no token-by-token generation needed.
+
+Every function here leaves the model in the train/eval mode it found it in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, DataError, Example, TokenizedExample, collate, tokenize_example
+
+
+def model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def pad_id_of(tokenizer) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise DataError("the tokenizer has neither a pad nor an eos token")
+    return pid
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p over response tokens, logits) for one micro-batch; labels -100 are ignored."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits  # (B, T, V)
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
+    loss_sum = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss_sum, logits
+
+
+def n_response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def eval_loss(model, data: list[TokenizedExample], *, batch_size: int, pad_id: int, max_batches: int = 0) -> float:
+    """Mean response-token cross-entropy over (the first max_batches micro-batches of) data, in nats."""
+    if not data:
+        raise DataError("empty eval set")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    total, count = 0.0, 0
+    batches = [data[k : k + batch_size] for k in range(0, len(data), batch_size)]
+    if max_batches:
+        batches = batches[:max_batches]
+    for b in batches:
+        batch = to_device(collate(b, pad_id), device)
+        loss_sum, _ = response_loss_sum(model, batch)
+        total += float(loss_sum)
+        count += n_response_tokens(batch)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples: list[Example], *, batch_size: int = 16) -> tuple[float, list[bool]]:
+    """Fraction of examples whose greedy continuation is exactly the completion followed by the end token.
+
+    Teacher-forced: correct iff argmax(logits[t]) == input_ids[t+1] at every response position (module docstring).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    pad_id = pad_id_of(tokenizer)
+    tok = [
+        tokenize_example(Example(e.prompt, e.answer if e.answer is not None else e.completion), tokenizer)
+        for e in examples
+    ]
+    correct: list[bool] = []
+    for k in range(0, len(tok), batch_size):
+        batch = to_device(collate(tok[k : k + batch_size], pad_id), device)
+        _, logits = response_loss_sum(model, batch)
+        pred = logits[:, :-1, :].argmax(-1)  # (B, T-1)
+        target = batch["labels"][:, 1:]  # (B, T-1)
+        mask = target != IGNORE_INDEX
+        ok = ((pred == target) | ~mask).all(dim=1)  # (B,)
+        correct += [bool(v) for v in ok]
+    model.train(was_training)
+    return sum(correct) / len(correct), correct
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64) -> list[str]:
+    """Greedy continuations (left-padded batch, KV cache), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    pad_id = pad_id_of(tokenizer)
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    T = max(len(i) for i in ids)
+    input_ids = torch.tensor([[pad_id] * (T - len(i)) + list(i) for i in ids], device=device)  # (B, T)
+    attention_mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids], device=device)  # (B, T)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    model.train(was_training)
+    return [tokenizer.decode(o[T:], skip_special_tokens=True) for o in out]
+
+
+def plot_loss_curve(history: list[dict], path: str, *, title: str = "QLoRA finetune") -> None:
+    """Train loss per step (and eval loss where measured) as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss (response tokens)", lw=1.5)
+    if ev:
+        ax.plot(*zip(*ev, strict=True), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

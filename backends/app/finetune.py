@@ -1,0 +1,173 @@
+"""One QLoRA finetune, top to bottom: config -> data -> model -> trainer -> evaluate -> train -> evaluate -> export.
+
+    qlora finetune [flags]                     # the command (cli.py parses the flags into a RunConfig)
+    python -m backends.app.finetune [flags]    # the same, as a script
+
+The run directory ``output_dir`` (built as ``output_dir.partial`` and renamed into place when whole, rundir.py):
+
+    config.json      the resolved configuration: every flag, plus the model path, QLoRA layer settings, dataset sizes
+    summary.json     held-out scores before (written before training, so a resumed run keeps the base model's) and
+                     after, train loss, speed, peak memory, times
+    metrics.jsonl    one line per logged step and per eval (trainer.py)
+    checkpoint/      resumable state (trainer.py); adapter/ the PEFT adapter; loss_curve.png
+
+The data is read and tokenized before the model is loaded: a bad data file fails in seconds, not after the load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from .config import RunConfig, validate
+from .rundir import RunDir, write_json
+
+
+def finetune(cfg: RunConfig, *, log=print) -> dict:
+    """Run one finetune; returns the summary written to <output_dir>/summary.json."""
+    from backends.torchlib.export import save_peft_adapter
+    from backends.torchlib.prepare import load_tokenizer
+
+    from .data import model_max_length
+    from .evaluate import plot_loss_curve
+    from .model import load_prepared, resolve_model_path
+    from .trainer import Datasets, Trainer, find_checkpoint, seed_everything
+
+    # -- config: every value checked and the output directory writable, before anything slow --------------------
+    validate(cfg)
+    t = cfg.train
+    RunDir.precheck(t.output_dir, resume=t.resume, resumable=True, overwrite=t.overwrite)
+    t_start = time.perf_counter()
+
+    # -- data: the model's tokenizer, then every example read and tokenized ---------------------------------------
+    model_path = resolve_model_path(cfg.model.model)
+    tokenizer = load_tokenizer(model_path)
+    datasets = Datasets.from_config(cfg, tokenizer)
+
+    run = RunDir(t.output_dir, resume=t.resume, resumable=True, overwrite=t.overwrite)
+    try:
+        # -- model: the frozen 4-bit base with fresh LoRA weights drawn from the seed -----------------------------
+        seed_everything(t.seed)
+        model = load_prepared(cfg.model, model_path)
+        datasets.check_fits(model_max_length(model))
+        write_json(run.path("config.json"), resolved_config(cfg, model_path, model, datasets))
+        log(
+            f"model {model_path} | backend {cfg.model.backend} | "
+            f"{len(datasets.train)} train / {len(datasets.eval)} eval examples"
+        )
+        log(f"config: {run.final}/config.json (lr {t.lr}, r {cfg.model.r}, batch {cfg.effective_batch})")
+
+        # -- trainer: fresh, or continued from the run's checkpoint with --resume ---------------------------------
+        trainer = Trainer(
+            model, tokenizer, cfg, datasets.train, datasets.eval, run_dir=run.work, scored=datasets.scored
+        )
+        resumed = find_checkpoint(run.work) if t.resume else None
+        if resumed:
+            trainer.load_checkpoint(resumed)
+            log(f"resumed from {resumed} at step {trainer.step}")
+
+        # -- evaluate the base model (a resumed run keeps the scores its start recorded) ---------------------------
+        summary = recorded_before(run.path("summary.json")) if t.resume else {}
+        if not summary:
+            summary = {f"{k}_before": v for k, v in trainer.scores().items()}
+            write_json(run.path("summary.json"), summary)
+        log_scores(summary, "before", datasets, log)
+
+        # -- train ------------------------------------------------------------------------------------------------
+        t_train = time.perf_counter()
+        with sigterm_as_interrupt():
+            history = trainer.fit()
+        summary.update(train_summary(history, trainer.step, time.perf_counter() - t_train))
+
+        # -- evaluate the finetuned model -------------------------------------------------------------------------
+        summary.update({f"{k}_after": v for k, v in trainer.scores().items()})
+        log_scores(summary, "after", datasets, log)
+
+        # -- export: the PEFT adapter, the loss curve, the summary -------------------------------------------------
+        save_peft_adapter(model, run.path("adapter"), base_model_name_or_path=model_path)
+        plot_loss_curve(history, run.path("loss_curve.png"), title=f"QLoRA finetune: {os.path.basename(model_path)}")
+        summary["total_seconds"] = time.perf_counter() - t_start
+        write_json(run.path("summary.json"), summary)
+    except BaseException:
+        if not os.path.isdir(os.path.join(run.work, "checkpoint")):
+            run.abandon()  # nothing resumable: leave no half-written output behind
+        raise
+    final = run.commit()
+    log(f"wrote {final}/ (adapter/, checkpoint/, config.json, metrics.jsonl, loss_curve.png, summary.json)")
+    log(f"total time {summary['total_seconds']:.0f} s")
+    return summary
+
+
+# --- the pieces the script above names ---------------------------------------------------------------------------
+
+
+def resolved_config(cfg: RunConfig, model_path: str, model, datasets) -> dict:
+    """config.json: the flags, plus what they resolved to."""
+    resolved = cfg.to_dict()
+    resolved["resolved"] = {
+        "model_path": model_path,
+        "qlora": model.qlora_config.to_dict() if hasattr(model, "qlora_config") else None,
+        "n_train": len(datasets.train),
+        "n_eval": len(datasets.eval),
+        "effective_batch": cfg.effective_batch,
+    }
+    return resolved
+
+
+def recorded_before(summary_path: str) -> dict:
+    """The ``*_before`` scores a run recorded when it started ({} if it has none)."""
+    if not os.path.exists(summary_path):
+        return {}
+    with open(summary_path) as f:
+        return {k: v for k, v in json.load(f).items() if k.endswith("_before")}
+
+
+def log_scores(summary: dict, when: str, datasets, log) -> None:
+    if summary.get(f"eval_loss_{when}") is not None:
+        log(f"eval loss {when}: {summary[f'eval_loss_{when}']:.4f}")
+    if f"exact_match_{when}" in summary:
+        acc, n = summary[f"exact_match_{when}"], len(datasets.scored or ())
+        log(f"held-out exact match {when}: {acc:.1%} ({round(acc * n)}/{n})")
+
+
+def train_summary(history: list[dict], step: int, train_seconds: float) -> dict:
+    """Steps, time, last train loss, mean tokens/s (total tokens / total step time), peak memory."""
+    steps = [h for h in history if "loss" in h]
+    seconds = sum(h["tokens"] / h["tokens_per_s"] for h in steps)
+    return dict(
+        steps=step,
+        train_seconds=train_seconds,
+        final_train_loss=steps[-1]["loss"] if steps else None,
+        tokens_per_s=sum(h["tokens"] for h in steps) / max(seconds, 1e-9) if steps else None,
+        peak_mem_gb=max((h["mem_gb"] for h in steps), default=None),
+    )
+
+
+class sigterm_as_interrupt:
+    """While training, SIGTERM stops the run like Ctrl-C does (a checkpoint first, then exit 130)."""
+
+    def __enter__(self):
+        self.old = None
+        try:
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    sys.exit(main(["finetune", *sys.argv[1:]]))

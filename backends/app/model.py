@@ -1,0 +1,65 @@
+"""The model a command runs: a name resolved to a path, loaded and prepared for QLoRA with a ModelConfig's settings,
+optionally with a trained adapter copied in."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+from .config import ModelConfig, UsageError
+
+
+def resolve_model_path(model: str) -> str:
+    """'smollm2' -> the cached GGUF (downloaded on first use); a path -> itself, if it exists."""
+    if model in ("smollm2", "smollm2-135m"):
+        from .hub import smollm2_gguf_path
+
+        return str(smollm2_gguf_path())
+    if not os.path.exists(model):
+        raise UsageError(f"model not found: {model!r}; pass a model directory, a .gguf file, or 'smollm2'")
+    return model
+
+
+def compute_dtype_of(m: ModelConfig) -> str | None:
+    return None if m.compute_dtype == "auto" else m.compute_dtype
+
+
+def load_prepared(m: ModelConfig, path: str, **overrides):
+    """load_model with the ModelConfig's QLoRA settings (``overrides`` win, e.g. an adapter's own r/alpha)."""
+    from backends.torchlib.prepare import load_model
+
+    kw = dict(
+        r=m.r,
+        alpha=m.alpha,
+        dropout=m.dropout,
+        target=m.target if m.target == "all-linear" else [t.strip() for t in m.target.split(",") if t.strip()],
+        quant_type=m.quant_type,
+        double_quant=m.double_quant,
+        blocksize=m.blocksize,
+        rslora=m.rslora,
+        gradient_checkpointing=m.gradient_checkpointing,
+        compute_dtype=compute_dtype_of(m),
+    )
+    kw.update(overrides)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own tqdm bar on stderr
+        return load_model(path, backend=m.backend, **kw)
+
+
+def load_with_adapter(m: ModelConfig, model_path: str, adapter: str | None):
+    """(model, tokenizer) — the base prepared with the adapter's own settings and its weights copied in."""
+    from backends.torchlib.export import adapter_prepare_kwargs, load_peft_adapter
+    from backends.torchlib.prepare import load_tokenizer
+
+    overrides = {}
+    if adapter:
+        if not os.path.isdir(adapter):
+            raise UsageError(f"adapter directory not found: {adapter!r}")
+        overrides = adapter_prepare_kwargs(adapter)
+        overrides.setdefault("dropout", 0.0)
+    tokenizer = load_tokenizer(model_path)
+    model = load_prepared(m, model_path, **overrides)
+    if adapter:
+        load_peft_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer
