@@ -25,6 +25,21 @@ def check_finite(x32: np.ndarray, what: str = "input") -> None:
         )
 
 
+def check_constants(a, what: str) -> None:
+    """Quantization constants (absmax, nested_absmax, offset) are finite and >= 0: bitsandbytes only writes such.
+
+    A NaN or Inf would decode its whole block to NaN, a negative scale would flip its signs; both are refused.
+    """
+    a = np.asarray(a, np.float32)
+    bad = ~np.isfinite(a) | (a < 0)
+    if bad.any():
+        first = int(np.argmax(bad.ravel()))
+        raise ValueError(
+            f"{what} must hold finite, non-negative float32 scales; {int(bad.sum())} value(s) are not, the first "
+            f"{a.ravel()[first]} at index {first}: the state is corrupt, re-quantize the weights"
+        )
+
+
 def check_blocksize(blocksize: int) -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or int(blocksize) not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")

@@ -3,6 +3,10 @@
 q = quantize_4bit(w)              # NF4, blocksize 64, double quantization (QLoRA's storage format)
 w_hat = dequantize_4bit(q)        # back in w's dtype, one rounding per element
 d = q.to_bnb_state_dict()         # bitsandbytes / Hugging Face keys, byte for byte (specs/formats.md)
+
+Every dtype argument takes any dtype-like (FMT-6: "bfloat16", np.float16, np.dtype("f4"), torch.bfloat16,
+ml_dtypes.bfloat16); bfloat16 results travel as uint16 bits, or as ml_dtypes arrays when ml_dtypes.bfloat16 is
+asked for.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import numpy as np
 
 from . import formats
 from .blockwise import decode_4bit, quantize_codes_4bit
-from .checks import check_blocksize, check_finite, check_nonempty
+from .checks import check_blocksize, check_constants, check_finite, check_nonempty
 from .codebooks import QUANT_TYPES, codebook
 from .double_quant import NESTED_BLOCKSIZE, double_dequantize, double_quantize
-from .dtypes import DTYPES, from_float32, to_float32
+from .dtypes import from_float32, resolve_dtype, to_float32
 from .packing import pack_4bit, unpack_4bit
 
 
@@ -29,7 +33,11 @@ class Quantized4bit:
     absmax_q       uint8[nblocks]           8-bit codes of absmax - offset (double quant only)
     nested_absmax  float32[ceil(nblocks / 256)]
     offset         float32 scalar           mean of the first-level absmax
-    shape, dtype   the original tensor's shape and dtype ("float32" | "float16" | "bfloat16")
+    shape, dtype   the original tensor's shape and dtype ("float32" | "float16" | "bfloat16"; any dtype-like is
+                   stored as its name, FMT-6)
+
+    The constants must be finite and non-negative (absmax, nested_absmax, offset): a NaN would decode every weight of
+    its block to NaN, a negative scale flips their signs.
     """
 
     packed: np.ndarray
@@ -47,8 +55,7 @@ class Quantized4bit:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
         check_blocksize(self.blocksize)
         if self.n == 0:
             raise ValueError(f"shape {self.shape} holds no elements")
@@ -63,10 +70,13 @@ class Quantized4bit:
             if self.offset is None:
                 raise ValueError("double-quantized state needs an offset (the mean of the first-level absmax)")
             object.__setattr__(self, "offset", np.float32(self.offset))
+            check_constants(self.nested_absmax, "nested_absmax")
+            check_constants(self.offset, "offset")
         else:
             if self.nested_absmax is not None or self.offset is not None:
                 raise ValueError("nested_absmax/offset given without absmax_q: incomplete double-quant state")
             _expect(self.absmax, np.float32, (self.nblocks,), "absmax", self)
+            check_constants(self.absmax, "absmax")
 
     @property
     def n(self) -> int:
@@ -127,18 +137,20 @@ def quantize_4bit(
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
-    dtype: str | None = None,
+    dtype=None,
 ) -> Quantized4bit:
     """Blockwise 4-bit quantization of x (any shape), bitsandbytes 0.50.2 CUDA semantics, byte for byte.
 
-    x: float32 / float16, or bfloat16 as uint16 bits with ``dtype="bfloat16"`` (BW-1).  Rules: absmax and reciprocal
+    x: float32 / float16 (NumPy or torch CPU), bfloat16 as a torch bf16 tensor or an ml_dtypes array, or bf16 as
+    uint16 bits with ``dtype="bfloat16"`` (BW-1; a uint16 array without dtype= is refused, never read as bits
+    silently).  dtype: None (x's own) or any dtype-like naming it (FMT-6).  Rules: absmax and reciprocal
     (BW-2, BW-3), strict-greater thresholds (BW-4, BW-5), all-zero blocks (BW-6), non-finite input rejected (BW-9),
     packing (PK-1, PK-2), double quantization (DQ-1, DQ-2).
     """
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     blocksize = check_blocksize(blocksize)
-    x32, dtype = to_float32(x, dtype)
+    x32, dtype = to_float32(x, dtype, strict=True)
     check_nonempty(x32)
     check_finite(x32)
     n = x32.size
@@ -151,12 +163,14 @@ def quantize_4bit(
     return Quantized4bit(absmax_q=absmax_q, nested_absmax=nested_absmax, offset=offset, **common)
 
 
-def dequantize_4bit(q: Quantized4bit, dtype: str | None = None) -> np.ndarray:
+def dequantize_4bit(q: Quantized4bit, dtype=None) -> np.ndarray:
     """x_hat = T(table[code] * absmax[i // blocksize]), one rounding to T = dtype or q.dtype (BW-7).
 
-    Returns an array of q.shape; bfloat16 comes back as uint16 bits (see `qlora_ref.bf16_to_f32`).
+    dtype: None (q.dtype) or any dtype-like (FMT-6): "float16", np.float32, np.dtype("f4"), torch.bfloat16, ...
+    Returns an array of q.shape in T: float32 / float16, and bfloat16 as uint16 bits (NumPy has no bf16; see
+    `qlora_ref.bf16_to_f32`), or as an ml_dtypes.bfloat16 array when ml_dtypes.bfloat16 itself is asked for.
     """
     if not isinstance(q, Quantized4bit):
         raise TypeError(f"dequantize_4bit expects a Quantized4bit, got {type(q).__name__}")
     x32 = decode_4bit(q.codes(), q.absmax_f32(), q.quant_type, q.blocksize)
-    return from_float32(x32, dtype or q.dtype).reshape(q.shape)
+    return from_float32(x32, q.dtype if dtype is None else dtype).reshape(q.shape)  # np.dtype is falsy: no `or`
