@@ -49,13 +49,13 @@ SEQ, BATCH, R, ALPHA, LR = 512, 1, 64, 16, 2e-4
 
 def ledger_for(shape_name: str, *, step_in_backward: bool, offload: bool, embed_on_host: bool):
     """What `qlora memory` predicts for this run (the CLI's defaults plus the run's switches); see cli_command()."""
+    from backends.torchlib.ledger import CUDA_OVERHEAD_BYTES, Runtime, estimate
     from qlora_ref import memory
 
-    return memory.estimate(
-        memory.PRESETS[shape_name], seq_len=SEQ, batch=BATCH, r=R, lora_dtype="bfloat16",
-        optimizer="paged_adamw_32bit", lora_dropout=0.0, layer="qlora-ref", step_in_backward=step_in_backward,
-        offload_checkpoints=offload, embeddings_on_host=embed_on_host, overhead_bytes=memory.CUDA_OVERHEAD_BYTES,
-    )  # fmt: skip
+    recipe = memory.Recipe(seq_len=SEQ, batch=BATCH, r=R, lora_dtype="bfloat16", optimizer="paged_adamw_32bit")
+    runtime = Runtime(layer="qlora-ref", step_in_backward=step_in_backward, offload_checkpoints=offload,
+                      embeddings_on_host=embed_on_host, overhead_bytes=CUDA_OVERHEAD_BYTES)  # fmt: skip
+    return estimate(memory.PRESETS[shape_name], recipe, runtime)
 
 
 def cli_command(shape_name: str, *, step_in_backward: bool, offload: bool, embed_on_host: bool) -> str:

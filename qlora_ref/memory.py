@@ -1,9 +1,10 @@
-"""The memory ledger: what QLoRA finetuning keeps on the GPU, term by term (specs/memory.md, rules MEM-1 .. MEM-12).
+"""The paper's memory ledger: what QLoRA finetuning keeps on one GPU, term by term (specs/memory.md, MEM-1 .. MEM-12).
 
     bits_per_param(64, double_quant=False) = 4 + 32/64              = 4.5       (MEM-1)
     bits_per_param(64, double_quant=True)  = 4 + 8/64 + 32/(64*256) = 4.127     (MEM-1; saves 0.373 bits/param)
 
-`estimate(shape, seq_len=..., batch=...)` adds up, in bytes, for a LLaMA-style decoder (`ModelShape`):
+`estimate(shape, Recipe(seq_len=..., batch=...))` adds up, in bytes, for a LLaMA-style decoder (`ModelShape`) trained
+the way the Guanaco scripts train it (bitsandbytes' Linear4bit + PEFT's LoRA layers):
 
     base_4bit          4-bit codes + quantization constants of every q,k,v,o,gate,up,down weight   (MEM-2)
     embeddings         embed_tokens + lm_head in 16 bits (one matrix when tied)                      (MEM-3)
@@ -17,8 +18,8 @@
 
 Bytes are exact for the stored tensors (MEM-2 .. MEM-6) and a documented model for the transient ones (MEM-7 ..
 MEM-10).  GB here is 10^9 bytes, the paper's unit; `fits(gb)` compares against gb * 10^9 (stricter than GiB).
-The CUDA context and kernels are one measured constant, CUDA_OVERHEAD_BYTES (MEM-14; `qlora memory` adds it, pass
-`overhead_bytes`); allocator fragmentation is not modelled.
+Each term is one function of (shape, recipe); an implementation that keeps memory differently (our layer, its memory
+levers, the measured CUDA overhead: backends/torchlib/ledger.py, MEM-13, MEM-14) re-composes these terms.
 """
 
 from __future__ import annotations
@@ -29,13 +30,9 @@ GB = 10**9
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw_32bit", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 ATTENTIONS = ("sdpa", "eager")
-LAYERS = ("peft", "qlora-ref")
-# MEM-14: device memory a CUDA training process holds beyond its tensors, measured on an H100 80GB (torch 2.11 +
-# CuPy 14.2, CUDA 13.0 driver, benchmarks/bench_memory.py): the context after the first kernel and cuBLAS handle
-# 0.76 GB, plus 0.10 - 0.54 GB outside both allocators once training runs (lazily loaded kernels, driver mappings).
-CUDA_OVERHEAD_BYTES = 1_000_000_000
 MIN_8BIT_SIZE = 4096  # MEM-6: bitsandbytes keeps 32-bit state for tensors with fewer elements
 OPTIMIZER_BLOCKSIZE_8BIT = 256
+PEFT_DEQUANT_BUFFERS = 2  # MEM-10: forward and backward dequantizations may overlap in the caching allocator
 
 
 def _check_positive_int(**values: int) -> None:
@@ -149,6 +146,202 @@ llama_65b = ModelShape("llama-65b", hidden=8192, intermediate=22016, layers=80, 
 PRESETS = {s.name: s for s in (llama_7b, llama_13b, llama_33b, llama_65b)}
 
 
+def shape_from_dict(d: dict) -> ModelShape:
+    """ModelShape from a Hugging Face LLaMA config dict (config.json / `config.to_dict()`)."""
+    try:
+        return ModelShape(
+            name=d.get("_name_or_path") or d.get("model_type", "model"),
+            hidden=d["hidden_size"], intermediate=d["intermediate_size"], layers=d["num_hidden_layers"],
+            heads=d["num_attention_heads"], kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            vocab=d["vocab_size"], tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )  # fmt: skip
+    except KeyError as e:
+        raise ValueError(
+            f"config dict lacks {e.args[0]!r}; need hidden_size, intermediate_size, ... (LLaMA-style)"
+        ) from e
+
+
+# --- the recipe: how the model is trained -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training switches every term depends on (MEM-12).  Defaults: the Guanaco scripts' recipe."""
+
+    seq_len: int  # tokens per sequence
+    batch: int  # sequences per step; T = batch * seq_len tokens
+    r: int = 64  # LoRA rank, on all seven linears
+    checkpointing: bool = True  # HF per-block gradient checkpointing (MEM-8)
+    double_quant: bool = True  # 8-bit absmax + float32 nested absmax (MEM-1, MEM-2)
+    blocksize: int = 64  # 4-bit quantization block
+    lora_dtype: str = "bfloat16"  # adapters and their gradients (qlora.py --bf16)
+    optimizer: str = "paged_adamw_32bit"  # one of OPTIMIZERS (MEM-6)
+    compute_dtype: str = "bfloat16"  # activations, dequantized weights
+    embed_dtype: str = "bfloat16"  # embed_tokens / lm_head (artidoro/qlora casts them back to bf16)
+    norm_dtype: str = "float32"  # RMSNorm weights
+    lora_dropout: float = 0.0  # PEFT's lora_dropout (MEM-7)
+    attention: str = "sdpa"  # "sdpa" (logsumexp state) or "eager" (float32 probs)
+    dequant_buffers: int | None = None  # dequantized weights alive at once; None: the layer's own count (MEM-10)
+
+    def __post_init__(self) -> None:
+        _check_positive_int(seq_len=self.seq_len, batch=self.batch, r=self.r, blocksize=self.blocksize)
+        for name in ("lora_dtype", "compute_dtype", "embed_dtype", "norm_dtype"):
+            if getattr(self, name) not in BYTES:
+                raise ValueError(f"{name} must be one of {tuple(BYTES)}, got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.dequant_buffers is not None:
+            _check_nonneg_int(dequant_buffers=self.dequant_buffers)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def compute_bytes(self) -> int:
+        """c = bytes(compute_dtype)"""
+        return BYTES[self.compute_dtype]
+
+    @property
+    def lora_bytes(self) -> int:
+        """l = bytes(lora_dtype)"""
+        return BYTES[self.lora_dtype]
+
+    @property
+    def paged(self) -> bool:
+        return self.optimizer.startswith("paged")
+
+    def config(self, shape: ModelShape) -> dict:
+        """The resolved configuration a Ledger prints."""
+        return dict(
+            model=shape.name, r=self.r, seq_len=self.seq_len, batch=self.batch, checkpointing=self.checkpointing,
+            double_quant=self.double_quant, blocksize=self.blocksize, lora_dtype=self.lora_dtype,
+            optimizer=self.optimizer, compute_dtype=self.compute_dtype, lora_dropout=self.lora_dropout,
+            attention=self.attention,
+        )  # fmt: skip
+
+
+# --- the terms: stored tensors (exact) ------------------------------------------------------------------------------
+# h = hidden, i = intermediate, a = heads, V = vocab, L = layers, P = shape.n_lora(r), T = batch * seq_len,
+# c = bytes(compute_dtype), l = bytes(lora_dtype).
+
+
+def base_4bit_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """L * sum over the 7 linears of quantized_bytes(in * out) (MEM-2)."""
+    one_block = sum(
+        quantized_bytes(fin * fout, blocksize=recipe.blocksize, double_quant=recipe.double_quant)
+        for _, fin, fout in shape.linears()
+    )
+    return shape.layers * one_block
+
+
+def embedding_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """bytes(embed_dtype) * V * h * (1 if tied else 2) (MEM-3)."""
+    return BYTES[recipe.embed_dtype] * shape.n_embedding
+
+
+def norm_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """bytes(norm_dtype) * (2L + 1) h (MEM-3)."""
+    return BYTES[recipe.norm_dtype] * shape.n_norm
+
+
+def lora_param_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """l * P (MEM-4); the gradients are as many, in the same dtype (MEM-5)."""
+    return recipe.lora_bytes * shape.n_lora(recipe.r)
+
+
+def optimizer_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """AdamW's m and v (MEM-6).
+
+    32-bit: 8 P (float32 m and v, whatever the parameter dtype).
+    8-bit:  per adapter tensor of k values, 2k + 8 ceil(k/256) (codes + two float32 absmax per 256) when k >= 4096,
+            else 8k (bitsandbytes' min_8bit_size).
+    """
+    if recipe.optimizer.endswith("32bit"):
+        return 8 * shape.n_lora(recipe.r)
+
+    def state(k: int) -> int:
+        return 2 * k + 8 * -(-k // OPTIMIZER_BLOCKSIZE_8BIT) if k >= MIN_8BIT_SIZE else 8 * k
+
+    r = recipe.r
+    one_block = sum(state(r * fin) + state(fout * r) for _, fin, fout in shape.linears())  # A [r, in], B [out, r]
+    return shape.layers * one_block
+
+
+# --- the terms: saved and transient tensors (a model of autograd) ---------------------------------------------------
+
+
+def block_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """What autograd saves in one decoder block for any LoRA layer (MEM-7):
+
+    2 RMSNorms      2 * (4 + c) T h      float32 copy of the input + the normed output
+    q, k, v         3 c T h              after RoPE, saved by attention
+    attention out   c T h                saved by o_proj
+    softmax state   sdpa: 4 T a  |  eager: (4 + c) batch a seq_len^2
+    SwiGLU          4 c T i              gate, silu(gate), up, silu(gate)*up
+    LoRA A outputs  7 l T r              saved by B
+    """
+    c, T, h, i, a = recipe.compute_bytes, recipe.tokens, shape.hidden, shape.intermediate, shape.heads
+    if recipe.attention == "sdpa":
+        softmax_state = 4 * T * a
+    else:
+        softmax_state = (4 + c) * recipe.batch * a * recipe.seq_len**2
+    lora_outputs = 7 * recipe.lora_bytes * T * recipe.r
+    return 2 * (4 + c) * T * h + 3 * c * T * h + c * T * h + softmax_state + 4 * c * T * i + lora_outputs
+
+
+def lora_input_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """PEFT's LoRA branch also saves a copy of each adapted linear's input, n values per token (MEM-7):
+
+    (1 + l) T n   with dropout (a bool mask + the dropped copy)
+    l T n         without dropout but lora_dtype != compute_dtype (the cast copy)
+    0             otherwise
+    """
+    if recipe.lora_dropout > 0:
+        per_value = 1 + recipe.lora_bytes
+    elif recipe.lora_dtype != recipe.compute_dtype:
+        per_value = recipe.lora_bytes
+    else:
+        per_value = 0
+    return per_value * recipe.tokens * sum(fin for _, fin, _ in shape.linears())
+
+
+def checkpoint_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """The L block inputs that per-block checkpointing keeps: L c T h (MEM-8)."""
+    return shape.layers * recipe.compute_bytes * recipe.tokens * shape.hidden
+
+
+def activation_bytes(shape: ModelShape, recipe: Recipe, *, block: int, checkpoints: int) -> int:
+    """MEM-8, from one block's saved bytes and the checkpoints kept on the device:
+
+    without checkpointing   L * block
+    with checkpointing      checkpoints + block         (one block recomputed during its backward)
+    either way              + 2 c T (h + i)             the residual-stream and MLP gradients in flight
+    """
+    in_flight = 2 * recipe.compute_bytes * recipe.tokens * (shape.hidden + shape.intermediate)
+    saved = checkpoints + block if recipe.checkpointing else shape.layers * block
+    return saved + in_flight
+
+
+def loss_head_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """(2c + 8) T V: logits (c), float32 log-probs (4), their gradient (4), the logits' gradient (c) (MEM-9)."""
+    return (2 * recipe.compute_bytes + 8) * recipe.tokens * shape.vocab
+
+
+def dequant_scratch_bytes(shape: ModelShape, recipe: Recipe, *, buffers: int = PEFT_DEQUANT_BUFFERS) -> int:
+    """buffers * c * max(in * out): the largest weight dequantized for a matmul (MEM-10).
+
+    recipe.dequant_buffers, when set, overrides `buffers` (the layer's own count: PEFT's 2 here).
+    """
+    if recipe.dequant_buffers is not None:
+        buffers = recipe.dequant_buffers
+    return buffers * recipe.compute_bytes * max(fin * fout for _, fin, fout in shape.linears())
+
+
 # --- the ledger ---------------------------------------------------------------------------------------------------
 
 
@@ -192,160 +385,43 @@ class Ledger:
         return self.table()
 
 
-def estimate(
-    shape: ModelShape,
-    *,
-    seq_len: int,
-    batch: int,
-    r: int = 64,
-    checkpointing: bool = True,
-    double_quant: bool = True,
-    blocksize: int = 64,
-    lora_dtype: str = "bfloat16",
-    optimizer: str = "paged_adamw_32bit",
-    compute_dtype: str = "bfloat16",
-    embed_dtype: str = "bfloat16",
-    norm_dtype: str = "float32",
-    lora_dropout: float = 0.0,
-    attention: str = "sdpa",
-    dequant_buffers: int | None = None,
-    overhead_bytes: int = 0,
-    layer: str = "peft",
-    step_in_backward: bool = False,
-    offload_checkpoints: bool = False,
-    embeddings_on_host: bool = False,
-) -> Ledger:
-    """The QLoRA training-memory ledger for one GPU (MEM-2 .. MEM-11).  Defaults are the Guanaco scripts' recipe.
+def components(shape: ModelShape, recipe: Recipe) -> dict[str, int]:
+    """The paper's terms, in bytes, in the ledger's order (MEM-2 .. MEM-10)."""
+    block = block_bytes(shape, recipe) + lora_input_bytes(shape, recipe)
+    return {
+        "base_4bit": base_4bit_bytes(shape, recipe),
+        "embeddings": embedding_bytes(shape, recipe),
+        "norms": norm_bytes(shape, recipe),
+        "lora_params": lora_param_bytes(shape, recipe),
+        "lora_grads": lora_param_bytes(shape, recipe),  # MEM-5: one gradient per parameter, in its dtype
+        "optimizer": optimizer_bytes(shape, recipe),
+        "activations": activation_bytes(shape, recipe, block=block, checkpoints=checkpoint_bytes(shape, recipe)),
+        "loss_head": loss_head_bytes(shape, recipe),
+        "dequant_scratch": dequant_scratch_bytes(shape, recipe),
+    }
 
-    T = batch * seq_len tokens, c = bytes(compute_dtype), l = bytes(lora_dtype), h = hidden, i = intermediate,
-    a = heads, V = vocab, L = layers, P = shape.n_lora(r).
 
-    base_4bit       = L * sum over the 7 linears of quantized_bytes(in * out)                          (MEM-2)
-    embeddings      = bytes(embed_dtype) * V * h * (1 if tied else 2);  norms = bytes(norm_dtype) * (2L+1) h  (MEM-3)
-    lora_params     = l * P                                                                              (MEM-4)
-    lora_grads      = l * P                                                                              (MEM-5)
-    optimizer       = 8 P (32-bit: float32 m and v, whatever the parameter dtype); 8-bit: per adapter tensor of
-                      k >= 4096 values 2k + 8 ceil(k/256) (codes + two float32 absmax per 256), else 8k     (MEM-6)
-                      paged_* optimizers mark these bytes `pageable` (unified memory the driver may evict).
-    layer           = what autograd saves in one decoder block (MEM-7):
-                        2 RMSNorms      2 * (4 + c) T h      float32 copy of the input + the normed output
-                        q, k, v         3 c T h              after RoPE, saved by attention
-                        attention out   c T h                saved by o_proj
-                        softmax state   sdpa: 4 T a  |  eager: (4 + c) batch a seq_len^2
-                        SwiGLU          4 c T i              gate, silu(gate), up, silu(gate)*up
-                        LoRA            7 l T r (the A outputs) + per adapted linear with in features n:
-                                        (1 + l) T n with dropout (bool mask + dropped copy), l T n when
-                                        lora_dtype != compute_dtype (the cast copy), else 0
-    activations     = L * layer                       without checkpointing                            (MEM-8)
-                    = L * c T h + layer               with checkpointing: block inputs + one recomputed block
-                      + 2 c T (h + i) either way: the residual-stream and MLP gradients in flight
-    loss_head       = (2c + 8) T V: logits (c), float32 log-probs (4), their gradient (4), logits grad (c) (MEM-9)
-    dequant_scratch = dequant_buffers * c * max(in * out): dequantized weight for forward/backward    (MEM-10)
-
-    Implementation switches (MEM-13): layer="peft" is bitsandbytes + PEFT (the Guanaco scripts: dropout mask and
-    dropped copy, cast copies, dequant_buffers 2 by default); layer="qlora-ref" is backends.torchlib.QLoRALinear
-    (redraws the dropout mask from a seed and casts transiently: no per_in term; one shared scratch buffer).
-    step_in_backward: each gradient is freed by its optimizer step as soon as it exists (PagedAdamW.hook_into_backward),
-    so lora_grads = l * the largest adapter tensor.  offload_checkpoints: the L block inputs live in host memory
-    (torch.autograd.graph.save_on_cpu around a re-entrant checkpointed forward), dropping L c T h from the device.
-    embeddings_on_host: the input table stays in host memory (backends.torchlib.synthetic.HostEmbedding); untied models
-    keep only the LM head on the device.
-    """
-    for name, dt in (("lora_dtype", lora_dtype), ("compute_dtype", compute_dtype), ("embed_dtype", embed_dtype),
-                     ("norm_dtype", norm_dtype)):  # fmt: skip
-        if dt not in BYTES:
-            raise ValueError(f"{name} must be one of {tuple(BYTES)}, got {dt!r}")
+def check_inputs(shape: ModelShape, recipe: Recipe) -> None:
+    """TypeError unless shape is a ModelShape and recipe a Recipe (MEM-12)."""
     if not isinstance(shape, ModelShape):
         raise TypeError(f"shape must be a ModelShape (e.g. qlora_ref.memory.llama_65b), got {type(shape).__name__}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if layer not in LAYERS:
-        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-    _check_positive_int(seq_len=seq_len, batch=batch, r=r, blocksize=blocksize)
-    if dequant_buffers is None:
-        dequant_buffers = 2 if layer == "peft" else 1
-    _check_nonneg_int(dequant_buffers=dequant_buffers, overhead_bytes=overhead_bytes)
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-
-    c, lb = BYTES[compute_dtype], BYTES[lora_dtype]
-    h, i, a, V, L = shape.hidden, shape.intermediate, shape.heads, shape.vocab, shape.layers
-    T = batch * seq_len
-    linears = shape.linears()
-    P = shape.n_lora(r)
-
-    base_4bit = L * sum(quantized_bytes(fin * fout, blocksize=blocksize, double_quant=double_quant)
-                        for _, fin, fout in linears)  # fmt: skip
-    if embeddings_on_host and shape.tie_embeddings:
-        raise ValueError("embeddings_on_host needs untied embeddings: a tied LM head needs the table on the device")
-    embeddings = BYTES[embed_dtype] * (shape.vocab * shape.hidden if embeddings_on_host else shape.n_embedding)
-    norms = BYTES[norm_dtype] * shape.n_norm
-
-    if optimizer.endswith("32bit"):
-        opt = 8 * P
-    else:
-        opt = 0
-        for _, fin, fout in linears:
-            for k in (r * fin, fout * r):  # lora_A [r, in], lora_B [out, r]
-                opt += 2 * k + 8 * -(-k // OPTIMIZER_BLOCKSIZE_8BIT) if k >= MIN_8BIT_SIZE else 8 * k
-        opt *= L
-
-    if layer == "qlora-ref":
-        per_in = 0
-    elif lora_dropout > 0:
-        per_in = 1 + lb
-    elif lora_dtype != compute_dtype:
-        per_in = lb
-    else:
-        per_in = 0
-    lora_saved = 7 * lb * T * r + per_in * T * sum(fin for _, fin, _ in linears)
-    softmax_state = 4 * T * a if attention == "sdpa" else (4 + c) * batch * a * seq_len**2
-    block = 2 * (4 + c) * T * h + 3 * c * T * h + c * T * h + softmax_state + 4 * c * T * i + lora_saved
-    in_flight = 2 * c * T * (h + i)
-    checkpoints = 0 if offload_checkpoints else L * c * T * h
-    activations = (checkpoints + block if checkpointing else L * block) + in_flight
-    largest_adapter = max(r * max(fin, fout) for _, fin, fout in linears)
-
-    components = {
-        "base_4bit": base_4bit,
-        "embeddings": embeddings,
-        "norms": norms,
-        "lora_params": lb * P,
-        "lora_grads": lb * (largest_adapter if step_in_backward else P),
-        "optimizer": opt,
-        "activations": activations,
-        "loss_head": (2 * c + 8) * T * V,
-        "dequant_scratch": dequant_buffers * c * max(fin * fout for _, fin, fout in linears),
-    }
-    if overhead_bytes:
-        components["overhead"] = overhead_bytes
-    config = dict(
-        model=shape.name, r=r, seq_len=seq_len, batch=batch, checkpointing=checkpointing, double_quant=double_quant,
-        blocksize=blocksize, lora_dtype=lora_dtype, optimizer=optimizer, compute_dtype=compute_dtype,
-        lora_dropout=lora_dropout, attention=attention, layer=layer, step_in_backward=step_in_backward,
-        offload_checkpoints=offload_checkpoints, embeddings_on_host=embeddings_on_host,
-    )  # fmt: skip
-    return Ledger(components, pageable=opt if optimizer.startswith("paged") else 0, config=config)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(
+            f"recipe must be a qlora_ref.memory.Recipe(seq_len=..., batch=...), got {type(recipe).__name__}"
+        )
 
 
-def shape_from_dict(d: dict) -> ModelShape:
-    """ModelShape from a Hugging Face LLaMA config dict (config.json / `config.to_dict()`)."""
-    try:
-        return ModelShape(
-            name=d.get("_name_or_path") or d.get("model_type", "model"),
-            hidden=d["hidden_size"], intermediate=d["intermediate_size"], layers=d["num_hidden_layers"],
-            heads=d["num_attention_heads"], kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            vocab=d["vocab_size"], tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        )  # fmt: skip
-    except KeyError as e:
-        raise ValueError(
-            f"config dict lacks {e.args[0]!r}; need hidden_size, intermediate_size, ... (LLaMA-style)"
-        ) from e
+def estimate(shape: ModelShape, recipe: Recipe) -> Ledger:
+    """The QLoRA training-memory ledger for one GPU (MEM-2 .. MEM-11); paged_* optimizers' bytes are `pageable`."""
+    check_inputs(shape, recipe)
+    parts = components(shape, recipe)
+    pageable = parts["optimizer"] if recipe.paged else 0
+    return Ledger(parts, pageable=pageable, config=recipe.config(shape))
 
 
 __all__ = [
-    "CUDA_OVERHEAD_BYTES", "GB", "Ledger", "ModelShape", "PRESETS", "bits_per_param", "estimate", "llama_7b",
-    "llama_13b", "llama_33b", "llama_65b", "quantized_bytes", "shape_from_dict",
+    "GB", "Ledger", "ModelShape", "PRESETS", "Recipe", "activation_bytes", "base_4bit_bytes", "bits_per_param",
+    "block_bytes", "checkpoint_bytes", "components", "dequant_scratch_bytes", "embedding_bytes", "estimate",
+    "llama_7b", "llama_13b", "llama_33b", "llama_65b", "lora_input_bytes", "lora_param_bytes", "loss_head_bytes",
+    "norm_bytes", "optimizer_bytes", "quantized_bytes", "shape_from_dict",
 ]  # fmt: skip

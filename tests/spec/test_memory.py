@@ -4,6 +4,7 @@ transformers and PEFT, and the ledger's arithmetic."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import qlora_ref as Q
 from qlora_ref import memory as M
 from qlora_ref.adamw import AdamW8bitState
 
-GUANACO_65B = dict(seq_len=16 + 512, batch=1, r=64, lora_dropout=0.05)  # finetune_guanaco_65b.sh: source+target
+GUANACO_65B = M.Recipe(seq_len=16 + 512, batch=1, r=64, lora_dropout=0.05)  # finetune_guanaco_65b.sh: source+target
 
 
 def test_mem1_bits_per_param_and_the_0373_saving():
@@ -30,9 +31,8 @@ def test_mem1_bits_per_param_and_the_0373_saving():
 def test_mem1_double_quant_saves_about_3gb_on_65b():
     """MEM-1, MEM-2: on LLaMA-65B's 64.8e9 quantized weights double quantization saves 0.373/8 bytes each: ~3 GB.
     The exact per-tensor ledger agrees with the asymptotic bits to within the per-tensor rounding (< 1 MB)."""
-    kw = dict(seq_len=512, batch=1)
-    with_dq = M.estimate(M.llama_65b, double_quant=True, **kw).components["base_4bit"]
-    without = M.estimate(M.llama_65b, double_quant=False, **kw).components["base_4bit"]
+    with_dq = M.estimate(M.llama_65b, M.Recipe(seq_len=512, batch=1, double_quant=True)).components["base_4bit"]
+    without = M.estimate(M.llama_65b, M.Recipe(seq_len=512, batch=1, double_quant=False)).components["base_4bit"]
     saved = without - with_dq
     assert 2.9e9 < saved < 3.1e9
     assert abs(saved - 0.373046875 / 8 * M.llama_65b.n_linear) < 1e6
@@ -42,7 +42,7 @@ def test_mem1_double_quant_saves_about_3gb_on_65b():
 def test_mem11_guanaco_65b_fits_in_48gb():
     """MEM-11: the Guanaco-65B recipe (r=64 on all 7 linears, bf16 adapters, paged 32-bit AdamW, NF4 + double quant,
     gradient checkpointing, batch 1 x 528 tokens) totals under 48 GB, with the 4-bit weights the largest term."""
-    led = M.estimate(M.llama_65b, **GUANACO_65B)
+    led = M.estimate(M.llama_65b, GUANACO_65B)
     assert led.fits(48) and led.total < 48e9
     assert max(led.components, key=led.components.get) == "base_4bit"
     assert 33e9 < led.components["base_4bit"] < 34e9  # 64.76e9 * 4.127 / 8
@@ -52,7 +52,7 @@ def test_mem11_guanaco_65b_fits_in_48gb():
 
 def test_mem11_guanaco_33b_fits_a_24gb_card_with_paging():
     """MEM-11: Guanaco-33B on one 24 GB GPU: what must stay resident once the paged optimizer state is evicted fits."""
-    led = M.estimate(M.llama_33b, seq_len=528, batch=1, r=64, lora_dropout=0.05)
+    led = M.estimate(M.llama_33b, GUANACO_65B)  # the same recipe
     assert led.pageable == led.components["optimizer"] > 0
     assert led.fits(24, allow_paging=True)
     assert led.resident == led.total - led.pageable
@@ -125,11 +125,11 @@ def test_mem6_optimizer_bytes_match_the_8bit_state():
         nbytes = s.m_codes.nbytes + s.m_absmax.nbytes + s.v_codes.nbytes + s.v_absmax.nbytes
         assert nbytes == 2 * k + 8 * math.ceil(k / 256)
     tiny = M.ModelShape("tiny", hidden=64, intermediate=128, layers=1, heads=4, kv_heads=4, vocab=10)
-    kw = dict(seq_len=8, batch=1, r=2)  # every adapter tensor < 4096 values: 8-bit falls back to 32-bit
-    opt8 = M.estimate(tiny, optimizer="adamw_8bit", **kw).components["optimizer"]
-    assert opt8 == M.estimate(tiny, optimizer="adamw_32bit", **kw).components["optimizer"] == 8 * tiny.n_lora(2)
-    big8 = M.estimate(M.llama_7b, optimizer="adamw_8bit", seq_len=8, batch=1).components["optimizer"]
-    big32 = M.estimate(M.llama_7b, optimizer="adamw_32bit", seq_len=8, batch=1).components["optimizer"]
+    small = M.Recipe(seq_len=8, batch=1, r=2)  # every adapter tensor < 4096 values: 8-bit falls back to 32-bit
+    opt8 = M.optimizer_bytes(tiny, replace(small, optimizer="adamw_8bit"))
+    assert opt8 == M.optimizer_bytes(tiny, replace(small, optimizer="adamw_32bit")) == 8 * tiny.n_lora(2)
+    big8 = M.estimate(M.llama_7b, M.Recipe(8, 1, optimizer="adamw_8bit")).components["optimizer"]
+    big32 = M.estimate(M.llama_7b, M.Recipe(8, 1, optimizer="adamw_32bit")).components["optimizer"]
     assert abs(big8 / big32 - (2 + 8 / 256) / 8) < 1e-3
 
 
@@ -145,20 +145,20 @@ def test_mem6_optimizer_bytes_match_the_8bit_state():
 def test_mem7_mem8_activation_terms_scale_as_derived(shape, seq_len, batch, ckpt, attention, p, lora_dtype):
     """MEM-7, MEM-8: activations and the loss head are linear in batch; checkpointing never costs more; stored
     terms (weights, adapters, optimizer) do not depend on the batch."""
-    kw = dict(seq_len=seq_len, checkpointing=ckpt, attention=attention, lora_dropout=p, lora_dtype=lora_dtype)
-    one = M.estimate(shape, batch=1, **kw).components
-    many = M.estimate(shape, batch=batch, **kw).components
+    recipe = M.Recipe(seq_len, 1, checkpointing=ckpt, attention=attention, lora_dropout=p, lora_dtype=lora_dtype)
+    one = M.estimate(shape, recipe).components
+    many = M.estimate(shape, replace(recipe, batch=batch)).components
     for name in ("activations", "loss_head"):
         assert many[name] == batch * one[name]
     for name in ("base_4bit", "embeddings", "norms", "lora_params", "lora_grads", "optimizer", "dequant_scratch"):
         assert many[name] == one[name]
-    full = M.estimate(shape, batch=batch, **{**kw, "checkpointing": False}).components["activations"]
+    full = M.estimate(shape, replace(recipe, batch=batch, checkpointing=False)).components["activations"]
     assert many["activations"] <= full
 
 
 def test_mem12_ledger_table_and_fits():
     """MEM-12: the table lists every component and the total; fits compares with gb * 10^9."""
-    led = M.estimate(M.llama_7b, seq_len=512, batch=1)
+    led = M.estimate(M.llama_7b, M.Recipe(seq_len=512, batch=1))
     text = led.table()
     for name in led.components:
         assert name in text
@@ -180,7 +180,7 @@ def test_mem12_ledger_table_and_fits():
 def test_mem_rejects_bad_arguments(kwargs, match):
     """MEM-12: bad arguments raise ValueError naming the argument and what it got."""
     with pytest.raises(ValueError, match=match):
-        M.estimate(M.llama_7b, **{"seq_len": 512, "batch": 1, **kwargs})
+        M.Recipe(**{"seq_len": 512, "batch": 1, **kwargs})
 
 
 def test_mem_rejects_bad_shapes():
@@ -188,13 +188,15 @@ def test_mem_rejects_bad_shapes():
     with pytest.raises(ValueError, match="heads must divide"):
         M.ModelShape("bad", hidden=100, intermediate=8, layers=1, heads=3, kv_heads=3, vocab=10)
     with pytest.raises(TypeError, match="ModelShape"):
-        M.estimate({"hidden": 1}, seq_len=1, batch=1)
+        M.estimate({"hidden": 1}, M.Recipe(seq_len=1, batch=1))
+    with pytest.raises(TypeError, match="Recipe"):
+        M.estimate(M.llama_7b, dict(seq_len=1, batch=1))
     with pytest.raises(ValueError, match="blocksize"):
         M.bits_per_param(0)
     with pytest.raises(ValueError, match="lacks 'hidden_size'"):
         M.shape_from_dict({})
     with pytest.raises(ValueError, match="gb must be positive"):
-        M.estimate(M.llama_7b, seq_len=1, batch=1).fits(0)
+        M.estimate(M.llama_7b, M.Recipe(seq_len=1, batch=1)).fits(0)
 
 
 @pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
@@ -203,7 +205,7 @@ def test_mem5_mem9_mem10_grads_loss_head_and_scratch(lora_dtype):
     dequant scratch is dequant_buffers x c x the largest weight."""
     shape = M.llama_7b
     seq_len, batch = 512, 2
-    ledger = M.estimate(shape, r=16, seq_len=seq_len, batch=batch, lora_dtype=lora_dtype, dequant_buffers=3)
+    ledger = M.estimate(shape, M.Recipe(seq_len, batch, r=16, lora_dtype=lora_dtype, dequant_buffers=3))
     l_bytes = 4 if lora_dtype == "float32" else 2
     c = ledger.components
     assert c["lora_grads"] == c["lora_params"] == l_bytes * shape.n_lora(16)
@@ -211,20 +213,19 @@ def test_mem5_mem9_mem10_grads_loss_head_and_scratch(lora_dtype):
     assert c["dequant_scratch"] == 3 * 2 * shape.hidden * shape.intermediate
 
 
-def test_mem13_implementation_switches():
-    """layer="qlora-ref", step_in_backward and offload_checkpoints change exactly the terms MEM-13 names."""
-    kw = dict(seq_len=512, batch=1, r=64, lora_dropout=0.05)
-    peft = M.estimate(M.llama_65b, **kw)
-    ours = M.estimate(M.llama_65b, layer="qlora-ref", **kw)
-    h, i, L, T = 8192, 22016, 80, 512
-    per_in = (1 + 2) * T * (6 * h + i)  # PEFT: dropout mask + dropped copy of the 7 inputs (6 of width h, 1 of i)
-    assert peft.components["activations"] - ours.components["activations"] == per_in
-    assert peft.components["dequant_scratch"] == 2 * ours.components["dequant_scratch"] == 2 * 2 * i * h
-    fused = M.estimate(M.llama_65b, layer="qlora-ref", step_in_backward=True, **kw)
-    assert fused.components["lora_grads"] == 2 * 64 * i  # one bf16 adapter gradient at a time: the largest, r x 22016
-    off = M.estimate(M.llama_65b, layer="qlora-ref", offload_checkpoints=True, **kw)
-    assert ours.components["activations"] - off.components["activations"] == L * 2 * T * h
-    for other in ("lora_params", "optimizer", "base_4bit", "embeddings", "loss_head"):
-        assert fused.components[other] == off.components[other] == ours.components[other], other
-    with pytest.raises(ValueError, match="layer"):
-        M.estimate(M.llama_7b, seq_len=8, batch=1, layer="bnb")
+def test_mem7_peft_lora_inputs_and_mem10_peft_buffers():
+    """MEM-7: PEFT's LoRA branch saves a copy of each adapted input, (1 + l) T n with dropout (bool mask + dropped
+    copy), l T n for a cast to another lora_dtype, nothing otherwise; MEM-10: PEFT's layers hold 2 dequantized
+    weights; the ledger's activations are the block's terms plus these copies (MEM-8 with checkpointing)."""
+    shape, T = M.llama_65b, 512
+    h, i = shape.hidden, shape.intermediate
+    inputs = 6 * h + i  # q, k, v, gate, up read h values per token, down reads i (o_proj reads h too: 6 of width h)
+    plain = M.Recipe(seq_len=T, batch=1)
+    assert M.lora_input_bytes(shape, plain) == 0
+    assert M.lora_input_bytes(shape, replace(plain, lora_dropout=0.05)) == (1 + 2) * T * inputs
+    assert M.lora_input_bytes(shape, replace(plain, lora_dtype="float32")) == 4 * T * inputs
+    assert M.dequant_scratch_bytes(shape, plain) == 2 * 2 * h * i
+    dropout = replace(plain, lora_dropout=0.05)
+    block = M.block_bytes(shape, dropout) + M.lora_input_bytes(shape, dropout)
+    in_flight = 2 * 2 * T * (h + i)
+    assert M.estimate(shape, dropout).components["activations"] == shape.layers * 2 * T * h + block + in_flight

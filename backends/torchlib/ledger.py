@@ -1,0 +1,104 @@
+"""This implementation's memory ledger: the paper's (qlora_ref.memory) re-composed for how this code trains
+(specs/memory.md MEM-13, MEM-14: implementation terms, not the spec's).
+
+    estimate(shape, Recipe(seq_len=512, batch=1), Runtime(layer="qlora-ref", step_in_backward=True))
+
+The spec's terms stay the spec's; what changes, term by term:
+
+    layer="peft"         bitsandbytes + PEFT, the Guanaco scripts: the paper's ledger as it is
+    layer="qlora-ref"    QLoRALinear (layer.py): the dropout mask is redrawn from a seed and casts are transient, so
+                         activations lose lora_input_bytes; its layers share one scratch buffer: dequant_scratch
+                         counts 1 buffer (MEM-10's PEFT count is 2)
+    step_in_backward     PagedAdamW.hook_into_backward: each adapter gradient is stepped and freed as soon as autograd
+                         accumulates it: lora_grads = l * the largest adapter tensor
+    offload_checkpoints  re-entrant checkpointing under torch.autograd.graph.save_on_cpu: the L c T h block inputs
+                         live in host memory (checkpoints = 0 on the device)
+    embeddings_on_host   synthetic.HostEmbedding (untied models only): the input table stays in pinned host memory,
+                         embeddings = bytes(embed_dtype) * V h (the LM head alone)
+    overhead_bytes       the CUDA context, lazily loaded kernels and driver mappings: a measured constant (MEM-14)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlora_ref import memory as spec
+from qlora_ref.memory import BYTES, GB, Ledger, ModelShape, Recipe
+
+LAYERS = ("peft", "qlora-ref")
+# MEM-14: device memory a CUDA training process holds beyond its tensors, measured on an H100 80GB (torch 2.11 +
+# CuPy 14.2, CUDA 13.0 driver, benchmarks/bench_memory.py): the context after the first kernel and cuBLAS handle
+# 0.76 GB, plus 0.10 - 0.54 GB outside both allocators once training runs (lazily loaded kernels, driver mappings).
+CUDA_OVERHEAD_BYTES = 1_000_000_000
+OUR_DEQUANT_BUFFERS = 1  # MEM-13: QLoRALinear layers share one scratch buffer per (device, dtype)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this implementation runs a recipe (MEM-13) and what the process adds (MEM-14)."""
+
+    layer: str = "qlora-ref"  # whose LoRA layer: ours, or bitsandbytes + PEFT ("peft", the paper's)
+    step_in_backward: bool = False  # optimizer steps inside backward (PagedAdamW.hook_into_backward)
+    offload_checkpoints: bool = False  # checkpointed block inputs in host memory
+    embeddings_on_host: bool = False  # input embedding table in host memory (untied models)
+    overhead_bytes: int = CUDA_OVERHEAD_BYTES  # CUDA context and kernels; 0 for the tensors alone
+
+    def __post_init__(self) -> None:
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
+        v = self.overhead_bytes
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"overhead_bytes must be a non-negative integer, got {v!r}")
+
+    def config(self) -> dict:
+        return dict(
+            layer=self.layer, step_in_backward=self.step_in_backward, offload_checkpoints=self.offload_checkpoints,
+            embeddings_on_host=self.embeddings_on_host,
+        )  # fmt: skip
+
+
+def activation_bytes(shape: ModelShape, recipe: Recipe, runtime: Runtime) -> int:
+    """MEM-8 with our layer's block (no per-input copies) and the checkpoints where they live."""
+    block = spec.block_bytes(shape, recipe)
+    if runtime.layer == "peft":
+        block += spec.lora_input_bytes(shape, recipe)
+    checkpoints = 0 if runtime.offload_checkpoints else spec.checkpoint_bytes(shape, recipe)
+    return spec.activation_bytes(shape, recipe, block=block, checkpoints=checkpoints)
+
+
+def lora_grad_bytes(shape: ModelShape, recipe: Recipe, runtime: Runtime) -> int:
+    """MEM-5, or with steps inside backward one gradient at a time: l * the largest adapter tensor, r * max(in, out)."""
+    if not runtime.step_in_backward:
+        return spec.lora_param_bytes(shape, recipe)
+    return recipe.lora_bytes * max(recipe.r * max(fin, fout) for _, fin, fout in shape.linears())
+
+
+def embedding_bytes(shape: ModelShape, recipe: Recipe, runtime: Runtime) -> int:
+    """MEM-3, or with the input table on the host only the LM head: bytes(embed_dtype) * V h."""
+    if not runtime.embeddings_on_host:
+        return spec.embedding_bytes(shape, recipe)
+    if shape.tie_embeddings:
+        raise ValueError("embeddings_on_host needs untied embeddings: a tied LM head needs the table on the device")
+    return BYTES[recipe.embed_dtype] * shape.vocab * shape.hidden
+
+
+def estimate(shape: ModelShape, recipe: Recipe, runtime: Runtime | None = None) -> Ledger:
+    """The ledger `qlora memory` prints: the paper's terms with this implementation's (MEM-13, MEM-14)."""
+    runtime = Runtime() if runtime is None else runtime
+    if not isinstance(runtime, Runtime):
+        raise TypeError(f"runtime must be a backends.torchlib.ledger.Runtime, got {type(runtime).__name__}")
+    paper = spec.estimate(shape, recipe)
+    buffers = spec.PEFT_DEQUANT_BUFFERS if runtime.layer == "peft" else OUR_DEQUANT_BUFFERS
+    parts = {
+        **paper.components,
+        "embeddings": embedding_bytes(shape, recipe, runtime),
+        "lora_grads": lora_grad_bytes(shape, recipe, runtime),
+        "activations": activation_bytes(shape, recipe, runtime),
+        "dequant_scratch": spec.dequant_scratch_bytes(shape, recipe, buffers=buffers),
+    }
+    if runtime.overhead_bytes:
+        parts["overhead"] = runtime.overhead_bytes
+    return Ledger(parts, pageable=paper.pageable, config={**paper.config, **runtime.config()})
+
+
+__all__ = ["CUDA_OVERHEAD_BYTES", "GB", "LAYERS", "Runtime", "estimate"]
