@@ -3,7 +3,9 @@
 - PEFT: ``PeftModel.from_pretrained`` on a base whose linears hold our dequantized NF4 weights reproduces our logits
   to float32 rounding (same ops in the same order here, so the bound is a few ulps of the logits' scale).
 - bitsandbytes: every saved layer goes through ``QuantState.from_dict`` and bitsandbytes' CPU dequantization to our
-  W_hat bit for bit, and transformers + bitsandbytes load the whole checkpoint.
+  W_hat bit for bit, and transformers + bitsandbytes load the whole checkpoint: on bitsandbytes' float32 CPU path
+  (selected explicitly) our logits to float32 rounding; on its bf16 path (CPUs with avx512_bf16; emulated on every
+  CPU) each layer within a derived bf16 bound.
 - Merged: the export equals ``qlora_ref.lora.lora_merge`` (float32: bit for bit) and reloads in transformers.
 - The real SmolLM2-135M-Instruct GGUF: runs in CI (downloaded there), skips locally only if the file is absent.
 """
@@ -248,20 +250,147 @@ def test_bnb_checkpoint_roundtrips_through_quantstate(tmp_path):
     assert qc == json.loads(json.dumps(ref.to_dict()))
 
 
-def test_bnb_checkpoint_loads_in_transformers(tmp_path):
-    """transformers + bitsandbytes (CPU) load our checkpoint as Linear4bit layers computing our base logits."""
-    bnb = pytest.importorskip("bitsandbytes")
-    model, _ = prepared(seed=6)
+def _bnb_linears(model) -> dict:
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def _loaded_bnb_checkpoint(tmp_path, seed=6):
+    """Our base (B = 0) saved as a bitsandbytes checkpoint and loaded back by transformers + bitsandbytes (CPU)."""
+    model, _ = prepared(seed=seed)
     for m in qlora_layers(model).values():
         torch.nn.init.zeros_(m.lora_B)  # the checkpoint is the base only
     save_bnb_checkpoint(model, tmp_path / "q", dtype="float32", compute_dtype="float32")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu").eval()
-    assert isinstance(loaded.model.layers[1].mlp.down_proj, bnb.nn.Linear4bit)
+    # float32 for the unquantized tensors, as the checkpoint says (transformers 4.x's bitsandbytes loader would
+    # otherwise pick float16; 4.x names the argument torch_dtype)
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q", device_map="cpu", **{dtype_kw: torch.float32}
+    )
+    return model, loaded.eval()
+
+
+def _record_linear_io(model) -> tuple[dict, list]:
+    """Forward hooks that keep each Linear4bit's (input, output) of the last forward, by module path."""
+    seen, handles = {}, []
+    for name, m in _bnb_linears(model).items():
+
+        def hook(mod, inputs, out, name=name):
+            seen[name] = (inputs[0].detach().clone(), out.detach().clone())
+
+        handles.append(m.register_forward_hook(hook))
+    return seen, handles
+
+
+# bitsandbytes 0.50.2's CPU eval path on a processor with avx512_bf16 (Linear4bit.forward when not training and the
+# input needs no grad): the 4-bit weight is repacked once (_convert_weight_packed_for_cpu: the per-block absmax
+# a_b = dequantize(nested) + offset in float32, then rounded to bf16), the input is rounded to bf16, and its kernel
+# (cpu_ops.cpp, tinygemm_kernel_nn) computes
+#     y_i = bf16( sum_b bf16(a_b) * sum_{k in b} bf16(x_k) * bf16(c_ik) )        c_ik = NF4 code of weight (i, k)
+# with float32 accumulation (vdpbf16ps: exact bf16 products, round-to-nearest float32 sums, denormals flushed).
+# Against y_i = sum_k x_k W_hat_ik (W_hat_ik = fl32(c_ik a_b), what we compute), with u = 2^-8 (bf16 unit roundoff),
+# T_i = sum_k |x_k| |W_hat_ik|, and gamma = n 2^-24 / (1 - n 2^-24) for the n <= K + K/64 float32 additions:
+#     |y_bnb - y|_i <= u |y_i| + (1 + u) * ((1 + u)^3 (1 + 2^-23) (1 + gamma) - 1) * T_i + K 2^-125 max_b a_b
+# (three bf16 roundings in each product, W_hat's own float32 rounding, the sums, the output rounding, flushed
+# denormal products).  Without avx512_bf16 the same layer takes the float32 path: W_hat by bitsandbytes' CPU
+# dequantize, then torch.nn.functional.linear in float32: our own arithmetic.
+BF16_U = 2.0**-8
+
+
+def _bf16_bound(x, w_hat, absmax_max):
+    """The bound above for y = x W_hat^T: x (..., K) float32, w_hat (N, K) float32; float64 (..., N)."""
+    K = w_hat.shape[1]
+    n = K + K // 64
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    u = BF16_U
+    x64, w64 = x.double(), w_hat.double()
+    y = x64 @ w64.T
+    T = x64.abs() @ w64.abs().T
+    return y, u * y.abs() + (1 + u) * ((1 + u) ** 3 * (1 + 2.0**-23) * (1 + gamma) - 1) * T + K * 2.0**-125 * absmax_max
+
+
+def _bnb_cpu_bf16_linear(module, x):
+    """What bitsandbytes' avx512_bf16 kernel computes for this Linear4bit (the formula above), emulated in float64
+    with one final rounding to bf16: any CPU can run it."""
+    import bitsandbytes.functional as bnb_f
+
+    qs = module.weight.quant_state
+    N, K = qs.shape
+    packed = module.weight.data.view(torch.uint8).reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(N, K).long()  # high nibble first (FMT-3)
+    absmax = bnb_f.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset  # (N K / 64,) float32
+    c = qs.code.to(torch.bfloat16).double()[codes]  # (N, K)
+    a = absmax.to(torch.bfloat16).double().reshape(N, K // qs.blocksize)  # (N, K/64)
+    xb = x.to(torch.bfloat16).double().reshape(*x.shape[:-1], K // qs.blocksize, qs.blocksize)  # (..., K/64, 64)
+    partial = torch.einsum("...bj,nbj->...nb", xb, c.reshape(N, K // qs.blocksize, qs.blocksize))  # (..., N, K/64)
+    y = (partial * a).sum(-1)  # (..., N)
+    return y.float().to(torch.bfloat16).to(x.dtype)
+
+
+def test_bnb_checkpoint_loads_in_transformers(tmp_path):
+    """transformers + bitsandbytes (CPU) load our checkpoint as Linear4bit layers holding our W_hat bit for bit
+    (through bitsandbytes' own dequantize); on its float32 path, chosen explicitly on every CPU, they compute our
+    base logits to float32 rounding (the same dequantized weights in the same float32 linear)."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    model, loaded = _loaded_bnb_checkpoint(tmp_path)
+    linears = _bnb_linears(loaded)
+    ours = qlora_layers(model)
+    assert sorted(linears) == sorted(ours)
     assert type(loaded.lm_head) is torch.nn.Linear
+    for name, m in linears.items():
+        got = bnb_f.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        np.testing.assert_array_equal(
+            got.numpy().view(np.uint32), qlora_ref.dequantize_4bit(ours[name].q).view(np.uint32)
+        )
+        m.support_avx512bf16_for_cpu = False  # the float32 path, whatever this CPU has
     want = logits(model, IDS)
     scale = want.abs().max().item()
     assert (logits(loaded, IDS) - want).abs().max().item() <= 64 * np.finfo(np.float32).eps * scale
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linears.values())
     assert bnb_quantization_config(model)["llm_int8_skip_modules"] == ["lm_head"]
+
+
+def test_bnb_bf16_cpu_arithmetic_meets_its_derived_bound(tmp_path):
+    """The bf16 arithmetic of bitsandbytes' avx512_bf16 path (emulated, so on every CPU) stays within the derived
+    bound at every layer of a real forward, and its logits are not our float32 ones: the 64-ulp logits bound holds
+    only on the float32 path, which is why that test selects it."""
+    model, loaded = _loaded_bnb_checkpoint(tmp_path)
+    linears = _bnb_linears(loaded)
+    for m in linears.values():
+        m.forward = lambda x, m=m: _bnb_cpu_bf16_linear(m, x)
+    seen, _ = _record_linear_io(loaded)
+    got = logits(loaded, IDS)
+    assert sorted(seen) == sorted(linears)
+    ours = qlora_layers(model)
+    for name, (x, y_bnb) in seen.items():
+        w_hat = ours[name].dequantize_weight(torch.float32)
+        y, bound = _bf16_bound(x, w_hat, w_hat.abs().max())
+        assert ((y_bnb.double() - y).abs() <= bound).all(), name
+    want = logits(model, IDS)
+    assert (got - want).abs().max().item() > 64 * np.finfo(np.float32).eps * want.abs().max().item()
+
+
+def test_bnb_checkpoint_native_bf16_cpu_path_meets_the_bound(tmp_path):
+    """On a CPU with avx512_bf16, bitsandbytes' own eval path (the weight repacked, bf16 kernel) at every layer of a
+    real forward: within the derived bf16 bound of x W_hat^T, our W_hat.  Other CPUs cannot run that kernel."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    if not bnb_f.has_avx512bf16():
+        pytest.skip(
+            "this CPU has no avx512_bf16: bitsandbytes' bf16 CPU kernel cannot run here (its float32 path "
+            "is tested on every CPU, its arithmetic emulated)"
+        )
+    model, loaded = _loaded_bnb_checkpoint(tmp_path)
+    linears = _bnb_linears(loaded)
+    seen, _ = _record_linear_io(loaded)
+    got = logits(loaded, IDS)
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in linears.values())  # the bf16 path ran
+    assert sorted(seen) == sorted(linears) and torch.isfinite(got).all()
+    ours = qlora_layers(model)
+    for name, (x, y_bnb) in seen.items():
+        w_hat = ours[name].dequantize_weight(torch.float32)
+        y, bound = _bf16_bound(x, w_hat, w_hat.abs().max())
+        assert ((y_bnb.double() - y).abs() <= bound).all(), name
 
 
 # --- 3. merged 16-bit export
