@@ -35,9 +35,9 @@ float32 vector of n values (setReduceConfig), on a device with `sm_count` multip
 Everything else torch's launch reads leaves the bits alone: 512 threads per block (MAX_NUM_THREADS), 4 accumulators
 (vt0 = input_vec_size = 4), 16 and 256 values per thread (min/max_values_per_thread) are compile-time constants of
 torch; the warp size only moves the boundary between the shared-memory and the shuffle part of one halving tree.
-`vectorized_from` is the smallest vectorised n: 129 for sources that read ``dim0 > 128`` (what this spec has assumed
-for torch 2.11 since DQ-1 was written; tests/peers/test_gpu_offset.py checks the installed torch at n = 128), 128 for
-the newer sources that read ``dim0 >= 128``.  Zero padding stands in for missing loads: +0.0 added to a sum of
+`vectorized_from` is the smallest vectorised n: 128 (``dim0 >= 128``), measured for torch 2.11 on an H200
+(tests/peers/test_gpu_offset.py probes n = 128: one of two seeds differed with 129), 129 for older sources that read
+``dim0 > 128``.  Zero padding stands in for missing loads: +0.0 added to a sum of
 values >= 0 is exact.
 """
 
@@ -55,7 +55,7 @@ BLOCK_THREADS = 512  # torch's MAX_NUM_THREADS for float32 reductions (mnt_wrapp
 ACCUMULATORS = 4  # vt0 = input_vec_size = 4 for float32 mean
 MIN_VALUES_PER_THREAD = 16  # setReduceConfig (CUDA)
 MAX_VALUES_PER_THREAD = 256
-VECTORIZED_FROM = 129  # torch vectorises a contiguous row when dim0 > 128 (newer sources: dim0 >= 128)
+VECTORIZED_FROM = 128  # torch 2.11 on an H200 vectorizes from n = 128 (measured: tests/peers/test_gpu_offset.py)
 MAX_THREADS_PER_SM = 2048  # Hopper (H100, H200); also Ampere A100
 MAX_32BIT_INDEXED = 2**29  # more float32 values than this and torch splits the input into 32-bit-indexable pieces
 

@@ -6,8 +6,7 @@ The plan (W lanes, vec-wide loads, C CTAs) is the spec's: `qlora_ref.double_quan
 device's multiprocessor count and threads per multiprocessor.  Two launches of kernels/absmax_mean.cu: C CTAs of W
 threads write one partial each, then one CTA of W threads combines them and writes the float32 offset; no host sync.
 
-Self-contained: its one ``cupy.RawModule`` is compiled here with build.OPTIONS (the registry's options) on first use;
-``NAME_EXPRESSIONS`` is what build.py's registry needs to take the file over.
+Compiled and cached through build.py's registry like every kernel file.
 """
 
 from __future__ import annotations
@@ -22,14 +21,6 @@ from qlora_ref.double_quant import MAX_THREADS_PER_SM, VECTORIZED_FROM, checked_
 from . import build
 
 KERNEL_FILE = "absmax_mean.cu"
-NAME_EXPRESSIONS = ("absmax_mean_partials_v1", "absmax_mean_combine_v1")
-
-
-@functools.cache
-def _module() -> cp.RawModule:
-    mod = cp.RawModule(code=build.source(KERNEL_FILE), options=build.OPTIONS, name_expressions=NAME_EXPRESSIONS)
-    mod.compile()
-    return mod
 
 
 @functools.cache
@@ -81,11 +72,10 @@ def absmax_mean(
     elif not isinstance(out, cp.ndarray) or out.dtype != cp.float32 or out.size != 1:
         raise ValueError(f"out must be a 1-element float32 CuPy array, got {type(out).__name__} {out.dtype}")
     partial = cp.empty(ctas, cp.float32)
-    mod = _module()
-    mod.get_function("absmax_mean_partials_v1")(
+    build.kernel(KERNEL_FILE, "absmax_mean_partials_v1")(
         *absmax_mean_partials_config(lanes, ctas), (absmax, np.int64(n), np.int32(vec), partial)
     )
-    mod.get_function("absmax_mean_combine_v1")(
+    build.kernel(KERNEL_FILE, "absmax_mean_combine_v1")(
         *absmax_mean_combine_config(lanes), (partial, np.int32(ctas), np.int64(n), out)
     )
     return out

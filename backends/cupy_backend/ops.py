@@ -29,6 +29,7 @@ from qlora_ref.double_quant import NESTED_BLOCKSIZE
 from qlora_ref.dtypes import DTYPES
 
 from . import build, launch
+from . import offset as torch_mean
 from .finite import FiniteFlag, check_finite
 from .inputs import (
     aligned,
@@ -107,7 +108,7 @@ def quantize_4bit(
             absmax_q = cp.empty(nblocks, cp.uint8)
             nested = cp.empty(ceil_div(nblocks, NESTED_BLOCKSIZE), cp.float32)
             offset_dev = status.view(cp.float32)[6:7]  # low half of status[3]
-            absmax_mean_launch(absmax, nblocks, status)
+            torch_mean.absmax_mean(absmax, **torch_mean.current_device(), out=offset_dev)  # torch's order (DQ-5)
             _quantize_8bit_launch(
                 absmax, nblocks, NESTED_BLOCKSIZE, signed_dynamic_map(), offset_dev, absmax_q, nested, kernel
             )
