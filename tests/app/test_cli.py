@@ -7,9 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import TINY_DECODER
+from conftest import HAS_CUDA, TINY_DECODER
 
 from backends.app.cli import finetune_config_from_argv, main
 from backends.app.config import TASK_PRESET, RunConfig, TrainConfig
@@ -86,6 +87,71 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, shared_dir):
     assert_one_line_error(*run(["eval", "--data", str(tmp_path / "x.txt")], capsys)[::2], "not found")
     assert_one_line_error(*run(["generate", "--prompt", "hi", "--adapter", str(tmp_path)], capsys)[::2], "adapter")
     assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_every_command_checks_a_flag_by_the_same_rule_before_printing(tmp_path, capsys):
+    """Issue 16: the same flag is refused alike in every command, in one line, with nothing printed before it."""
+    cases = [
+        (["eval", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["finetune", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["eval", "--max-len", "0"], "--max-len must be >= 8, got 0"),
+        (["finetune", "--max-len", "0"], "--max-len must be >= 8, got 0"),
+        (["memory", "--blocksize", "17"], "--blocksize must be one of 32, 64"),
+        (["quantize", "m", "o", "--blocksize", "17"], "--blocksize must be one of 32, 64"),
+        (["finetune", "--blocksize", "17"], "--blocksize must be one of 32, 64"),
+        (["memory", "--gpu-gb", "-1"], "--gpu-gb must be > 0, got -1.0"),
+        (["memory", "--r", "0"], "--r must be >= 1"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["eval", "--backend", "cuda"], "invalid choice: 'cuda'"),
+    ]
+    for argv, needle in cases:
+        code, out, err = run(argv, capsys)
+        assert_one_line_error(code, err, needle)
+        assert out == "", (argv, out)
+
+
+def test_data_paths_are_named_in_the_error(tmp_path, capsys):
+    binary = tmp_path / "blob.jsonl"
+    binary.write_bytes(bytes(range(256)))
+    for argv, needles in [
+        (["finetune", "--data", str(tmp_path)], ("is a directory", str(tmp_path))),
+        (["eval", "--data", str(tmp_path)], ("is a directory", str(tmp_path))),
+        (["finetune", "--data", str(binary)], ("blob.jsonl", "not UTF-8")),
+    ]:
+        code, out, err = run(argv, capsys)
+        assert_one_line_error(code, err, *needles)
+        assert "not found" not in err and out == ""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message for a machine without CuPy or a GPU")
+def test_unavailable_backend_is_one_line(capsys):
+    for argv in (["finetune", "--backend", "cupy"], ["eval", "--task", "--backend", "cupy"]):
+        code, out, err = run(argv, capsys)
+        assert_one_line_error(code, err, "cupy backend needs")
+        assert out == ""
+
+
+def test_a_finished_output_is_refused_without_overwrite(tmp_path, capsys):
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "summary.json").write_text("{}")
+    code, _, err = run(["finetune", "--output-dir", str(done)], capsys)
+    assert_one_line_error(code, err, "finished result", "--overwrite", "--resume")
+    code, _, err = run(["quantize", "smollm2", str(done)], capsys)
+    assert_one_line_error(code, err, "finished result", "--overwrite")
+    assert os.listdir(done) == ["summary.json"] and not (tmp_path / "done.partial").exists()
+
+
+def test_sigterm_stops_training_like_ctrl_c():
+    import signal
+
+    from backends.app.finetune import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once; the sleep only bounds a failure
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_error_from_the_console_entry_point_is_one_line(tmp_path):
@@ -203,6 +269,42 @@ def test_resume_generate_eval_and_adapter_mismatch_on_a_tiny_model(tiny_dir, tmp
     assert "resumed from" in stdout and "at step 2" in stdout
     records = [json.loads(s) for s in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    first = json.loads((out / "summary.json").read_text())
+
+    # Ctrl-C half-way through step 2 (its first micro-batch drawn): a checkpoint of step 1 and the base model's
+    # scores stay in run.partial; --resume then makes step 2 exactly as the uninterrupted run did
+    import backends.app.trainer as trainer_mod
+
+    step = trainer_mod.Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 1:
+            self.stream.next_batch()
+            raise KeyboardInterrupt
+        return step(self)
+
+    cut = tmp_path / "cut"
+    argv_cut = [*argv[:-2], str(cut), "--no-progress"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_mod.Trainer, "train_step", interrupted)
+        code, _, err = run(argv_cut, capsys)
+    assert code == 130 and "interrupted" in err
+    partial = tmp_path / "cut.partial"
+    assert json.loads((partial / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
+    assert json.loads((partial / "summary.json").read_text())["eval_loss_before"] == first["eval_loss_before"]
+    code, _, err = run([*argv_cut, "--resume"], capsys)
+    assert code == 0, err
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["eval_loss_before"] == first["eval_loss_before"] and resumed["steps"] == 2
+    losses = lambda d: [json.loads(s)["loss"] for s in open(d / "metrics.jsonl") if '"loss"' in s]  # noqa: E731
+    assert losses(cut) == losses(out)[:2]
+
+    # the finished run is replaced only when told to
+    code, _, err = run(argv_cut, capsys)
+    assert_one_line_error(code, err, "--overwrite")
+    code, _, err = run([*argv_cut[:8], "1", *argv_cut[9:], "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads((cut / "summary.json").read_text())["steps"] == 1
 
     code, stdout, err = run(["generate", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--prompt",
                              "Reverse the list: 1 2 3", "--max-new-tokens", "4"], capsys)  # fmt: skip
