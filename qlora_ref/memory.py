@@ -41,12 +41,6 @@ def _check_positive_int(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _check_nonneg_int(**values: int) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-
-
 # --- MEM-1, MEM-2: the 4-bit storage ----------------------------------------------------------------------------
 
 
@@ -192,8 +186,9 @@ class Recipe:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.dequant_buffers is not None:
-            _check_nonneg_int(dequant_buffers=self.dequant_buffers)
+        n = self.dequant_buffers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"dequant_buffers must be a non-negative integer or None, got {n!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
@@ -232,11 +227,8 @@ class Recipe:
 
 def base_4bit_bytes(shape: ModelShape, recipe: Recipe) -> int:
     """L * sum over the 7 linears of quantized_bytes(in * out) (MEM-2)."""
-    one_block = sum(
-        quantized_bytes(fin * fout, blocksize=recipe.blocksize, double_quant=recipe.double_quant)
-        for _, fin, fout in shape.linears()
-    )
-    return shape.layers * one_block
+    kw = dict(blocksize=recipe.blocksize, double_quant=recipe.double_quant)
+    return shape.layers * sum(quantized_bytes(fin * fout, **kw) for _, fin, fout in shape.linears())
 
 
 def embedding_bytes(shape: ModelShape, recipe: Recipe) -> int:
@@ -401,19 +393,12 @@ def components(shape: ModelShape, recipe: Recipe) -> dict[str, int]:
     }
 
 
-def check_inputs(shape: ModelShape, recipe: Recipe) -> None:
-    """TypeError unless shape is a ModelShape and recipe a Recipe (MEM-12)."""
+def estimate(shape: ModelShape, recipe: Recipe) -> Ledger:
+    """The QLoRA training-memory ledger for one GPU (MEM-2 .. MEM-11); paged_* optimizers' bytes are `pageable`."""
     if not isinstance(shape, ModelShape):
         raise TypeError(f"shape must be a ModelShape (e.g. qlora_ref.memory.llama_65b), got {type(shape).__name__}")
     if not isinstance(recipe, Recipe):
-        raise TypeError(
-            f"recipe must be a qlora_ref.memory.Recipe(seq_len=..., batch=...), got {type(recipe).__name__}"
-        )
-
-
-def estimate(shape: ModelShape, recipe: Recipe) -> Ledger:
-    """The QLoRA training-memory ledger for one GPU (MEM-2 .. MEM-11); paged_* optimizers' bytes are `pageable`."""
-    check_inputs(shape, recipe)
+        raise TypeError(f"recipe must be a qlora_ref.memory.Recipe(seq_len, batch, ...), got {type(recipe).__name__}")
     parts = components(shape, recipe)
     pageable = parts["optimizer"] if recipe.paged else 0
     return Ledger(parts, pageable=pageable, config=recipe.config(shape))

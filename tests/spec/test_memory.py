@@ -46,6 +46,7 @@ def test_mem11_guanaco_65b_fits_in_48gb():
     assert led.fits(48) and led.total < 48e9
     assert max(led.components, key=led.components.get) == "base_4bit"
     assert 33e9 < led.components["base_4bit"] < 34e9  # 64.76e9 * 4.127 / 8
+    assert round(led.total / 1e9, 1) == 46.0 and round(led.components["base_4bit"] / 1e9, 1) == 33.4  # as MEM-11 says
     # 16-bit full finetuning of the same model: weights and grads in 16 bits plus float32 Adam m and v: > 780 GB
     assert M.llama_65b.n_params * (2 + 2 + 8) > 780e9
 
@@ -56,6 +57,7 @@ def test_mem11_guanaco_33b_fits_a_24gb_card_with_paging():
     assert led.pageable == led.components["optimizer"] > 0
     assert led.fits(24, allow_paging=True)
     assert led.resident == led.total - led.pageable
+    assert round(led.resident / 1e9, 1) == 20.8 and round(led.pageable / 1e9, 1) == 3.9  # the figures MEM-11 quotes
 
 
 def test_mem3_preset_parameter_counts_are_llama_1():
