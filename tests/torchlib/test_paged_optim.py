@@ -597,6 +597,15 @@ def test_gpu_cupy_backend_adamw_step_on_cupy_arrays_equals_numpy_backend(bits, d
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
     for s, r in zip(states, ref_states, strict=True):
         assert all(np.array_equal(s[k], r[k]) for k in s)
+    be = get_backend("cupy")
+    states = be.adamw_states([4], state_bits=bits)
+    p = cupy.asarray(f32_to_bf16(np.ones(4, np.float32)) if dtype == "bfloat16" else np.ones(4, np.float32))
+    bad = np.array([0.0, np.inf, 1.0, np.nan], np.float32)
+    g = cupy.asarray(f32_to_bf16(bad) if dtype == "bfloat16" else bad)
+    before = p.copy()
+    with pytest.raises(NonFiniteError, match="parameter 0 has 2 non-finite"):  # bf16 bits checked as bf16, not ints
+        be.adamw_step([p], [g], states, [0], [step_scalars(1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)])
+    assert bool((p == before).all()) and all(not a.any() for a in states.export()[0].values())  # nothing written
 
 
 @pytest.mark.gpu
