@@ -10,6 +10,8 @@ norm 0.3.  Same initialisation everywhere: the saved base weights, and every lor
 by its module name (B = 0).
 
     ours       backends.torchlib.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW
+    ours-graph the same, forward + backward captured once as a CUDA graph (backends.torchlib.CapturedStep) and
+               replayed; clipping and the optimizer step eager after each replay
     bnb+peft   transformers + BitsAndBytesConfig(nf4, double quant, bf16) + prepare_model_for_kbit_training + PEFT,
                bitsandbytes PagedAdamW32bit (the QLoRA repository's recipe)
     bf16-lora  transformers bf16 model + PEFT LoRA, no quantization, bitsandbytes PagedAdamW32bit
@@ -40,8 +42,38 @@ sys.path.insert(0, str(REPO))
 HIDDEN, MLP, HEADS, VOCAB, LAYERS = 4096, 11008, 32, 32000, 4
 SEQ, BATCH, R, ALPHA, LR, MAX_NORM = 1024, 4, 64, 16, 2e-4, 0.3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("ours", "bnb+peft", "bf16-lora")
+VARIANTS = ("ours", "ours-graph", "bnb+peft", "bf16-lora")
 LOSS_BOUND = 0.02  # stated bound: |loss_ours - loss_bnb| / loss_bnb at every step (NF4 codes agree; bf16 GEMM order)
+
+
+def step_flops() -> dict[str, float]:
+    """The training step's matrix FLOPs, by term (checkpointing: forward, recomputed forward, input gradients).
+
+    Per token, P = 4 h^2 + 3 h m base weights per layer: 2P forward, 2P recomputed, 2P for dX (the base is frozen: no
+    weight gradient).  LoRA r(in + out) per linear: 2 forward + 2 recomputed + 4 backward (dA, dB, du; dX's LoRA term)
+    per parameter.  Attention (causal, half the square): 4 S h per token for QK^T and PV, x 4 (forward, recompute,
+    two backward products).  LM head (not checkpointed, frozen): 2 h V forward + 2 h V for dX."""
+    T = SEQ * BATCH
+    P = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * MLP
+    lora = R * (4 * 2 * HIDDEN + 3 * (HIDDEN + MLP))
+    terms = {
+        "base": 6 * P * T * LAYERS,
+        "lora": 8 * lora * T * LAYERS,
+        "attention": 4 * (4 * SEQ * HIDDEN / 2) * T * LAYERS,
+        "lm_head": 4 * HIDDEN * VOCAB * T,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def gemm_tflops() -> float:
+    """This run's bf16 GEMM rate: 8192^3 on random data, median of 10 after warm-up."""
+    import torch
+
+    from benchmarks.common import cuda_median_ms
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / (cuda_median_ms(lambda: a @ b, warmup=3, reps=10) * 1e-3) / 1e12
 
 
 def make_model_dir(path: Path) -> None:
@@ -91,13 +123,17 @@ def build(variant: str, model_dir: str):
     """(model, optimizer, clip function) for one variant, LoRA initialised identically."""
     import torch
 
-    if variant == "ours":
+    if variant.startswith("ours"):
         from backends.torchlib import PagedAdamW, clip_grad_norm_, load_model, qlora_layers
 
         model = load_model(model_dir, backend="cupy", r=R, alpha=ALPHA, dropout=0.0, target="all-linear",
                            quant_type="nf4", double_quant=True, blocksize=64, gradient_checkpointing=True,
                            lora_dtype="bfloat16")  # fmt: skip
         init_lora_A([(n + ".lora_A", m.lora_A) for n, m in qlora_layers(model).items()])
+        if variant == "ours-graph":  # no dropout, so no RNG state for the checkpoints to replay
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         return model, PagedAdamW(params, lr=LR, paged=True), lambda ps: clip_grad_norm_(ps, MAX_NORM)
 
@@ -146,7 +182,7 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     model, opt, clip = build(variant, model_dir)
     # PEFT variants run as the HF Trainer runs them with --bf16 (autocast); ours computes in bf16 by construction
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=variant != "ours")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not variant.startswith("ours"))
     setup_s = time.perf_counter() - t0
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,15 +193,28 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
     free, total = torch.cuda.mem_get_info()
     used = [total - free]
     losses, step_ms = [], []
+    captured = None
+    if variant == "ours-graph":
+        from backends.torchlib.graph import CapturedStep
+
+        t0 = time.perf_counter()
+        captured = CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": data[0]})
+        setup_s += time.perf_counter() - t0
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        used.append(total - free)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for i, ids in enumerate(data):
         if i == warmup:
             torch.cuda.synchronize()
             start.record()
         ts = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        if captured is not None:
+            loss = captured({"ids": ids})
+        else:
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         clip(params)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -225,7 +274,7 @@ def plot(results: list[dict], path: Path) -> None:
     a.set(xlabel="step", ylabel="loss", title="loss, same init and data")
     a.legend()
     ok = [r for r in results if "tokens_per_s" in r]
-    b.bar([r["variant"] for r in ok], [r["tokens_per_s"] / 1e3 for r in ok], color=["C0", "C1", "C2"][: len(ok)])
+    b.bar([r["variant"] for r in ok], [r["tokens_per_s"] / 1e3 for r in ok], color=[f"C{i}" for i in range(len(ok))])
     for i, r in enumerate(ok):
         b.text(i, r["tokens_per_s"] / 1e3, f"{r['peak_device_used_gb']:.1f} GB", ha="center", va="bottom")
     b.set(ylabel="k tokens/s", title=f"{LAYERS}-layer LLaMA-7B dims, seq {SEQ} x batch {BATCH}, r {R}")
@@ -255,6 +304,8 @@ def main(argv=None) -> int:
     md = Path(args.model_dir)
     if not (md / "config.json").exists():
         make_model_dir(md)
+    flops, tflops = step_flops(), gemm_tflops()
+    flop_bound_ms = flops["total"] / (tflops * 1e12) * 1e3
     results = []
     for v in args.variants.split(","):
         cmd = [sys.executable, __file__, "--variant", v, "--model-dir", str(md), "--steps", str(args.steps),
@@ -281,6 +332,10 @@ def main(argv=None) -> int:
         rel = max(abs(x - y) / abs(y) for x, y in zip(o["losses"], b["losses"], strict=True))
         summary = {
             "speedup_vs_bnb": o["tokens_per_s"] / b["tokens_per_s"],
+            "bf16_gemm_tflops": tflops,
+            "step_tflop": flops["total"] / 1e12,
+            "flop_bound_ms": flop_bound_ms,
+            "fraction_of_flop_bound": flop_bound_ms / (1e3 * BATCH * SEQ / o["tokens_per_s"]),
             "target_speedup": 2.0,
             "peak_used_ratio_vs_bnb": o["peak_device_used_gb"] / b["peak_device_used_gb"],
             "max_rel_loss_diff_vs_bnb": rel,
@@ -289,13 +344,20 @@ def main(argv=None) -> int:
         }
         if "bf16-lora" in by and "error" not in by["bf16-lora"]:
             summary["speedup_vs_bf16_lora"] = o["tokens_per_s"] / by["bf16-lora"]["tokens_per_s"]
+        g = by.get("ours-graph", {})
+        if "tokens_per_s" in g:
+            summary["graph_speedup_vs_bnb"] = g["tokens_per_s"] / b["tokens_per_s"]
+            summary["graph_fraction_of_flop_bound"] = flop_bound_ms / (1e3 * BATCH * SEQ / g["tokens_per_s"])
+            summary["graph_peak_used_ratio_vs_bnb"] = g["peak_device_used_gb"] / b["peak_device_used_gb"]
+            rel = max(abs(x - y) / abs(y) for x, y in zip(g["losses"], o["losses"], strict=True))
+            summary["graph_max_rel_loss_diff_vs_eager"] = rel
         print("\n" + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = dict(hidden=HIDDEN, mlp=MLP, heads=HEADS, vocab=VOCAB, layers=LAYERS, seq=SEQ, batch=BATCH, r=R,
                  alpha=ALPHA, lr=LR, max_grad_norm=MAX_NORM, lora_dropout=0.0, gradient_checkpointing=True,
                  steps=args.steps, warmup=args.warmup)  # fmt: skip
-    doc = {"info": device_info(), "setup": setup, "results": results, "summary": summary}
+    doc = {"info": device_info(), "setup": setup, "flops": flops, "results": results, "summary": summary}
     (out / "bench_train.json").write_text(json.dumps(doc, indent=1) + "\n")
     plot(results, out / "bench_train.png")
     print(f"wrote {out / 'bench_train.json'} and {out / 'bench_train.png'}")

@@ -8,6 +8,7 @@ prepare.py    prepare_model / load_model / load_tokenizer / gguf_as_hf_dir / mod
 synthetic.py  random LLaMA-shaped QLoRA models made on the device (memory runs)
 optim.py      PagedAdamW: the torch optimizer over the backend's AdamW step (CUDA: states paged in managed memory)
 clip.py       the spec's global-norm gradient clipping
+graph.py      CapturedStep: forward + backward as one CUDA graph, replayed
 export.py     PEFT adapter, bitsandbytes 4-bit checkpoint, exact merged 16-bit export
 """
 
@@ -20,6 +21,7 @@ from .export import (
     save_bnb_checkpoint,
     save_peft_adapter,
 )
+from .graph import CapturedStep, CaptureError, capture_blockers
 from .layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, release_scratch
 from .optim import DeviceMemoryError, PagedAdamW, StepScalars, step_scalars
 from .prepare import (
@@ -34,6 +36,8 @@ from .prepare import (
 )
 
 __all__ = [
+    "CaptureError",
+    "CapturedStep",
     "DeviceMemoryError",
     "PagedAdamW",
     "QLoRAConfig",
@@ -41,6 +45,7 @@ __all__ = [
     "QLoRALinear",
     "StepScalars",
     "adapter_prepare_kwargs",
+    "capture_blockers",
     "clip_grad_norm_",
     "dequantize_4bit_cpu",
     "gguf_as_hf_dir",
