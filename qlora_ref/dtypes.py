@@ -51,7 +51,7 @@ def resolve_dtype(dtype, what: str = "dtype") -> str:
             try:
                 name = np.dtype(name).name
             except TypeError:
-                raise ValueError(f"{what}={dtype!r} is not a dtype name; use one of {DTYPES}") from None
+                raise ValueError(f"{what} must be one of {DTYPES} (or a spelling of one), got {dtype!r}") from None
     elif _is_torch(dtype) and type(dtype).__name__ == "dtype":
         name = str(dtype).removeprefix("torch.")  # torch.half prints as torch.float16
     elif isinstance(dtype, np.dtype) or isinstance(dtype, type):
@@ -64,7 +64,8 @@ def resolve_dtype(dtype, what: str = "dtype") -> str:
             f"{what} must be a dtype name, NumPy/ml_dtypes dtype or torch dtype, got {type(dtype).__name__} {dtype!r}"
         )
     if name not in DTYPES:
-        raise ValueError(f"{what}={dtype!r} ({name}) is not supported; use one of {DTYPES}")
+        named = "" if isinstance(dtype, str) and name == dtype else f" ({name})"
+        raise ValueError(f"{what} must be one of {DTYPES} (or a spelling of one), got {dtype!r}{named}")
     return name
 
 

@@ -648,7 +648,7 @@ CORRUPTIONS = {
         ValueError,
         "does not match its data",
     ),
-    "unsupported dtype": ("both", _with_meta(lambda m: {**m, "dtype": "float64"}), ValueError, "not supported"),
+    "unsupported dtype": ("both", _with_meta(lambda m: {**m, "dtype": "float64"}), ValueError, "got 'float64'"),
     "unknown blocksize": ("both", _with_meta(lambda m: {**m, "blocksize": 48}), ValueError, "blocksize must be one of"),
     "nested_blocksize 128": ("dq", _with_meta(lambda m: {**m, "nested_blocksize": 128}), ValueError, "must be 256"),
     "quant_type disagrees with the key": (

@@ -1,5 +1,5 @@
-"""Round trips (specs/formats.md RT-1 .. RT-4): re-quantizing a decoded tensor, state dict -> Quantized4bit -> state
-dict, and every corruption of a state dict refused.  The properties live in qlora_ref.testing for users to run."""
+"""Round trips (specs/formats.md FMT-7, RT-1 .. RT-4): re-quantizing a decoded tensor, state dict -> Quantized4bit
+-> state dict, and every corruption of a state dict refused.  The properties live in qlora_ref.testing for users."""
 
 from __future__ import annotations
 
