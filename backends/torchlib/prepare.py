@@ -12,6 +12,7 @@ kept on the model as ``model.qlora_config`` (a ``QLoRAConfig``) and used by ``ba
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -93,6 +94,30 @@ def _target_names(model, target) -> list[str]:
     return chosen
 
 
+def _prequantized_names(model, states: dict, target, settings: tuple) -> list[str]:
+    """Module paths of the linears that get a stored 4-bit state (module order), checked against the model."""
+    if target != "all-linear" and set(_target_names(model, target)) != set(states):
+        raise ValueError(
+            f"target={target!r}: a 4-bit checkpoint's quantized linears all become QLoRA layers (their 16-bit weights "
+            "are not stored) and no others; leave target='all-linear'"
+        )
+    names = [n for n, m in model.named_modules() if n in states]
+    missing = sorted(set(states) - set(names))
+    if missing:
+        raise ValueError(f"4-bit states for modules this model does not have: {missing[:3]} ({len(missing)} in all)")
+    for name in names:
+        linear, q = model.get_submodule(name), states[name]
+        if type(linear) is not nn.Linear or tuple(q.shape) != (linear.out_features, linear.in_features):
+            raise ValueError(f"{name}: the 4-bit state has shape {tuple(q.shape)}, the model's module is {linear!r}")
+        stored = (q.quant_type, q.double_quant, q.blocksize)
+        if stored != settings:
+            raise ValueError(
+                f"{name} is stored as (quant_type, double_quant, blocksize) = {stored} but {settings} was asked for; "
+                "a stored 4-bit state is used as it is"
+            )
+    return names
+
+
 def replace_linears(model, names: list[str], make, *, desc: str | None = None) -> int:
     """Swap each named nn.Linear for ``make(name, linear)`` (a QLoRALinear), one at a time, so that the 16-bit
     original is dropped before the next is quantized; a tqdm bar when ``desc`` is given.  Returns the largest
@@ -127,12 +152,16 @@ def prepare_model(
     compute_dtype=None,
     gradient_checkpointing: bool = True,
     progress: bool = False,
+    prequantized: dict | None = None,
 ):
     """Replace the target linears of a LLaMA-family causal LM with QLoRALinear, in place; returns the model.
 
     The model may sit on the CPU in any float dtype; each target weight is moved to the backend's device, quantized
     there and dropped before the next, then the remaining (small) modules are moved and cast to the compute dtype
     (float32 on CPU, bfloat16 on CUDA unless given).  All parameters but lora_A/lora_B are frozen.
+    ``prequantized`` ({module path: Quantized4bit}, what ``read_bnb_checkpoint`` gives): those linears (their weights
+    may be on the meta device) get these 4-bit states as they are, not re-quantized; they are the targets, and
+    quant_type / double_quant / blocksize must be theirs.
     Raises ValueError/TypeError for an unsupported architecture, a module that is not a plain nn.Linear, or a target
     that matches nothing.
     """
@@ -144,24 +173,21 @@ def prepare_model(
     default_compute = as_torch_dtype(placement(be)[1])  # float32 on the CPU, bfloat16 on CUDA
     cdt = as_torch_dtype(compute_dtype) if compute_dtype is not None else default_compute
     ldt = as_torch_dtype(lora_dtype)
-    names = _target_names(model, target)
+    if prequantized is None:
+        names = _target_names(model, target)
+    else:
+        names = _prequantized_names(model, prequantized, target, (quant_type, double_quant, blocksize))
     for p in model.parameters():
         p.requires_grad_(False)
+    lora_kw = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, lora_dtype=ldt, compute_dtype=cdt)
 
     def quantized(name, linear):
-        new = QLoRALinear.from_linear(
-            linear,
-            backend=be,
-            quant_type=quant_type,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            rslora=rslora,
-            lora_dtype=ldt,
-            compute_dtype=cdt,
-        )
+        if prequantized is not None:  # the stored 4-bit state, read as it is
+            new = QLoRALinear(be.to_device(prequantized[name]), bias=linear.bias, backend=be, **lora_kw)
+        else:
+            new = QLoRALinear.from_linear(
+                linear, backend=be, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, **lora_kw
+            )
         new.train(linear.training)  # keep the model's train/eval mode
         return new
 
@@ -303,6 +329,77 @@ def _from_pretrained(cls_name: str, path_or_gguf, **kw):
     return cls.from_pretrained(directory, local_files_only=True, **kw)
 
 
+# --- bitsandbytes 4-bit checkpoints: the stored state read as it is (FMT-5) ---
+
+BNB_BLOB = ".weight.quant_state.bitsandbytes__"  # <module>.weight.quant_state.bitsandbytes__{nf4,fp4} marks a layer
+
+
+def bnb_4bit_quantization_config(directory) -> dict | None:
+    """config.json's quantization_config when the directory is a bitsandbytes 4-bit checkpoint, else None."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    qc = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}
+    if qc.get("quant_method") == "bitsandbytes" and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        return qc
+    return None
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [directory / f for f in shards]
+    return sorted(directory.glob("*.safetensors"))
+
+
+def read_bnb_checkpoint(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """({module path: Quantized4bit}, {key: tensor} for everything else) of a bitsandbytes 4-bit checkpoint
+    (ours from ``save_bnb_checkpoint`` or one written by transformers + bitsandbytes), the 4-bit entries read by
+    ``Quantized4bit.from_bnb_state_dict`` as they are: never dequantized or re-quantized."""
+    from safetensors.torch import load_file
+
+    import qlora_ref
+
+    sd = {}
+    for f in _safetensors_files(Path(directory)):
+        sd.update(load_file(str(f)))
+    names = sorted({k[: k.index(BNB_BLOB)] for k in sd if BNB_BLOB in k})
+    states = {n: qlora_ref.Quantized4bit.from_bnb_state_dict(sd, prefix=f"{n}.weight") for n in names}
+    quantized_keys = {f"{n}.weight" for n in names}
+    rest = {k: v for k, v in sd.items() if k not in quantized_keys and k.rpartition(".weight.")[0] not in states}
+    return states, rest
+
+
+def _load_bnb_4bit(directory: str, dt: torch.dtype):
+    """(model, states): the architecture built on the meta device, its unquantized tensors loaded from the checkpoint
+    in ``dt``, and the 4-bit states for ``prepare_model(prequantized=states)`` (which fills the linears)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    states, rest = read_bnb_checkpoint(directory)
+    if not states:
+        raise ValueError(f"{directory}: config.json says bitsandbytes 4-bit, but no tensor carries a 4-bit state")
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    config.__dict__.pop("quantization_config", None)
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary inv_freq) real
+        model = transformers.AutoModelForCausalLM.from_config(config, **{dtype_kw: dt})
+    stored = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    if "_name_or_path" in stored:  # the name it was saved with, not this directory: saving it again is the same file
+        model.config._name_or_path = stored["_name_or_path"]
+    tensors = {k: v.to(dt) if v.is_floating_point() else v for k, v in rest.items()}
+    _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{directory}: tensors this {type(model).__name__} does not have: {sorted(unexpected)[:3]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    absent = [n for n, p in model.named_parameters() if p.is_meta and n.removesuffix(".weight") not in states]
+    if absent:
+        raise ValueError(f"{directory}: the checkpoint lacks {len(absent)} tensor(s), e.g. {absent[:3]}")
+    return model, states
+
+
 def load_model(path_or_gguf, *, backend="numpy", dtype=None, prepare: bool = True, **prepare_kwargs):
     """Load a LLaMA-family causal LM (model dir with safetensors shards, or a .gguf file) and prepare it for QLoRA.
 
@@ -310,12 +407,30 @@ def load_model(path_or_gguf, *, backend="numpy", dtype=None, prepare: bool = Tru
     CUDA) and quantized layer by layer onto the backend's device.  A GGUF file is read once by transformers (needs the
     ``gguf`` package), which dequantizes its blocks (SmolLM2's file is Q4_1) to float32, and cached as a Hugging Face
     directory (``gguf_as_hf_dir``); loads after that read the directory and cast to ``dtype``.
+    A bitsandbytes 4-bit checkpoint directory (``quantization_config`` in its config.json: ours from
+    ``save_bnb_checkpoint`` or one transformers + bitsandbytes wrote) keeps its 4-bit states as they are (no
+    re-quantization: saving it again gives the same bytes); its quantized linears are the targets, and quant_type /
+    double_quant / blocksize, if given, must be the stored ones.
     ``prepare=False`` returns the unquantized model (a baseline).  Keyword arguments go to ``prepare_model``.
     """
     from backends import get_backend, placement
 
     be = get_backend(backend) if isinstance(backend, str) else backend
     dt = as_torch_dtype(dtype if dtype is not None else placement(be)[1])
+    directory, gguf_file = _resolve(path_or_gguf)
+    if prepare and gguf_file is None and bnb_4bit_quantization_config(directory) is not None:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # local files only, never the hub
+        model, states = _load_bnb_4bit(directory, dt)
+        model.eval()
+        q = next(iter(states.values()))
+        stored = dict(quant_type=q.quant_type, double_quant=q.double_quant, blocksize=q.blocksize)
+        for key, value in stored.items():
+            if prepare_kwargs.get(key, value) != value:
+                raise ValueError(
+                    f"{directory} is stored with {key}={value!r} but {key}={prepare_kwargs[key]!r} was asked for; "
+                    "a 4-bit checkpoint is loaded as it is (leave it out, or load the 16-bit model to re-quantize)"
+                )
+        return prepare_model(model, backend=be, prequantized=states, **{**prepare_kwargs, **stored})
     model = _from_pretrained("AutoModelForCausalLM", path_or_gguf, dtype=dt, low_cpu_mem_usage=True)
     model.eval()
     if not prepare:

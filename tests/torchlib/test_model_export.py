@@ -393,6 +393,87 @@ def test_bnb_checkpoint_native_bf16_cpu_path_meets_the_bound(tmp_path):
         assert ((y_bnb.double() - y).abs() <= bound).all(), name
 
 
+def test_bnb_checkpoint_loads_back_as_is_and_saves_the_same_bytes(tmp_path):
+    """quantize -> save -> load_model -> save: the same files byte for byte (the 4-bit states are read, never
+    re-quantized), the same base logits, and the 4-bit checkpoint refuses settings other than its own."""
+    model, _ = prepared(seed=3)
+    save_bnb_checkpoint(model, tmp_path / "a", dtype="float32")
+    loaded = load_model(tmp_path / "a", r=4, alpha=8)
+    save_bnb_checkpoint(loaded, tmp_path / "b", dtype="float32")
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    for (n, a), (_, b) in zip(qlora_layers(model).items(), qlora_layers(loaded).items(), strict=True):
+        assert np.array_equal(a.q.packed, b.q.packed) and np.array_equal(a.q.absmax_q, b.q.absmax_q), n
+        assert np.array_equal(a.q.nested_absmax, b.q.nested_absmax) and a.q.offset == b.q.offset, n
+    assert loaded.qlora_config.target_modules == list(qlora_layers(model))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        f"{n}.{w}" for n in qlora_layers(loaded) for w in ("lora_A", "lora_B")
+    ]
+    for m in qlora_layers(model).values():
+        torch.nn.init.zeros_(m.lora_B)  # the loaded layers start with B = 0: both are the base
+    assert torch.equal(logits(loaded.eval(), IDS), logits(model, IDS))
+    with pytest.raises(ValueError, match="quant_type='nf4'"):
+        load_model(tmp_path / "a", quant_type="fp4")
+    with pytest.raises(ValueError, match="all-linear"):
+        load_model(tmp_path / "a", target=["q_proj"])
+
+
+def test_transformers_bnb_checkpoint_loads_as_is(tmp_path):
+    """A checkpoint transformers + bitsandbytes wrote (quantized by bitsandbytes' CPU code at load): load_model keeps
+    its states as they are (our W_hat is bitsandbytes' dequantization, bit for bit) and saving it again writes
+    transformers' file tensor for tensor, byte for byte."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    tiny_llama(seed=5).save_pretrained(tmp_path / "fp")
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp", quantization_config=bnb_config, device_map="cpu", **{dtype_kw: torch.float32}
+    )
+    theirs.save_pretrained(tmp_path / "q4")
+    ours = load_model(tmp_path / "q4", r=4, alpha=8)
+    layers = qlora_layers(ours)
+    assert len(layers) == 2 * len(LLAMA_LINEARS)
+    for name, m in layers.items():
+        bnb_layer = theirs.get_submodule(name)
+        want = bnb_f.dequantize_4bit(bnb_layer.weight.data, bnb_layer.weight.quant_state)
+        np.testing.assert_array_equal(qlora_ref.dequantize_4bit(m.q).view(np.uint32), want.numpy().view(np.uint32))
+    save_bnb_checkpoint(ours, tmp_path / "again", dtype="float32")
+    a = load_file(str(tmp_path / "q4" / "model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].contiguous().view(torch.uint8).equal(b[k].contiguous().view(torch.uint8)), k
+
+
+def test_training_resumes_from_a_bnb_checkpoint_and_adapter(tmp_path):
+    """A model saved as 4-bit base + PEFT adapter and loaded back (load_model, load_peft_adapter) is the same model:
+    the same logits and, from the same seed, the same training step (loss and LoRA gradients bit for bit)."""
+    model, _ = prepared(seed=12, dropout=0.1)
+    save_bnb_checkpoint(model, tmp_path / "base", dtype="float32")
+    save_peft_adapter(model, tmp_path / "adapter")
+    resumed = load_model(tmp_path / "base", **adapter_prepare_kwargs(tmp_path / "adapter"))
+    load_peft_adapter(resumed, tmp_path / "adapter")
+    assert torch.equal(logits(resumed.eval(), IDS), logits(model, IDS))
+    steps = []
+    for m in (model, resumed):
+        m.train()
+        torch.manual_seed(99)
+        out = m(input_ids=IDS, labels=IDS)
+        out.loss.backward()
+        steps.append((out.loss.detach(), [p.grad.clone() for p in trainable_parameters(m)]))
+    (loss_a, grads_a), (loss_b, grads_b) = steps
+    assert torch.isfinite(loss_a) and torch.equal(loss_a, loss_b)
+    assert len(grads_a) == len(grads_b) == 2 * 2 * len(LLAMA_LINEARS)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
 # --- 3. merged 16-bit export
 
 
