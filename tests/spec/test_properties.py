@@ -129,7 +129,9 @@ def test_round_trip_error_bound(w, quant_type, double_quant):
     a = _block_absmax(x32, blocksize)
     assume(a.max() <= RCP_LIMIT)
     with failure_note(x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, dtype=dtype):
-        q = qlora_ref.quantize_4bit(x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        q = qlora_ref.quantize_4bit(
+            x, dtype=dtype, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant
+        )
         assume(_double_quant_in_range(q))
         a_hat = q.absmax_f32().astype(np.float64)
         if not double_quant:
@@ -169,7 +171,7 @@ def test_huge_absmax_collapses(w, quant_type):
     a = _block_absmax(x32, blocksize)
     assume(a.max() > RCP_LIMIT)
     with failure_note(x, quant_type=quant_type, blocksize=blocksize, double_quant=False, dtype=dtype):
-        q = qlora_ref.quantize_4bit(x, quant_type=quant_type, blocksize=blocksize, double_quant=False)
+        q = qlora_ref.quantize_4bit(x, dtype=dtype, quant_type=quant_type, blocksize=blocksize, double_quant=False)
         huge = _per_element(a > RCP_LIMIT, x32.size, blocksize)
         assert np.all(q.codes()[huge] == ZERO_CODE[quant_type])
         x_hat = _decoded_f64(qlora_ref.dequantize_4bit(q, dtype="float32"), "float32")
@@ -212,11 +214,13 @@ def test_requantize_is_identity(w, quant_type, out):
     x32 = _flat32(x, dtype)
     assume(_block_absmax(x32, blocksize).max() <= RCP_LIMIT)
     out_dtype = dtype if out == "own" else "float32"
-    q = qlora_ref.quantize_4bit(x, quant_type=quant_type, blocksize=blocksize, double_quant=False)
+    q = qlora_ref.quantize_4bit(x, dtype=dtype, quant_type=quant_type, blocksize=blocksize, double_quant=False)
     assume(_nonzero_products_normal(q, out_dtype))
     with failure_note(x, quant_type=quant_type, blocksize=blocksize, double_quant=False, dtype=dtype):
         x_hat = qlora_ref.dequantize_4bit(q, dtype=out_dtype)
-        q2 = qlora_ref.quantize_4bit(x_hat, quant_type=quant_type, blocksize=blocksize, double_quant=False)
+        q2 = qlora_ref.quantize_4bit(
+            x_hat, quant_type=quant_type, blocksize=blocksize, double_quant=False, dtype=out_dtype
+        )
         assert np.array_equal(q2.absmax.view(np.uint32), q.absmax.view(np.uint32))
         expected = _expected_requantized_codes(q.codes(), quant_type)
         diff = np.flatnonzero(q2.codes() != expected)
@@ -262,7 +266,7 @@ def test_codes_far_from_thresholds(quant_type):
 def _scaled(x, dtype, blocksize) -> np.ndarray:
     """y = ftz(ftz(x) rcp(absmax)) exactly as the quantizer sees it (BW-3, BW-8)."""
     x32 = _flat32(x, dtype)
-    absmax = qlora_ref.quantize_4bit(x, blocksize=blocksize, double_quant=False).absmax
+    absmax = qlora_ref.quantize_4bit(x, dtype=dtype, blocksize=blocksize, double_quant=False).absmax
     return scale_blocks(x32, absmax, blocksize)[: x32.size]
 
 
@@ -286,7 +290,9 @@ def test_nearest_code_nf4_int4(quant_type, data):
     x32 = _flat32(x, dtype)
     assume(_block_absmax(x32, blocksize).max() <= RCP_LIMIT)
     with failure_note(x, quant_type=quant_type, blocksize=blocksize, double_quant=False, dtype=dtype):
-        codes = qlora_ref.quantize_4bit(x, quant_type=quant_type, blocksize=blocksize, double_quant=False).codes()
+        codes = qlora_ref.quantize_4bit(
+            x, dtype=dtype, quant_type=quant_type, blocksize=blocksize, double_quant=False
+        ).codes()
         y = _scaled(x, dtype, blocksize)
         table = codebook(quant_type)
         nan = np.isnan(y)
@@ -322,7 +328,9 @@ def test_nearest_code_fp4(w):
     x32 = _flat32(x, dtype)
     assume(_block_absmax(x32, blocksize).max() <= RCP_LIMIT)
     with failure_note(x, quant_type="fp4", blocksize=blocksize, double_quant=False, dtype=dtype):
-        codes = qlora_ref.quantize_4bit(x, quant_type="fp4", blocksize=blocksize, double_quant=False).codes()
+        codes = qlora_ref.quantize_4bit(
+            x, dtype=dtype, quant_type="fp4", blocksize=blocksize, double_quant=False
+        ).codes()
         y = _scaled(x, dtype, blocksize)
         ok = ~np.isnan(y)
         assert np.array_equal((codes[ok] & 8) != 0, y[ok] < 0), "sign bit iff y < 0 (BW-5)"
@@ -353,7 +361,9 @@ def test_sign_and_zero_preserved(w, quant_type, double_quant):
     x32 = _flat32(x, dtype)
     assume(_block_absmax(x32, blocksize).max() <= RCP_LIMIT)
     with failure_note(x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, dtype=dtype):
-        q = qlora_ref.quantize_4bit(x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        q = qlora_ref.quantize_4bit(
+            x, dtype=dtype, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant
+        )
         assume(_double_quant_in_range(q))
         x_hat = _decoded_f64(qlora_ref.dequantize_4bit(q), dtype)
         a = _per_element(_block_absmax(x32, blocksize), q.n, blocksize)
@@ -379,7 +389,7 @@ def test_monotone_within_block(w, quant_type):
     x, dtype, blocksize = w
     x32 = _flat32(x, dtype)
     with failure_note(x, quant_type=quant_type, blocksize=blocksize, double_quant=False, dtype=dtype):
-        q = qlora_ref.quantize_4bit(x, quant_type=quant_type, blocksize=blocksize, double_quant=False)
+        q = qlora_ref.quantize_4bit(x, dtype=dtype, quant_type=quant_type, blocksize=blocksize, double_quant=False)
         x_hat = _decoded_f64(qlora_ref.dequantize_4bit(q, dtype="float32"), "float32")
         codes = q.codes()
         block = np.arange(x32.size) // blocksize
@@ -413,7 +423,7 @@ def test_packed_odd_tail_nibble(w, quant_type):
     x, dtype, blocksize = w
     x = x.reshape(-1)[: x.size - (1 - x.size % 2)]  # drop one element from an even length: the length is odd
     x32 = _flat32(x, dtype)
-    q = qlora_ref.quantize_4bit(x, quant_type=quant_type, blocksize=blocksize, double_quant=False)
+    q = qlora_ref.quantize_4bit(x, dtype=dtype, quant_type=quant_type, blocksize=blocksize, double_quant=False)
     last_a = _block_absmax(x32, blocksize)[-1]
     with failure_note(x, quant_type=quant_type, blocksize=blocksize, double_quant=False, dtype=dtype):
         expected = 0 if last_a == 0 else ZERO_CODE[quant_type]
@@ -445,7 +455,7 @@ def test_double_quant_absmax_error(w, quant_type):
     a = _block_absmax(_flat32(x, dtype), blocksize)
     assume(a.max() <= RCP_LIMIT)
     with failure_note(x, quant_type=quant_type, blocksize=blocksize, double_quant=True, dtype=dtype):
-        q = qlora_ref.quantize_4bit(x, quant_type=quant_type, blocksize=blocksize, double_quant=True)
+        q = qlora_ref.quantize_4bit(x, dtype=dtype, quant_type=quant_type, blocksize=blocksize, double_quant=True)
         assume(np.isfinite(q.offset))  # the float32 sum of the absmax overflows: `_double_quant_in_range`
         assert q.nested_absmax.shape == (-(-a.size // 256),)
         a_hat = q.absmax_f32().astype(np.float64)
