@@ -12,6 +12,9 @@ by its module name (B = 0).
     ours       backends.torchlib.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW
     ours-graph the same, forward + backward captured once as a CUDA graph (backends.torchlib.CapturedStep) and
                replayed; clipping and the optimizer step eager after each replay
+    ours-fused ours with each block's attention, MLP and norms compiled by inductor (backends.torchlib.fuse_blocks):
+               RMSNorm, RoPE, SwiGLU fused around the qlora::linear operators
+    ours-fused-graph  both
     bnb+peft   transformers + BitsAndBytesConfig(nf4, double quant, bf16) + prepare_model_for_kbit_training + PEFT,
                bitsandbytes PagedAdamW32bit (the QLoRA repository's recipe)
     bf16-lora  transformers bf16 model + PEFT LoRA, no quantization, bitsandbytes PagedAdamW32bit
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO))
 HIDDEN, MLP, HEADS, VOCAB, LAYERS = 4096, 11008, 32, 32000, 4
 SEQ, BATCH, R, ALPHA, LR, MAX_NORM = 1024, 4, 64, 16, 2e-4, 0.3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("ours", "ours-graph", "bnb+peft", "bf16-lora")
+VARIANTS = ("ours", "ours-graph", "ours-fused", "ours-fused-graph", "bnb+peft", "bf16-lora")
 LOSS_BOUND = 0.02  # stated bound: |loss_ours - loss_bnb| / loss_bnb at every step (NF4 codes agree; bf16 GEMM order)
 
 
@@ -130,7 +133,11 @@ def build(variant: str, model_dir: str):
                            quant_type="nf4", double_quant=True, blocksize=64, gradient_checkpointing=True,
                            lora_dtype="bfloat16")  # fmt: skip
         init_lora_A([(n + ".lora_A", m.lora_A) for n, m in qlora_layers(model).items()])
-        if variant == "ours-graph":  # no dropout, so no RNG state for the checkpoints to replay
+        if "fused" in variant:
+            from backends.torchlib.fuse import fuse_blocks
+
+            fuse_blocks(model)
+        if variant.endswith("graph"):  # no dropout, so no RNG state for the checkpoints to replay
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
             )
@@ -194,7 +201,7 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
     used = [total - free]
     losses, step_ms = [], []
     captured = None
-    if variant == "ours-graph":
+    if variant.endswith("graph"):
         from backends.torchlib.graph import CapturedStep
 
         t0 = time.perf_counter()
@@ -344,13 +351,14 @@ def main(argv=None) -> int:
         }
         if "bf16-lora" in by and "error" not in by["bf16-lora"]:
             summary["speedup_vs_bf16_lora"] = o["tokens_per_s"] / by["bf16-lora"]["tokens_per_s"]
-        g = by.get("ours-graph", {})
-        if "tokens_per_s" in g:
-            summary["graph_speedup_vs_bnb"] = g["tokens_per_s"] / b["tokens_per_s"]
-            summary["graph_fraction_of_flop_bound"] = flop_bound_ms / (1e3 * BATCH * SEQ / g["tokens_per_s"])
-            summary["graph_peak_used_ratio_vs_bnb"] = g["peak_device_used_gb"] / b["peak_device_used_gb"]
-            rel = max(abs(x - y) / abs(y) for x, y in zip(g["losses"], o["losses"], strict=True))
-            summary["graph_max_rel_loss_diff_vs_eager"] = rel
+        for name in ("ours-graph", "ours-fused", "ours-fused-graph"):
+            g, key = by.get(name, {}), name.removeprefix("ours-").replace("-", "_")
+            if "tokens_per_s" in g:
+                summary[f"{key}_speedup_vs_bnb"] = g["tokens_per_s"] / b["tokens_per_s"]
+                summary[f"{key}_fraction_of_flop_bound"] = flop_bound_ms / (1e3 * BATCH * SEQ / g["tokens_per_s"])
+                summary[f"{key}_peak_used_ratio_vs_bnb"] = g["peak_device_used_gb"] / b["peak_device_used_gb"]
+                rel = max(abs(x - y) / abs(y) for x, y in zip(g["losses"], o["losses"], strict=True))
+                summary[f"{key}_max_rel_loss_diff_vs_ours"] = rel
         print("\n" + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
