@@ -138,8 +138,12 @@ def quantize_4bit(
     blocksize: int = 64,
     double_quant: bool = True,
     dtype=None,
+    sm_count: int | None = None,
 ) -> Quantized4bit:
     """Blockwise 4-bit quantization of x (any shape), bitsandbytes 0.50.2 CUDA semantics, byte for byte.
+
+    sm_count: the double-quant offset in torch's CUDA order for a GPU with that many multiprocessors (DQ-5), which is
+    what bitsandbytes computes there past 130,560 blocks; None (the default): the one-CTA order (DQ-1).
 
     x: float32 / float16 (NumPy or torch CPU), bfloat16 as a torch bf16 tensor or an ml_dtypes array, or bf16 as
     uint16 bits with ``dtype="bfloat16"`` (BW-1; a uint16 array without dtype= is refused, never read as bits
@@ -159,7 +163,7 @@ def quantize_4bit(
     common = dict(packed=packed, shape=x32.shape, dtype=dtype, quant_type=quant_type, blocksize=blocksize)
     if not double_quant:
         return Quantized4bit(absmax=absmax, **common)
-    absmax_q, nested_absmax, offset = double_quantize(absmax)
+    absmax_q, nested_absmax, offset = double_quantize(absmax, sm_count=sm_count)
     return Quantized4bit(absmax_q=absmax_q, nested_absmax=nested_absmax, offset=offset, **common)
 
 

@@ -34,6 +34,8 @@ GPU_SUFFIXES = (".cu", ".cuh", ".py")
 EXTRA_SOURCES = (
     "backends/registry.py",
     "backends/protocol.py",
+    "backends/bridge.py",
+    "backends/adamw_state.py",
     "qlora_ref/blockwise.py",
     "qlora_ref/codebooks.py",
     "qlora_ref/double_quant.py",
@@ -44,11 +46,19 @@ EXTRA_SOURCES = (
     "backends/torchlib/optim.py",
     "backends/torchlib/clip.py",
     "backends/torchlib/layer.py",
+    "backends/torchlib/functional.py",
+    "backends/torchlib/ops.py",
+    "backends/torchlib/graph.py",
+    "backends/torchlib/fuse.py",
     "tests/backends/test_backend_parity.py",
     "tests/peers/test_gpu_bnb.py",
     "tests/torchlib/test_paged_optim.py",
     "tests/torchlib/test_layer.py",
     "tests/torchlib/test_gpu_train.py",
+    "tests/torchlib/test_compile.py",
+    "tests/torchlib/test_graph.py",
+    "tests/backends/test_bound_ops.py",
+    "tests/peers/test_gpu_offset.py",
 )
 REPORT = REPO / "tests" / "GPU_REPORT.json"
 

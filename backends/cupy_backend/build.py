@@ -30,7 +30,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QT = {"nf4": 0, "int4": 0, "fp4": 1}  # 0: sorted table (code = count), 1: FP4 sign-magnitude
 DEQUANT_CHUNKS = (2, 4, 8)  # variants of dequantize_4bit_v2: units (16 output bytes each) in flight per thread
 DEQUANT_CHUNKS_DEFAULT = 2  # best in benchmarks/bench_quant.py on an H100 (all variants give the same bits: tested)
-MEAN_LOADS_AHEAD = 64  # loads in flight per chain in absmax_mean_chains (the DQ-1 offset)
 FINITE_CHUNKS = 4  # 16-byte vectors in flight per thread in check_finite_v2
 
 
@@ -55,8 +54,6 @@ def _names() -> dict[str, tuple[str, ...]]:
             "quantize_blockwise_8bit_v2<true>",
             "dequantize_blockwise_8bit_v1",
             "dequantize_blockwise_8bit_v2",
-            f"absmax_mean_chains<{MEAN_LOADS_AHEAD}>",
-            "absmax_mean_fold",
         ),
         "absmax_mean.cu": ("absmax_mean_partials_v1", "absmax_mean_combine_v1"),  # DQ-1 / DQ-5, torch's order
         "packing.cu": ("pack_4bit_v1", "pack_4bit_v2", "unpack_4bit_v1", "unpack_4bit_v2"),

@@ -66,27 +66,6 @@ def dequantize_blockwise_8bit_v2_config(n: int) -> Config:
     return (ceil_div(n, THREADS * 16),), (THREADS,)
 
 
-def absmax_mean_plan(n: int) -> tuple[int, int]:
-    """(W lanes, vec) of the spec's summation tree in absmax_mean for n absmax values (DQ-1, kernels/blockwise_8bit.cu).
-
-    n <= 128: the scalar map, W = last_pow2(n); n > 128: the float4 map, W = min(last_pow2(n // 4), 512)
-    (qlora_ref.double_quant.absmax_mean; test_backend_parity checks the bits at both sides of 128).
-    """
-    if n > 128:
-        return min(1 << ((n // 4).bit_length() - 1), 512), 1
-    return min(1 << (n.bit_length() - 1), 512), 0
-
-
-def absmax_mean_chains_config(lanes: int) -> Config:
-    """One thread per chain: 4W chains, 64 threads per CTA."""
-    return (ceil_div(4 * lanes, 64),), (64,)
-
-
-def absmax_mean_fold_config() -> Config:
-    """One CTA of 512 threads (W <= 512)."""
-    return (1,), (512,)
-
-
 # --- packing.cu -------------------------------------------------------------------------------------------------------
 
 

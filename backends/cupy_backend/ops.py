@@ -129,19 +129,6 @@ def quantize_4bit(
         )
 
 
-def absmax_mean_launch(absmax: cp.ndarray, n: int, status: cp.ndarray) -> None:
-    """status[3] = bits of the float32 offset absmax_mean(absmax[:n]) (DQ-1), in the tree `launch.absmax_mean_plan`
-    names (kernels/blockwise_8bit.cu absmax_mean_chains, absmax_mean_fold)."""
-    lanes, vec = launch.absmax_mean_plan(n)
-    acc = cp.empty(4 * lanes, cp.float32)
-    build.kernel("blockwise_8bit.cu", f"absmax_mean_chains<{build.MEAN_LOADS_AHEAD}>")(
-        *launch.absmax_mean_chains_config(lanes), (absmax, np.int64(n), np.int32(lanes), np.int32(vec), acc)
-    )
-    build.kernel("blockwise_8bit.cu", "absmax_mean_fold")(
-        *launch.absmax_mean_fold_config(), (acc, np.int64(n), np.int32(lanes), status)
-    )
-
-
 def _quantize_8bit_launch(x, n, blocksize, code, offset_dev, codes, absmax, kernel):
     sub = "true" if offset_dev is not None else "false"
     nblocks = ceil_div(n, blocksize)

@@ -263,3 +263,16 @@ def test_empty_and_too_long_inputs_are_refused():
     with pytest.raises(ValueError, match="2\\*\\*29"):
         checked_reduce_plan(MAX_32BIT_INDEXED + 1, sm_count=H100, **kw)
     assert checked_reduce_plan(MAX_32BIT_INDEXED + 1, sm_count=None, **kw).ctas == 1  # the CPU order has no limit
+
+
+def test_quantize_4bit_takes_the_device_order():
+    """DQ-5 through the public API: quantize_4bit(sm_count=...) carries the device order into the state's offset
+    (the same offset double_quantize gives); None keeps the one-CTA order."""
+    from qlora_ref import quantize_4bit
+    from qlora_ref.double_quant import double_quantize
+
+    w = (np.random.default_rng(5).standard_normal((2048, 4096)) * 0.02).astype(np.float32)  # 131,072 blocks: split
+    a = np.abs(w.reshape(-1, 64)).max(axis=1).astype(np.float32)
+    for sm in (None, H100):
+        q = quantize_4bit(w, sm_count=sm)
+        assert _bits(q.offset) == _bits(double_quantize(a, sm_count=sm)[2])
