@@ -4,16 +4,16 @@ Shapes follow PEFT (`lora_A = nn.Linear(in, r)`, `lora_B = nn.Linear(r, out)`), 
 
     s       = alpha / r                 (LORA-1; alpha / sqrt(r) with rsLoRA)
     mask    = keep / (1 - p)            (LORA-3: inverted dropout, the keep mask passed in, so runs are deterministic)
-    x_d     = x * mask                  (N, in)
-    h       = x_d A^T                   (N, r)
-    y       = x W^T + s * h B^T         (N, out)           (LORA-2: W frozen)
+    xd      = x * mask                  (N, in)
+    u       = xd A^T                    (N, r)
+    y       = x W^T + s * u B^T         (N, out)           (LORA-2: W frozen)
 
 The hand-derived backward (LORA-4), for an upstream gradient dy = dL/dy of shape (N, out):
 
-    dB = s * dy^T h                     (out, r)
-    dh = s * dy B                       (N, r)
-    dA = dh^T x_d                       (r, in)
-    dx = dy W + (dh A) * mask           (N, in)            (no dW: the base weight is frozen)
+    dB = s * dy^T u                     (out, r)
+    du = s * dy B                       (N, r)
+    dA = du^T xd                        (r, in)
+    dx = dy W + (du A) * mask           (N, in)            (no dW: the base weight is frozen)
 
 Merging (LORA-6) folds the adapter into a 16-bit weight with a single rounding:  W' = round_T(W + s * B A), where the
 sum is formed in float64 and rounded once to the weight's dtype T (bf16 via round-to-odd to float32, then
@@ -103,9 +103,9 @@ def lora_forward(
     x, W, A, B, mask, s = _prepare(x, W, A, B, alpha=alpha, rslora=rslora, p=p, keep=keep)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    x_d = x2 if mask is None else x2 * mask.reshape(x2.shape)  # (N, in)
-    h = x_d @ A.T  # (N, r)
-    y = x2 @ W.T + (h @ B.T) * s  # (N, out)
+    xd = x2 if mask is None else x2 * mask.reshape(x2.shape)  # (N, in)
+    u = xd @ A.T  # (N, r)
+    y = x2 @ W.T + (u @ B.T) * s  # (N, out)
     return y.reshape(*lead, W.shape[0])  # (..., out)
 
 
@@ -121,9 +121,9 @@ def lora_backward(
     p: float = 0.0,
     keep: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dx, dA, dB) for dy = dL/dy (LORA-4); W is frozen, so there is no dW.  Recomputes x_d and h from x.
+    """(dx, dA, dB) for dy = dL/dy (LORA-4); W is frozen, so there is no dW.  Recomputes xd and u from x.
 
-    dB = s dy^T h,  dA = s (dy B)^T x_d,  dx = dy W + (s (dy B) A) * mask.   Same dtype rules as `lora_forward`.
+    dB = s dy^T u,  dA = s (dy B)^T xd,  dx = dy W + (s (dy B) A) * mask.   Same dtype rules as `lora_forward`.
     """
     x, W, A, B, mask, s = _prepare(x, W, A, B, alpha=alpha, rslora=rslora, p=p, keep=keep)
     dy = np.asarray(dy)
@@ -135,12 +135,12 @@ def lora_backward(
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     dy2 = dy.reshape(-1, W.shape[0])  # (N, out)
     m2 = None if mask is None else mask.reshape(x2.shape)  # (N, in)
-    x_d = x2 if m2 is None else x2 * m2  # (N, in)
-    h = x_d @ A.T  # (N, r)
-    dB = (dy2.T @ h) * s  # (out, r)
-    dh = (dy2 @ B) * s  # (N, r)
-    dA = dh.T @ x_d  # (r, in)
-    dx_lora = dh @ A  # (N, in)
+    xd = x2 if m2 is None else x2 * m2  # (N, in)
+    u = xd @ A.T  # (N, r)
+    dB = (dy2.T @ u) * s  # (out, r)
+    du = (dy2 @ B) * s  # (N, r)
+    dA = du.T @ xd  # (r, in)
+    dx_lora = du @ A  # (N, in)
     if m2 is not None:
         dx_lora = dx_lora * m2
     dx = dy2 @ W + dx_lora  # (N, in)
