@@ -44,7 +44,7 @@ std = the sample standard deviation over the seeds (ddof 1), i.e. the gap is wit
 
 On the CPU, torch runs 1 thread by default (--threads): beside another job on 2 cores, 2 OpenMP threads were ~5x
 slower.  The data is read in place from $QLORA_SHARED or ../shared (--shared); the models come from the model cache
-(backends.torchlib.prepare: minilm_path, smollm2_gguf_path).
+(backends.app.hub: minilm_path, smollm2_gguf_path).
 
 Outputs: a table on stdout, benchmarks/results/<name>.json (commit, date, device, command, settings, per-seed
 numbers, mean ± std, verdict) and <name>.png beside it.
@@ -534,7 +534,7 @@ def load_smollm2(device: torch.device):
     """(SmolLM2-135M-Instruct on the CPU, unprepared, in the compute dtype; its tokenizer; the GGUF path)."""
     quiet_transformers()
     from backends.app.hub import smollm2_gguf_path
-    from backends.torchlib.prepare import load_model, load_tokenizer
+    from backends.torchlib.load import load_model, load_tokenizer
 
     path = smollm2_gguf_path()
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own bar

@@ -91,7 +91,7 @@ def cmd_finetune(cfg: RunConfig) -> int:
 
 def cmd_quantize(c: QuantizeConfig) -> int:
     from backends.torchlib.export import save_bnb_checkpoint
-    from backends.torchlib.prepare import load_tokenizer
+    from backends.torchlib.load import load_tokenizer
 
     RunDir.precheck(c.out, overwrite=c.overwrite)
     path = resolve_model_path(c.model)

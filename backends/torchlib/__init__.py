@@ -4,7 +4,8 @@
     model = load_model("path/to/llama-dir-or.gguf", backend="cupy", r=64, alpha=16)
 
 layer.py      QLoRALinear + its autograd function (frozen 4-bit base, LoRA A/B, shared dequantization scratch)
-prepare.py    prepare_model / load_model / load_tokenizer / gguf_as_hf_dir / model_cache_dir
+prepare.py    prepare_model: nn.Linear -> QLoRALinear, layer by layer on the backend's device
+load.py       load_model / load_tokenizer (safetensors, GGUF, bitsandbytes 4-bit checkpoints), the model cache
 synthetic.py  random LLaMA-shaped QLoRA models made on the device (memory runs)
 optim.py      PagedAdamW: the torch optimizer over the backend's AdamW step (CUDA: states paged in managed memory)
 clip.py       the spec's global-norm gradient clipping
@@ -23,13 +24,10 @@ from .export import (
 )
 from .graph import CapturedStep, CaptureError, capture_blockers
 from .layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, release_scratch
+from .load import gguf_as_hf_dir, load_model, load_tokenizer, model_cache_dir
 from .optim import DeviceMemoryError, PagedAdamW, StepScalars, step_scalars
 from .prepare import (
     QLoRAConfig,
-    gguf_as_hf_dir,
-    load_model,
-    load_tokenizer,
-    model_cache_dir,
     prepare_model,
     qlora_layers,
     trainable_parameters,
