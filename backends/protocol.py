@@ -84,6 +84,11 @@ class Backend(Protocol):
         """The first n 4-bit codes of packed bytes (PK-3)."""
         ...
 
+    def dropout_keep(self, shape: tuple[int, ...], p: float, seed: int) -> Any:
+        """The keep mask (a torch bool tensor on this backend's device) of one dropout draw seeded with ``seed``:
+        u >= p, u uniform float32 (LORA-3).  numpy: numpy's PCG64(seed); cupy: torch's Philox on the current GPU."""
+        ...
+
     def finite_flag(self) -> Any:
         """A zeroed non-finite counter on the backend's device, with clear(), count() and raise_if_nonfinite(what)."""
         ...

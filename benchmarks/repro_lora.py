@@ -220,7 +220,8 @@ class LoRALinear16(nn.Module):
         return self.weight
 
     def noise(self, shape, seed: int, dtype) -> torch.Tensor:  # QLoRALinear's dropout factor, same draws
-        return dropout_noise(shape, self.dropout, seed, self.device, dtype)
+        backend = "cupy" if self.device.type == "cuda" else "numpy"  # the backend QLoRALinear has on this device
+        return dropout_noise(shape, self.dropout, seed, backend, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype

@@ -57,6 +57,13 @@ class CupyBackend:
     def unpack_4bit(self, packed, n):
         return self.ops.unpack_4bit(packed, n)
 
+    def dropout_keep(self, shape, p, seed):
+        import torch
+
+        g = torch.Generator(device="cuda")
+        g.manual_seed(seed)
+        return torch.rand(tuple(shape), generator=g, device="cuda") >= p
+
     def finite_flag(self):
         return self.ops.FiniteFlag()
 

@@ -97,23 +97,16 @@ def release_scratch() -> None:
 # --- the autograd function -----------------------------------------------------------------------------------------
 
 
-def dropout_noise(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
+def dropout_noise(shape, p: float, seed: int, backend, dtype) -> torch.Tensor:
     """keep / (1 - p), keep ~ Bernoulli(1 - p) from a generator seeded with `seed` (LORA-3): entries 0 or 1/(1-p).
 
-    keep = u >= p with u uniform float32: numpy's PCG64(seed) on the CPU (2x faster than torch's bernoulli_ there),
-    torch's Philox generator on CUDA.  Seeded per call, so backward redraws the forward's mask instead of storing it.
-    The value 1/(1-p) is the float32 quotient f32(1) / f32(1 - p), as in the spec.
+    The keep mask is the backend's (``dropout_keep``: numpy's PCG64 for numpy, torch's Philox for cupy).  Seeded per
+    call, so backward redraws the forward's mask instead of storing it.  The value 1/(1-p) is the float32 quotient
+    f32(1) / f32(1 - p), as in the spec.
     """
-    device = torch.device(device)
-    if device.type == "cpu":
-        u = np.random.default_rng(seed).random(tuple(shape), dtype=np.float32)
-        keep = torch.from_numpy(u >= np.float32(p))
-    else:
-        g = torch.Generator(device=device)
-        g.manual_seed(seed)
-        keep = torch.rand(tuple(shape), generator=g, device=device) >= p
+    be = get_backend(backend) if isinstance(backend, str) else backend
     scale = float(np.float32(1.0) / np.float32(1.0 - p))
-    return keep.to(dtype).mul_(scale)
+    return be.dropout_keep(shape, p, seed).to(dtype).mul_(scale)
 
 
 def draw_dropout_seed() -> int:
@@ -293,7 +286,7 @@ class QLoRALinear(nn.Module):
 
     def noise(self, shape, seed: int, dtype) -> torch.Tensor:
         """The dropout factor keep / (1 - p) of this layer's call with ``seed`` (LORA-3), redrawn in backward."""
-        return dropout_noise(shape, self.dropout, seed, self.device, dtype)
+        return dropout_noise(shape, self.dropout, seed, self.backend, dtype)
 
     def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W' = T(W_hat + s * B A): W_hat in float32 (exact), the sum in float64, one rounding to T (LORA-6)."""
