@@ -247,19 +247,9 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
 def device_info() -> dict:
     import torch
 
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return ""
+    from benchmarks.common import commit
 
-    info = {
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "commit": git("rev-parse", "--verify", "-q", "HEAD"),
-    }
-    info["commit"] = info["commit"] or "uncommitted"
-    info["dirty"] = bool(git("status", "--porcelain"))
+    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "commit": commit()}
     for mod in ("bitsandbytes", "peft", "transformers", "cupy"):
         try:
             info[mod] = __import__(mod).__version__
