@@ -80,3 +80,18 @@ def tokenizer():
     path = smollm2_gguf_path(download=True) if IN_CI else find_smollm2_gguf()
     require(path is not None, "SmolLM2 GGUF not in the model cache (CI downloads it; or call smollm2_gguf_path())")
     return load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tokenizer, tmp_path_factory):
+    """A tiny random LLaMA (TINY_DECODER) saved as a Hugging Face model dir: safetensors + SmolLM2's tokenizer."""
+    import torch
+    import transformers
+
+    d = tmp_path_factory.mktemp("tiny-hf")
+    cfg = transformers.LlamaConfig(**{**TINY_DECODER, "vocab_size": len(tokenizer), "max_position_embeddings": 256},
+                                   tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    tokenizer.save_pretrained(d)
+    return d

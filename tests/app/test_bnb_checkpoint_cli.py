@@ -9,23 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_DECODER, require
+from conftest import require
 from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tokenizer, tmp_path_factory):
-    import torch
-
-    d = tmp_path_factory.mktemp("tiny-hf")
-    cfg = transformers.LlamaConfig(**{**TINY_DECODER, "vocab_size": len(tokenizer), "max_position_embeddings": 256},
-                                   tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    tokenizer.save_pretrained(d)
-    return d
 
 
 def test_quantize_then_finetune_on_the_checkpoint(tiny_hf_dir, tmp_path, capsys, shared_dir):
