@@ -1,4 +1,4 @@
-"""The ``qlora`` command line: finetune, quantize, memory, generate, eval.
+"""The ``qlora`` command line: finetune, quantize, memory, generate, eval, export.
 
     qlora finetune                                  # SmolLM2-135M-Instruct (GGUF from PyPI) on the list-reversal task,
                                                     # held-out exact match before and after (~5 min on 2 CPU cores)
@@ -8,6 +8,7 @@
     qlora memory --model llama-65b --seq-len 512 --batch 1 --gpu-gb 48
     qlora generate --adapter runs/qlora/adapter --prompt "Reverse the list: 1 2 3 4 5"
     qlora eval --adapter runs/qlora/adapter --task  |  --data wikitext-2/valid.txt
+    qlora export --adapter runs/qlora/adapter --out runs/merged --merged --dtype bf16
 
 Every command is parsed the same way: its flags are generated from its config dataclass (config.py), the backend
 choices are the backends' own list (``backends.BACKENDS``), and ``config.validate`` checks the parsed values before the
@@ -30,11 +31,13 @@ from pathlib import Path
 from backends import BackendUnavailableError, get_backend
 
 from .config import (
+    DTYPE_NAMES,
     MEMORY_MODELS,
     MEMORY_PRESETS_EXTRA,
     TASK_PRESET,
     DataConfig,
     EvalConfig,
+    ExportConfig,
     GenerateConfig,
     MemoryConfig,
     ModelConfig,
@@ -166,16 +169,31 @@ def cmd_generate(c: GenerateConfig) -> int:
     path = resolve_model_path(c.model)
     model, tokenizer = load_with_adapter(ModelConfig(backend=c.backend, dropout=0.0), path, c.adapter)
     prompts = c.prompt if c.raw else [format_prompt(tokenizer, p) for p in c.prompt]
-    for p, text in zip(c.prompt, generate(model, tokenizer, prompts, max_new_tokens=c.max_new_tokens), strict=True):
+    texts = generate(model, tokenizer, prompts, max_new_tokens=c.max_new_tokens, progress=c.progress)
+    for p, text in zip(c.prompt, texts, strict=True):
         print(f"### prompt: {p}\n{text.strip()}\n")
     return 0
 
 
 def cmd_eval(c: EvalConfig) -> int:
-    from .data import check_data_file, model_max_length, read_examples, text_chunks, tokenize_examples
+    from .data import (
+        LengthCounts,
+        LengthPolicy,
+        check_data_file,
+        model_max_length,
+        read_examples,
+        text_chunks,
+        tokenize_examples,
+    )
     from .evaluate import eval_loss, exact_match, pad_id_of
     from .task import make_task
 
+    if c.mmlu:
+        if c.task or c.data:
+            raise UsageError("give one of --task, --data FILE or --mmlu DIR, not several")
+        from .mmlu import run_eval
+
+        return run_eval(c)
     if c.task == bool(c.data):
         raise UsageError("give exactly one of --task (exact match on the generated task) or --data FILE")
     if c.data:
@@ -185,22 +203,68 @@ def cmd_eval(c: EvalConfig) -> int:
     result: dict = {"model": path, "adapter": c.adapter}
     if c.task:
         _, ev = make_task(tokenizer, n_train=1, n_eval=c.task_eval, seed=c.seed)
-        acc, _ = exact_match(model, tokenizer, ev, batch_size=c.batch_size)
+        acc, _ = exact_match(model, tokenizer, ev, batch_size=c.batch_size, progress=c.progress)
         result.update(task="reverse-list", n=len(ev), exact_match=acc)
         print(f"exact match: {acc:.1%} ({round(acc * len(ev))}/{len(ev)}) on {len(ev)} held-out lists (seed {c.seed})")
     else:
         mm = model_max_length(model)
         if c.data.endswith((".json", ".jsonl")):
-            data = tokenize_examples(read_examples(c.data), tokenizer, max_len=c.max_len, model_max=mm, source=c.data)
+            policy, counts = LengthPolicy(c.source_max_len, c.target_max_len, c.drop_long), LengthCounts()
+            data = tokenize_examples(read_examples(c.data), tokenizer, max_len=c.max_len, model_max=mm,
+                                     source=c.data, policy=policy, counts=counts)  # fmt: skip
+            if counts.cut or counts.dropped:
+                print(counts.line(c.data, policy, min(c.max_len, mm or c.max_len)))
             if c.max_examples:
                 data = data[: c.max_examples]
         else:
             data = text_chunks(c.data, tokenizer, min(c.max_len, mm or c.max_len), c.max_examples)
-        loss = eval_loss(model, data, batch_size=c.batch_size, pad_id=pad_id_of(tokenizer))
+        loss = eval_loss(model, data, batch_size=c.batch_size, pad_id=pad_id_of(tokenizer), progress=c.progress)
         result.update(data=c.data, n=len(data), loss=loss, perplexity=math.exp(loss))
         print(f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.3f} over {len(data)} sequences of {c.data}")
     if c.json:
         print(json.dumps(result))
+    return 0
+
+
+def export_base(c: ExportConfig) -> str:
+    """The base model path: --model, else the one the adapter's config names."""
+    from backends.torchlib.export import read_adapter_config
+
+    if not os.path.isdir(c.adapter):
+        raise UsageError(f"adapter directory not found: {c.adapter!r}")
+    if c.model:
+        return resolve_model_path(c.model)
+    base = read_adapter_config(c.adapter).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{c.adapter}/adapter_config.json names no base model; pass --model")
+    if not os.path.exists(base):
+        raise UsageError(f"the adapter's base model {base!r} is not there; pass --model")
+    return base
+
+
+def cmd_export(c: ExportConfig) -> int:
+    """--merged: model.safetensors + config.json of the merged model in 16 (or 32) bits, loadable without QLoRA;
+    else the 4-bit base as a bitsandbytes checkpoint plus adapter/ (PEFT) naming it.  Tokenizer files beside."""
+    from backends.torchlib.export import merge_and_export, save_bnb_checkpoint, save_peft_adapter
+
+    RunDir.precheck(c.out, overwrite=c.overwrite)
+    path = export_base(c)
+    dtype = DTYPE_NAMES.get(c.dtype, c.dtype)
+    model, tokenizer = load_with_adapter(ModelConfig(backend=c.backend, dropout=0.0), path, c.adapter)
+    run = RunDir(c.out, overwrite=c.overwrite)
+    try:
+        if c.merged:
+            merge_and_export(model, run.work, dtype=dtype)
+            what = f"the merged model in {dtype}"
+        else:
+            save_bnb_checkpoint(model, run.work, dtype=dtype, compute_dtype=dtype)
+            save_peft_adapter(model, run.path("adapter"), base_model_name_or_path=os.path.abspath(c.out))
+            what = f"the 4-bit base ({model.qlora_config.quant_type}) + adapter/"
+        tokenizer.save_pretrained(run.work)
+    except BaseException:
+        run.abandon()
+        raise
+    print(f"wrote {run.commit()}/ ({what}, tokenizer)")
     return 0
 
 
@@ -211,7 +275,12 @@ COMMANDS = {  # name: (config class, function, help)
     "quantize": (QuantizeConfig, cmd_quantize, "model dir or .gguf -> bitsandbytes 4-bit checkpoint"),
     "memory": (MemoryConfig, cmd_memory, "will it fit? the memory ledger, by component"),
     "generate": (GenerateConfig, cmd_generate, "greedy generation from the base model plus an adapter"),
-    "eval": (EvalConfig, cmd_eval, "loss/perplexity on a file, or exact match on the generated task"),
+    "eval": (EvalConfig, cmd_eval, "loss/perplexity on a file, exact match on the generated task, or MMLU"),
+    "export": (
+        ExportConfig,
+        cmd_export,
+        "base + adapter -> one merged 16-bit model, or the 4-bit checkpoint + adapter",
+    ),
 }
 
 FINETUNE_DESCRIPTION = (

@@ -43,9 +43,10 @@ def opt(default, help: str, *, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
-def required(help: str):
-    """A field without a default: a positional argument (a ``list[str]`` one: a repeatable flag that must be given)."""
-    return field(metadata={"help": help, "choices": None})
+def required(help: str, *, flag: bool = False):
+    """A field without a default: a positional argument, or with ``flag`` (and for a ``list[str]``: a repeatable one)
+    a flag that must be given."""
+    return field(metadata={"help": help, "choices": None, "flag": flag})
 
 
 # --- finetune ------------------------------------------------------------------------------------------------
@@ -75,7 +76,10 @@ class DataConfig:
     format: str = opt("auto", "auto: from the file's fields", choices=("auto", "alpaca", "oasst", "prompt-completion"))
     eval_data: str = opt("", "held-out file of the same kind; '' = split eval_fraction off the training data")
     eval_fraction: float = opt(0.05, "fraction held out for eval loss when no eval_data is given")
-    max_len: int = opt(512, "longest tokenized example allowed; longer ones are an error (never silently cut)")
+    max_len: int = opt(512, "longest example in tokens (prompt + response); longer: cut, or skipped (--drop-long)")
+    source_max_len: int = opt(256, "prompt tokens kept, the first ones (QLoRA's source_max_len)")
+    target_max_len: int = opt(256, "response tokens kept, end token included (QLoRA's target_max_len)")
+    drop_long: bool = opt(False, "skip an example longer than a limit instead of cutting it")
     group_by_length: bool = opt(True, "batch examples of similar length together (Guanaco: on)")
     train_on_source: bool = opt(False, "also put the loss on the prompt (Guanaco: off; loss on the response only)")
     task_train: int = opt(2000, "generated task: number of training examples")
@@ -166,6 +170,24 @@ class QuantizeConfig:
     overwrite: bool = opt(False, "replace an existing checkpoint at OUT (it is refused otherwise)")
 
 
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # short names -> torch's
+
+
+@dataclass
+class ExportConfig:
+    adapter: str = required("PEFT adapter dir written by finetune (e.g. runs/qlora/adapter)", flag=True)
+    out: str = required("output directory (written whole or not at all)", flag=True)
+    model: str = opt("", "the base: HF model dir, .gguf or 'smollm2'; '' = the adapter's base_model_name_or_path")
+    merged: bool = opt(False, "one 16-bit model, W_hat + s B A rounded once (LORA-6); else the 4-bit base + adapter/")
+    dtype: str = opt(
+        "bfloat16",
+        "dtype of the merged weights, or of the 4-bit checkpoint's other tensors and compute dtype",
+        choices=("bfloat16", "float16", "float32", *DTYPE_NAMES),
+    )
+    backend: str = opt("numpy", "dequantization backend", choices=BACKENDS)
+    overwrite: bool = opt(False, "replace an existing export at OUT (it is refused otherwise)")
+
+
 MEMORY_PRESETS_EXTRA = {
     # SmolLM2-135M-Instruct (its GGUF / HF config.json): tied embeddings, grouped-query attention.
     "smollm2-135m": dict(
@@ -206,6 +228,7 @@ class GenerateConfig:
     max_new_tokens: int = opt(64, "tokens generated per prompt (greedy)")
     raw: bool = opt(False, "do not wrap the prompt in the model's chat template")
     backend: str = opt("numpy", "dequantization backend", choices=BACKENDS)
+    progress: bool = opt(True, "show a tqdm progress bar (tokens generated) on stderr")
 
 
 @dataclass
@@ -217,10 +240,19 @@ class EvalConfig:
     task_eval: int = opt(64, "generated task: number of held-out lists")
     seed: int = opt(0, "the task's seed (the finetune's --seed)")
     max_len: int = opt(512, "longest sequence scored (a .txt file is cut into chunks of this many tokens)")
+    source_max_len: int = opt(256, ".json/.jsonl: prompt tokens kept (as finetune's)")
+    target_max_len: int = opt(256, ".json/.jsonl: response tokens kept (as finetune's)")
+    drop_long: bool = opt(False, ".json/.jsonl: skip a long example instead of cutting it")
     max_examples: int = opt(0, "score only the first N sequences (0 = all)")
     batch_size: int = opt(8, "sequences per forward pass")
     backend: str = opt("numpy", "dequantization backend", choices=BACKENDS)
     json: bool = opt(False, "also print the result as one JSON line")
+    progress: bool = opt(True, "show a tqdm progress bar (sequences scored) on stderr")
+    mmlu: str | None = opt(None, "MMLU folder (dev/ + test/ CSVs): letter accuracy, k-shot (backends/app/mmlu.py)")
+    mmlu_split: str = opt("test", "MMLU questions scored (dev: leave-one-out shots)", choices=("dev", "val", "test"))
+    shots: int = opt(5, "MMLU: dev examples in front of each question (5 = the paper's; 0 = zero-shot)")
+    subjects: list[str] = opt([], "MMLU: a subject to score, e.g. anatomy (repeat; none = all)")
+    mmlu_out: str = opt("mmlu.json", "MMLU: the result's JSON path; the per-subject PNG goes beside it")
 
 
 # --- validation: one rule per field name, the same in every command -----------------------------------------------
@@ -233,9 +265,12 @@ RULES: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
     "lora_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "eval_fraction": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "max_len": (lambda v: v >= 8, ">= 8"),
+    "source_max_len": (lambda v: v >= 1, ">= 1"),
+    "target_max_len": (lambda v: v >= 1, ">= 1"),
     "task_train": (lambda v: v >= 1, ">= 1"),
     "task_eval": (lambda v: v >= 1, ">= 1"),
     "max_examples": (lambda v: v >= 0, ">= 0"),
+    "shots": (lambda v: v >= 0, ">= 0"),
     "lr": (lambda v: v > 0, "> 0"),
     "max_grad_norm": (lambda v: v > 0, "> 0"),
     "batch_size": (lambda v: v >= 1, ">= 1"),
@@ -293,8 +328,11 @@ def _base_type(tp):
     return origin or tp
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: dict | None = None) -> None:
-    """One argument per field of ``cls`` (module docstring); ``defaults`` overrides the shown default (a preset)."""
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls, *, defaults: dict | None = None, shown: dict | None = None
+) -> None:
+    """One argument per field of ``cls`` (module docstring); ``defaults`` overrides the default (a preset), ``shown``
+    the words the help gives for a field's default (e.g. which applies when)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
@@ -304,13 +342,17 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: dict |
         if not has_default:
             if tp is list:
                 group.add_argument(_flag(f.name), dest=f.name, action="append", required=True, help=help_text)
+            elif f.metadata.get("flag"):
+                group.add_argument(
+                    _flag(f.name), dest=f.name, type=tp, required=True, help=help_text, metavar=tp.__name__
+                )
             else:
                 group.add_argument(f.name, type=tp, choices=choices, help=help_text)
             continue
         default = (defaults or {}).get(
             f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory()
         )
-        help_text = f"{help_text} (default: {default!r})"
+        help_text = f"{help_text} (default: {(shown or {}).get(f.name, repr(default))})"
         if tp is bool:
             group.add_argument(
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
@@ -326,9 +368,20 @@ def dataclass_from_args(cls, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
+def preset_defaults_shown() -> dict[str, str]:
+    """finetune's help for a field the task preset sets: both defaults, and when each applies."""
+    base = {**dataclasses.asdict(DataConfig()), **dataclasses.asdict(TrainConfig())}
+    return {
+        k: f"{v!r} with --data task (the task preset), {base[k]!r} with a data file"
+        for k, v in TASK_PRESET.items()
+        if not k.startswith("task_")  # the generated task's own sizes: nothing else uses them
+    }
+
+
 def add_run_args(parser: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
+    shown = preset_defaults_shown()
     for cls in (ModelConfig, DataConfig, TrainConfig):
-        add_dataclass_args(parser, cls, defaults=defaults)
+        add_dataclass_args(parser, cls, defaults=defaults, shown=shown)
 
 
 def run_config_from_args(ns: argparse.Namespace) -> RunConfig:

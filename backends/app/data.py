@@ -13,6 +13,18 @@ Tokenization (one example, T tokens):
     input_ids = tok(prompt) + tok(completion) + [eos]                       (T,)
     labels    = [-100] * len(tok(prompt)) + tok(completion) + [eos]         (T,)   -100 = ignored by the loss
 
+Length policy (``LengthPolicy``; as the QLoRA repository's ``qlora.py``: ``source_max_len``, ``target_max_len``,
+truncation on; limit L = min(--max-len, the model's positions)):
+
+    prompt     = tok(prompt)[:source_max_len]                   (the first tokens kept, as qlora.py's truncation)
+    completion = (tok(completion) + [eos])[:target_max_len]
+    if len(prompt) + len(completion) > L:                       (L is ours: qlora.py has no total limit)
+        prompt     = prompt[:max(L - len(completion), L // 2)]   the prompt keeps at least half of L,
+        completion = completion[:L - len(prompt)]               the response the rest (at least one token)
+
+An example is "long" if any of these cuts it; it is cut (the default) or skipped (``drop_long``).
+``LengthCounts`` tells how many were cut and dropped.  Without a policy a long example is an error.
+
 Every problem with the input is a ``DataError`` (a ValueError) naming the file, the line or example, and what to do.
 """
 
@@ -49,6 +61,28 @@ class Example:
     prompt: str
     completion: str
     answer: str | None = None  # the exact-match target, for generated tasks
+
+
+@dataclass(frozen=True)
+class LengthPolicy:
+    """What to do with an example longer than its limits (module docstring): cut it (default) or drop it."""
+
+    source_max_len: int = 256
+    target_max_len: int = 256
+    drop_long: bool = False
+
+
+@dataclass
+class LengthCounts:
+    """How many examples a length policy cut and dropped, out of ``total``."""
+
+    total: int = 0
+    cut: int = 0
+    dropped: int = 0
+
+    def line(self, source: str, policy: LengthPolicy, limit: int) -> str:
+        how = f"--source-max-len {policy.source_max_len}, --target-max-len {policy.target_max_len}, limit {limit}"
+        return f"{source}: {self.cut} of {self.total} examples cut, {self.dropped} dropped ({how})"
 
 
 @dataclass(frozen=True)
@@ -177,15 +211,24 @@ def model_max_length(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
-def tokenize_example(ex: Example, tokenizer, *, train_on_source: bool = False) -> TokenizedExample:
+def _token_ids(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
+    """(tok(prompt) with the tokenizer's special tokens, tok(completion) + [eos])."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos token; cannot mark the end of a response")
     prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [eos]
-    input_ids = list(prompt_ids) + list(completion_ids)
-    labels = input_ids.copy() if train_on_source else [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids)
+    return list(prompt_ids), list(completion_ids)
+
+
+def _assemble(prompt_ids: list[int], completion_ids: list[int], train_on_source: bool) -> TokenizedExample:
+    input_ids = prompt_ids + completion_ids
+    labels = input_ids.copy() if train_on_source else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     return TokenizedExample(input_ids, labels)
+
+
+def tokenize_example(ex: Example, tokenizer, *, train_on_source: bool = False) -> TokenizedExample:
+    return _assemble(*_token_ids(ex, tokenizer), train_on_source)
 
 
 def tokenize_examples(
@@ -196,25 +239,46 @@ def tokenize_examples(
     model_max: int | None = None,
     train_on_source: bool = False,
     source: str = "data",
+    policy: LengthPolicy | None = None,
+    counts: LengthCounts | None = None,
 ) -> list[TokenizedExample]:
-    """Tokenize all; an example longer than min(max_len, model_max) is an error (never silently truncated)."""
+    """Tokenize all, limit L = min(max_len, model_max).  With a ``policy`` a long example is cut or dropped (module
+    docstring; ``counts`` receives how many); without one, an example longer than L is an error."""
     if not examples:
         raise DataError(f"{source}: empty dataset (no examples)")
     limit = max_len if model_max is None else min(max_len, model_max)
+    counts = LengthCounts() if counts is None else counts
     out = []
     for i, ex in enumerate(examples):
-        t = tokenize_example(ex, tokenizer, train_on_source=train_on_source)
-        if len(t) > limit:
-            who = f"the model's limit of {model_max} positions" if model_max is not None and len(t) > model_max else ""
+        prompt_ids, completion_ids = _token_ids(ex, tokenizer)
+        n = len(prompt_ids) + len(completion_ids)
+        counts.total += 1
+        if policy is not None:
+            p, c = prompt_ids[: policy.source_max_len], completion_ids[: policy.target_max_len]
+            if len(p) + len(c) > limit:
+                p = p[: max(limit - len(c), limit // 2)]
+                c = c[: limit - len(p)]
+            if len(p) < len(prompt_ids) or len(c) < len(completion_ids):  # a long example
+                if policy.drop_long:
+                    counts.dropped += 1
+                    continue
+                counts.cut += 1
+                prompt_ids, completion_ids = p, c
+        elif n > limit:
+            who = f"the model's limit of {model_max} positions" if model_max is not None and n > model_max else ""
             raise DataError(
-                f"{source}: example {i} is {len(t)} tokens, longer than "
+                f"{source}: example {i} is {n} tokens, longer than "
                 + (who or f"--max-len {max_len}")
                 + "; shorten or drop it, or raise --max-len"
                 + (f" (the model allows at most {model_max})" if model_max is not None else "")
             )
+        t = _assemble(prompt_ids, completion_ids, train_on_source)
         if t.n_target == 0:
             raise DataError(f"{source}: example {i} has no response tokens to train on")
         out.append(t)
+    if not out:
+        raise DataError(f"{source}: every one of the {counts.total} examples is too long and was dropped; "
+                        "raise --max-len / --source-max-len / --target-max-len or leave out --drop-long")  # fmt: skip
     return out
 
 

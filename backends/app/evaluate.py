@@ -5,7 +5,8 @@
                   equals the next reference token at every response position (answer tokens and the end token),
                   so one teacher-forced forward pass scores a batch — no token-by-token generation needed.
 
-Every function here leaves the model in the train/eval mode it found it in.
+Every function here leaves the model in the train/eval mode it found it in; with ``progress=True`` each shows a tqdm
+bar on stderr (batches scored, or tokens generated).
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, DataError, Example, TokenizedExample, collate, tokenize_example
+
+
+def progress_bar(total: int, progress: bool, desc: str, unit: str = "batch"):
+    """A tqdm bar on stderr (a no-op one when ``progress`` is False); it disappears once complete."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False, dynamic_ncols=True)
 
 
 def model_device(model) -> torch.device:
@@ -53,7 +61,9 @@ def n_response_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def eval_loss(model, data: list[TokenizedExample], *, batch_size: int, pad_id: int, max_batches: int = 0) -> float:
+def eval_loss(
+    model, data: list[TokenizedExample], *, batch_size: int, pad_id: int, max_batches: int = 0, progress: bool = False
+) -> float:
     """Mean response-token cross-entropy over (the first max_batches micro-batches of) data, in nats."""
     if not data:
         raise DataError("empty eval set")
@@ -66,17 +76,22 @@ def eval_loss(model, data: list[TokenizedExample], *, batch_size: int, pad_id: i
     batches = [data[k : k + batch_size] for k in range(0, len(data), batch_size)]
     if max_batches:
         batches = batches[:max_batches]
-    for b in batches:
-        batch = to_device(collate(b, pad_id), device)
-        loss_sum, _ = response_loss_sum(model, batch)
-        total += float(loss_sum)
-        count += n_response_tokens(batch)
+    with progress_bar(len(batches), progress, "eval loss") as bar:
+        for b in batches:
+            batch = to_device(collate(b, pad_id), device)
+            loss_sum, _ = response_loss_sum(model, batch)
+            total += float(loss_sum)
+            count += n_response_tokens(batch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
     model.train(was_training)
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, examples: list[Example], *, batch_size: int = 16) -> tuple[float, list[bool]]:
+def exact_match(
+    model, tokenizer, examples: list[Example], *, batch_size: int = 16, progress: bool = False
+) -> tuple[float, list[bool]]:
     """Fraction of examples whose greedy continuation is exactly the completion followed by the end token.
 
     Teacher-forced: correct iff argmax(logits[t]) == input_ids[t+1] at every response position (module docstring).
@@ -92,21 +107,30 @@ def exact_match(model, tokenizer, examples: list[Example], *, batch_size: int = 
         for e in examples
     ]
     correct: list[bool] = []
-    for k in range(0, len(tok), batch_size):
-        batch = to_device(collate(tok[k : k + batch_size], pad_id), device)
-        _, logits = response_loss_sum(model, batch)
-        pred = logits[:, :-1, :].argmax(-1)  # (B, T-1)
-        target = batch["labels"][:, 1:]  # (B, T-1)
-        mask = target != IGNORE_INDEX
-        ok = ((pred == target) | ~mask).all(dim=1)  # (B,)
-        correct += [bool(v) for v in ok]
+    with progress_bar(len(tok), progress, "exact match", unit="example") as bar:
+        for k in range(0, len(tok), batch_size):
+            batch = to_device(collate(tok[k : k + batch_size], pad_id), device)
+            _, logits = response_loss_sum(model, batch)
+            pred = logits[:, :-1, :].argmax(-1)  # (B, T-1)
+            target = batch["labels"][:, 1:]  # (B, T-1)
+            mask = target != IGNORE_INDEX
+            ok = ((pred == target) | ~mask).all(dim=1)  # (B,)
+            correct += [bool(v) for v in ok]
+            bar.update(len(ok))
     model.train(was_training)
     return sum(correct) / len(correct), correct
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64) -> list[str]:
-    """Greedy continuations (left-padded batch, KV cache), decoded without special tokens."""
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, progress: bool = False) -> list[str]:
+    """Greedy continuations (left-padded batch, KV cache), decoded without special tokens; the bar counts tokens."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class TokenCounter(StoppingCriteria):  # called once per generated token; never stops the generation itself
+        def __call__(self, input_ids, scores, **kwargs):
+            bar.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -115,28 +139,40 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64) 
     T = max(len(i) for i in ids)
     input_ids = torch.tensor([[pad_id] * (T - len(i)) + list(i) for i in ids], device=device)  # (B, T)
     attention_mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids], device=device)  # (B, T)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
+    with progress_bar(max_new_tokens, progress, "generate", unit="token") as bar:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            stopping_criteria=StoppingCriteriaList([TokenCounter()]),
+        )
     model.train(was_training)
     return [tokenizer.decode(o[T:], skip_special_tokens=True) for o in out]
 
 
-def plot_loss_curve(history: list[dict], path: str, *, title: str = "QLoRA finetune") -> None:
-    """Train loss per step (and eval loss where measured) as a PNG (matplotlib, Agg backend)."""
+def loss_curve_points(history: list[dict], eval_loss_before: float | None = None) -> tuple[list, list]:
+    """(train, eval) as (step, loss) pairs; the eval series starts with the base model's loss at step 0."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if eval_loss_before is not None and not any(step == 0 for step, _ in ev):
+        ev.insert(0, (0, eval_loss_before))
+    return train, ev
+
+
+def plot_loss_curve(
+    history: list[dict], path: str, *, title: str = "QLoRA finetune", eval_loss_before: float | None = None
+) -> None:
+    """Train loss per step and eval loss where measured, from the "before" point at step 0, as a PNG (matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    train, ev = loss_curve_points(history, eval_loss_before)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss (response tokens)", lw=1.5)

@@ -46,6 +46,8 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
     model_path = resolve_model_path(cfg.model.model)
     tokenizer = load_tokenizer(model_path)
     datasets = Datasets.from_config(cfg, tokenizer)
+    for note in datasets.length_notes:
+        log(note)
 
     run = RunDir(t.output_dir, resume=t.resume, resumable=True, overwrite=t.overwrite)
     try:
@@ -87,8 +89,11 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
         log_scores(summary, "after", datasets, log)
 
         # -- export: the PEFT adapter, the loss curve, the summary -------------------------------------------------
-        save_peft_adapter(model, run.path("adapter"), base_model_name_or_path=model_path)
-        plot_loss_curve(history, run.path("loss_curve.png"), title=f"QLoRA finetune: {os.path.basename(model_path)}")
+        base = peft_base_path(model_path)
+        save_peft_adapter(model, run.path("adapter"), base_model_name_or_path=base)
+        write_adapter_readme(run.path("adapter"), base, model_path, os.path.join(run.final, "adapter"))
+        plot_loss_curve(history, run.path("loss_curve.png"), title=f"QLoRA finetune: {os.path.basename(model_path)}",
+                        eval_loss_before=summary.get("eval_loss_before"))  # fmt: skip
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(run.path("summary.json"), summary)
     except BaseException:
@@ -115,6 +120,39 @@ def resolved_config(cfg: RunConfig, model_path: str, model, datasets) -> dict:
         "effective_batch": cfg.effective_batch,
     }
     return resolved
+
+
+def peft_base_path(model_path: str) -> str:
+    """What PEFT's ``AutoPeftModelForCausalLM`` can load as the base: a model directory (absolute), for a .gguf the
+    Hugging Face directory converted from it (``gguf_as_hf_dir``, cached when the model was loaded)."""
+    if model_path.endswith(".gguf"):
+        from backends.torchlib.load import gguf_as_hf_dir
+
+        return str(gguf_as_hf_dir(model_path))
+    return os.path.abspath(model_path)
+
+
+ADAPTER_README = """# QLoRA adapter (qlora-ref)
+
+LoRA weights for the base model `{base}`{converted}.
+
+With PEFT (the base in full precision, the adapter on top):
+
+    from peft import AutoPeftModelForCausalLM
+    model = AutoPeftModelForCausalLM.from_pretrained("{adapter}")
+
+With qlora-ref (the base in 4 bits, as it was trained):
+
+    qlora generate --model {model} --adapter {adapter} --prompt "..."
+    qlora export --adapter {adapter} --out merged --merged --dtype bf16
+"""
+
+
+def write_adapter_readme(adapter_dir: str, base: str, model_path: str, final_adapter: str) -> None:
+    converted = f" (converted from `{model_path}`)" if base != os.path.abspath(model_path) else ""
+    text = ADAPTER_README.format(base=base, converted=converted, adapter=final_adapter, model=model_path)
+    with open(os.path.join(adapter_dir, "README.md"), "w") as f:
+        f.write(text)
 
 
 def recorded_before(summary_path: str) -> dict:

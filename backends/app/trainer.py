@@ -64,15 +64,17 @@ class Datasets:
     train: list[TokenizedExample]
     eval: list[TokenizedExample]
     scored: list[Example] | None = None
+    length_notes: tuple[str, ...] = ()  # how many examples the length policy cut or dropped, per file
 
     @classmethod
     def from_config(cls, cfg: RunConfig, tokenizer) -> Datasets:
         """The generated task (``--data task``) or a data file with its eval file or an eval split, tokenized."""
-        from .data import check_data_file, read_examples, split_eval, tokenize_examples
+        from .data import LengthCounts, LengthPolicy, check_data_file, read_examples, split_eval, tokenize_examples
         from .task import make_task
 
         d = cfg.data
-        tk = dict(max_len=d.max_len, model_max=None, train_on_source=d.train_on_source)
+        policy = LengthPolicy(d.source_max_len, d.target_max_len, d.drop_long)
+        tk = dict(max_len=d.max_len, model_max=None, train_on_source=d.train_on_source, policy=policy)
         scored = None
         if d.data == "task":
             train_ex, eval_ex = make_task(tokenizer, n_train=d.task_train, n_eval=d.task_eval, seed=cfg.train.seed)
@@ -86,9 +88,15 @@ class Datasets:
                 eval_ex = read_examples(d.eval_data, d.format)
             else:
                 train_ex, eval_ex = split_eval(train_ex, d.eval_fraction, cfg.train.seed)
-        train = tokenize_examples(train_ex, tokenizer, source=d.data, **tk)
-        ev = tokenize_examples(eval_ex, tokenizer, source=d.eval_data or d.data, **tk) if eval_ex else []
-        return cls(train, ev, scored)
+        n_train, n_eval = LengthCounts(), LengthCounts()
+        train = tokenize_examples(train_ex, tokenizer, source=d.data, counts=n_train, **tk)
+        ev = tokenize_examples(eval_ex, tokenizer, source=d.eval_data or d.data, counts=n_eval, **tk) if eval_ex else []
+        notes = tuple(
+            n.line(f"{name} ({d.eval_data or d.data})" if name == "eval" else f"train ({d.data})", policy, d.max_len)
+            for name, n in (("train", n_train), ("eval", n_eval))
+            if n.cut or n.dropped
+        )
+        return cls(train, ev, scored, notes)
 
     def check_fits(self, model_max: int | None) -> None:
         """Every example within the model's positions (known only once the model is loaded)."""
@@ -218,9 +226,8 @@ class Trainer:
         """Eval loss; leaves every RNG as it found it, so evaluating never changes the training that follows."""
         b = self.cfg.train
         with rng_preserved():
-            return eval_loss(
-                self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id, max_batches=b.eval_batches
-            )
+            return eval_loss(self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id,
+                             max_batches=b.eval_batches, progress=b.progress)  # fmt: skip
 
     def scores(self) -> dict:
         """The held-out scores of the model as it is now: ``eval_loss`` (None without an eval set; the eval logged at
@@ -231,7 +238,9 @@ class Trainer:
             at_step = "eval_loss" in last and last["step"] == self.step
             out["eval_loss"] = last["eval_loss"] if at_step else self.evaluate()
         if self.scored is not None:
-            out["exact_match"], _ = exact_match(self.model, self.tokenizer, self.scored)
+            out["exact_match"], _ = exact_match(
+                self.model, self.tokenizer, self.scored, progress=self.cfg.train.progress
+            )
         return out
 
     # -- the loop --
