@@ -300,7 +300,28 @@ def format_summary(result: dict) -> str:
     )
 
 
-# --- python -m backends.app.mmlu ------------------------------------------------------------------------------------
+# --- qlora eval --mmlu DIR / python -m backends.app.mmlu ------------------------------------------------------------
+
+
+def run_eval(c) -> int:
+    """``qlora eval --mmlu DIR``: c is the EvalConfig (model, adapter, backend, mmlu, mmlu_split, shots, subjects,
+    batch_size, max_examples = questions per subject, mmlu_out, json, progress)."""
+    from .config import ModelConfig
+    from .model import load_with_adapter, resolve_model_path
+
+    path = resolve_model_path(c.model)
+    model, tokenizer = load_with_adapter(ModelConfig(backend=c.backend, dropout=0.0), path, c.adapter)
+    result = evaluate_mmlu(model, tokenizer, c.mmlu, split=c.mmlu_split, shots=c.shots, subjects=c.subjects or None,
+                           batch_size=c.batch_size, max_questions=c.max_examples, progress=c.progress)  # fmt: skip
+    result = {"model": path, "adapter": c.adapter, **result}
+    write_outputs(result, c.mmlu_out, Path(c.mmlu_out).with_suffix(".png"))
+    print(format_summary(result) + f"; wrote {c.mmlu_out} and {Path(c.mmlu_out).with_suffix('.png')}")
+    if c.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "per_subject"}))
+    return 0
+
+
+# --- python -m backends.app.mmlu (the same without the qlora command line) ----------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,7 +292,7 @@ def test_smollm2_on_real_dev_files_with_leave_one_out_shots(smollm2, tokenizer, 
         dev = mmlu.read_csv(os.path.join(mmlu_dir, "dev", f"{s}_dev.csv"))
         pred = r["per_subject"][s]["pred"]
         assert len(pred) == 5 and r["per_subject"][s]["correct"] == sum(
-            p == "ABCD"[q.answer] for p, q in zip(pred, dev)
+            p == "ABCD"[q.answer] for p, q in zip(pred, dev, strict=True)
         )
         correct += r["per_subject"][s]["correct"]
     assert r["mmlu_micro_acc"] == correct / 15
@@ -310,3 +310,49 @@ def test_smollm2_on_real_dev_files_with_leave_one_out_shots(smollm2, tokenizer, 
     torch.testing.assert_close(batched, alone.float(), atol=2e-3, rtol=1e-3)
     assert ["ABCD"[j] for j in alone.argmax(-1).tolist()] == [r["per_subject"]["world_religions"]["pred"][i]
                                                                for i in pick]  # fmt: skip
+
+
+# --- qlora eval --mmlu --------------------------------------------------------------------------------------------
+
+
+def test_qlora_eval_mmlu_on_a_tiny_model(tokenizer, shared_dir, tmp_path, capsys):
+    """The command line end to end (a tiny random LLaMA with SmolLM2's tokenizer, NF4): JSON + PNG, one-line errors."""
+    import transformers
+    from conftest import TINY_DECODER
+
+    from backends.app.cli import main
+
+    d = tmp_path / "tiny"
+    cfg = transformers.LlamaConfig(**{**TINY_DECODER, "vocab_size": len(tokenizer), "max_position_embeddings": 128},
+                                   tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    tokenizer.save_pretrained(d)
+    mmlu_dir, out = shared_dir / "data" / "mmlu", tmp_path / "res" / "mmlu.json"
+    argv = ["eval", "--model", str(d), "--mmlu", str(mmlu_dir), "--mmlu-split", "dev", "--shots", "1", "--subjects",
+            "anatomy", "--subjects", "management", "--mmlu-out", str(out), "--json", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "macro" in stdout and "micro" in stdout and "prompts truncated to 128 tokens" in stdout
+    line = json.loads(stdout.strip().splitlines()[-1])
+    saved = json.loads(out.read_text())
+    assert saved["n_questions"] == line["n_questions"] == 10 and list(saved["per_subject"]) == ["anatomy", "management"]
+    assert (
+        saved["n_truncated"]
+        == line["n_truncated"]
+        == sum(
+            mmlu.fit_prompt(tokenizer, s, (dev[:i] + dev[i + 1 :])[:1], q, 128)[1]
+            for s in ("anatomy", "management")
+            for dev in [mmlu.read_csv(mmlu_dir / "dev" / f"{s}_dev.csv")]
+            for i, q in enumerate(dev)
+        )
+    )
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    for bad, needle in [(["--task"], "give one of --task, --data FILE or --mmlu DIR"),
+                        (["--shots", "5"], "5 shots asked, 4 dev examples available"),
+                        (["--shots", "-1"], "--shots must be >= 0"),
+                        (["--subjects", "nope"], "subject 'nope' has no dev file")]:  # fmt: skip
+        code = main(["eval", "--model", str(d), "--mmlu", str(mmlu_dir), "--mmlu-split", "dev", *bad, "--no-progress"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert code == 2 and len(err) == 1 and needle in err[0], (bad, err)
