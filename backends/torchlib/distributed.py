@@ -235,6 +235,32 @@ def lora_replicas_equal(model) -> bool:
     return all(torch.equal(g.view(torch.int32), flat.view(torch.int32)) for g in gathered)
 
 
+def fully_shard_lora(model, mesh=None):
+    """FSDP2 over the LoRA parameters: ``fully_shard`` on every QLoRALinear, so lora_A / lora_B become DTensors
+    sharded on dim 0 over ``mesh`` (default: all ranks, on the LoRA parameters' device type); returns the model.
+
+    The 4-bit base is not a tensor FSDP can see (specs/distributed.md says what sharding it needs), so every rank
+    keeps it whole; it is checked equal on every rank as under DDP (DIST-1).  Gradients are reduce-scattered
+    (averaged) by FSDP.  Step the sharded parameters with torch.optim.AdamW: PagedAdamW does not take DTensors.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("no process group: start with torchrun and call init_process_group() before fully_shard_lora")
+    params = _check_wrappable(model)
+    if mesh is None:
+        mesh = init_device_mesh(params[0].device.type, (world_size(),))
+    _check_same_on_all_ranks(
+        base_fingerprint(model),
+        "the frozen 4-bit base or the QLoRA settings",
+        "every rank must prepare the same checkpoint with the same settings (FSDP does not see QLoRALinear.q)",
+    )
+    for layer in qlora_layers(model).values():
+        fully_shard(layer, mesh=mesh)
+    return model
+
+
 # --- the data: each rank's share of every global batch (DIST-4) ----------------------------------------------------
 
 
@@ -324,11 +350,13 @@ __all__ = [
     "ShardedBatches",
     "barrier",
     "base_fingerprint",
+    "fully_shard_lora",
     "init_process_group",
     "is_main",
     "load_checkpoint",
     "local_rank",
     "lora_replicas_equal",
+    "per_rank_estimate",
     "rank",
     "save_checkpoint",
     "shard",
@@ -336,3 +364,47 @@ __all__ = [
     "wrap_ddp",
     "world_size",
 ]
+
+
+# --- the ledger per rank (DIST-7: on paper) ------------------------------------------------------------------------
+
+
+def per_rank_estimate(shape, recipe, runtime=None, *, world: int, shard: bool = False):
+    """The memory ledger of one rank of ``world`` (backends.torchlib.ledger.estimate re-composed; bytes).
+
+    recipe.batch is the per-rank batch.  DDP (shard=False): every rank holds the single-GPU ledger plus
+    ``ddp_buckets``, DDP's flat gradient buckets (the LoRA gradients once more; 0 with gradient_as_bucket_view).
+    FSDP2 on paper (shard=True, not implemented for the 4-bit base): base_4bit, lora_params, lora_grads and optimizer
+    divided by world (rounded up), plus ``fsdp_gather``: two decoder blocks' 4-bit weights and LoRA parameters
+    unsharded at once (the block being computed and the one prefetched); embeddings, norms, activations, the loss
+    head and the dequantization scratch stay per rank as they are.  Steps inside backward are refused under DDP
+    (wrap_ddp), so runtime.step_in_backward must be False.
+    """
+    from qlora_ref import memory as spec
+    from qlora_ref.memory import Ledger
+
+    from .ledger import Runtime, estimate
+
+    runtime = Runtime() if runtime is None else runtime
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int, got {world!r}")
+    if runtime.step_in_backward and world > 1:
+        raise ValueError("step_in_backward steps before DDP averages the gradients (refused by wrap_ddp); set False")
+    one = estimate(shape, recipe, runtime)
+    parts = dict(one.components)
+    pageable = one.pageable
+    if world > 1 and not shard:
+        parts["ddp_buckets"] = parts["lora_grads"]
+    elif world > 1:
+
+        def split(b: int) -> int:
+            return -(-b // world)
+
+        for k in ("base_4bit", "lora_params", "lora_grads", "optimizer"):
+            parts[k] = split(parts[k])
+        pageable = split(pageable)
+        block_4bit = spec.base_4bit_bytes(shape, recipe) // shape.layers
+        block_lora = spec.lora_param_bytes(shape, recipe) // shape.layers
+        parts["fsdp_gather"] = 2 * (block_4bit + block_lora)
+    config = {**one.config, "world": world, "shard": bool(shard)}
+    return Ledger(parts, pageable=pageable, config=config)

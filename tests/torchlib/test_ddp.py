@@ -8,6 +8,9 @@ references and compares:
 - DIST-6: a checkpoint written by 2 ranks resumes in 1 process, and one written by 1 process resumes on 2 ranks, on
   the single-process curve (DIST-4: the position is global, so N may change).
 - DIST-1: a rank whose 4-bit base differs, or a LoRA parameter with a step-in-backward hook, is refused.
+- FSDP2 (``fully_shard`` per QLoRALinear, gloo, torch 2.13): the LoRA parameters sharded over the 2 ranks, step 0's
+  loss and reduce-scattered gradient the single-process ones within DIST-3.
+- DIST-7: the per-GPU ledger re-composes the single-GPU one, and specs/distributed.md's 70B table is what it computes.
 
 The bound (DIST-3).  Both runs compute the same sums in another order: the global batch's mean loss L = (1/n) sum_t
 l_t over its n loss tokens, versus the mean of the two ranks' means over n/2 each; every LoRA gradient entry g_e, a
@@ -146,6 +149,17 @@ def worker(workdir: Path) -> None:
         out["hook_refused"] = ""
     except ValueError as e:
         out["hook_refused"] = str(e)
+    # FSDP2 over the LoRA parameters: step 0 of the same global batch
+    sharded = D.fully_shard_lora(tiny_model())
+    ids = torch.stack(D.ShardedBatches(Batches()).next_batch())
+    loss = sharded(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lora = trainable_parameters(sharded)
+    out["fsdp_local_rows"] = [p.to_local().shape[0] for p in lora[:2]]
+    out["fsdp_grad_l1"] = sum(float(p.grad.full_tensor().abs().sum()) for p in lora)
+    value = loss.detach().clone()
+    torch.distributed.all_reduce(value)
+    out["fsdp_loss"] = float(value) / D.world_size()
     if D.is_main():
         (workdir / "ddp.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
@@ -218,6 +232,43 @@ def test_ddp_gradient_is_the_mean_at_step_0(runs):
     g, g1 = ddp["grad_l1"][0], ref["grad_l1"][0]
     assert g1 > 0
     assert abs(g - g1) <= 2 * gamma(M_TERMS) * KAPPA * g1, (g, g1)
+
+
+def test_fsdp2_shards_lora_and_averages(runs):
+    """DIST-2, DIST-3 under FSDP2 (fully_shard per QLoRALinear, gloo): lora_A (r=4, in) and lora_B (out=64, r) are
+    split on dim 0 over the 2 ranks; step 0's loss and reduce-scattered gradient are the single-process ones."""
+    ref, ddp = runs
+    assert ddp["fsdp_local_rows"] == [2, 32]
+    assert abs(ddp["fsdp_loss"] - ref["losses"][0]) <= bound(ref, 0)
+    g, g1 = ddp["fsdp_grad_l1"], ref["grad_l1"][0]
+    assert abs(g - g1) <= 2 * gamma(M_TERMS) * KAPPA * g1, (g, g1)
+
+
+def test_ledger_per_rank_and_the_note():
+    """DIST-7: per_rank_estimate re-composes the single-GPU ledger, and specs/distributed.md's 70B table is it."""
+    from backends.torchlib.ledger import Runtime, estimate
+    from qlora_ref.memory import GB, ModelShape, Recipe
+
+    shape = ModelShape("70b", hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=32000)
+    recipe, runtime = Recipe(seq_len=512, batch=1), Runtime()
+    one = estimate(shape, recipe, runtime)
+    assert D.per_rank_estimate(shape, recipe, runtime, world=1).components == one.components
+    ddp = D.per_rank_estimate(shape, recipe, runtime, world=8)
+    assert ddp.total == one.total + one.components["lora_grads"]
+    fsdp = D.per_rank_estimate(shape, recipe, runtime, world=8, shard=True)
+    for k in ("base_4bit", "lora_params", "lora_grads", "optimizer"):
+        assert 0 <= 8 * fsdp.components[k] - one.components[k] < 8
+    with pytest.raises(ValueError, match="step_in_backward"):
+        D.per_rank_estimate(shape, recipe, Runtime(step_in_backward=True), world=2)
+    note = (REPO / "specs" / "distributed.md").read_text()
+    for label, led in (("1 GPU", one), ("8 GPUs, DDP", ddp), ("8 GPUs, FSDP2 (paper)", fsdp)):
+        c = led.components
+        extra = c.get("ddp_buckets", 0) + c.get("fsdp_gather", 0)
+        opt = c["lora_params"] + c["lora_grads"] + c["optimizer"]
+        row = [f"{c['base_4bit'] / GB:.3f}", f"{opt / GB:.3f}", f"{extra / GB:.3f}" if extra else "0"]
+        row += [f"{led.total / GB:.2f}", f"{led.resident / GB:.2f}"]
+        line = next(ln for ln in note.splitlines() if ln.startswith(f"| {label} "))
+        assert [cell.strip() for cell in line.strip("|").split("|")[1:]] == row, (label, line, row)
 
 
 def test_lora_parameters_identical_on_ranks(runs):
