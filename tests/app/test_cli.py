@@ -229,6 +229,8 @@ def test_finetune_smoke_on_the_real_gguf_then_eval(gguf, tmp_path, capsys):
     assert summary["steps"] == 2 and 0.0 <= summary["exact_match_after"] <= 1.0
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
+    # a .gguf base is named by the HF directory converted from it, which PEFT's AutoPeftModel classes can load
+    assert os.path.isfile(os.path.join(adapter["base_model_name_or_path"], "config.json")), adapter
 
     code, stdout, err = run(["eval", "--model", gguf, "--adapter", str(out / "adapter"), "--task", "--task-eval", "8",
                              "--json"], capsys)  # fmt: skip
