@@ -251,7 +251,7 @@ class EvalConfig:
     mmlu: str | None = opt(None, "MMLU folder (dev/ + test/ CSVs): letter accuracy, k-shot (backends/app/mmlu.py)")
     mmlu_split: str = opt("test", "MMLU questions scored (dev: leave-one-out shots)", choices=("dev", "val", "test"))
     shots: int = opt(5, "MMLU: dev examples in front of each question (5 = the paper's; 0 = zero-shot)")
-    subjects: list[str] = opt([], "MMLU: a subject to score, e.g. anatomy (repeat; none = all)")
+    subjects: str = opt("", "MMLU: comma-separated subjects to score, e.g. anatomy,virology ('' = all)")
     mmlu_out: str = opt("mmlu.json", "MMLU: the result's JSON path; the per-subject PNG goes beside it")
 
 

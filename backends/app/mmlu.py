@@ -220,7 +220,7 @@ def evaluate_mmlu(
     names = list(files) if not subjects else list(subjects)
     for s in names:
         if s not in files:
-            raise DataError(f"subject {s!r} has no {split} file in {mmlu_dir} (known: {', '.join(files)})")
+            raise DataError(f"subject {s!r} has no {split} file in {mmlu_dir} (named {split}/<subject>_{split}.csv)")
         if shots and s not in dev_files:
             raise DataError(f"subject {s!r} has no dev examples for its shots (dev/{s}_dev.csv); pass --shots 0")
     letter_ids = letter_token_ids(tokenizer)
@@ -304,14 +304,15 @@ def format_summary(result: dict) -> str:
 
 
 def run_eval(c) -> int:
-    """``qlora eval --mmlu DIR``: c is the EvalConfig (model, adapter, backend, mmlu, mmlu_split, shots, subjects,
-    batch_size, max_examples = questions per subject, mmlu_out, json, progress)."""
+    """``qlora eval --mmlu DIR``: c is the EvalConfig (model, adapter, backend, mmlu, mmlu_split, shots, subjects as
+    one comma-separated string, batch_size, max_examples = questions per subject, mmlu_out, json, progress)."""
     from .config import ModelConfig
     from .model import load_with_adapter, resolve_model_path
 
     path = resolve_model_path(c.model)
     model, tokenizer = load_with_adapter(ModelConfig(backend=c.backend, dropout=0.0), path, c.adapter)
-    result = evaluate_mmlu(model, tokenizer, c.mmlu, split=c.mmlu_split, shots=c.shots, subjects=c.subjects or None,
+    subjects = [t.strip() for t in c.subjects.split(",") if t.strip()] or None
+    result = evaluate_mmlu(model, tokenizer, c.mmlu, split=c.mmlu_split, shots=c.shots, subjects=subjects,
                            batch_size=c.batch_size, max_questions=c.max_examples, progress=c.progress)  # fmt: skip
     result = {"model": path, "adapter": c.adapter, **result}
     write_outputs(result, c.mmlu_out, Path(c.mmlu_out).with_suffix(".png"))

@@ -267,7 +267,7 @@ def test_truncated_prompts_are_counted(tmp_path):
 
 # --- the real model on the real dev files -------------------------------------------------------------------------
 
-REAL_SUBJECTS = ["world_religions", "management", "conceptual_physics"]  # the shortest prompts, to stay quick
+REAL_SUBJECTS = ["world_religions", "management"]  # the shortest prompts, to stay quick
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def test_smollm2_on_real_dev_files_with_leave_one_out_shots(smollm2, tokenizer, 
     assert [tokenizer.decode([i]) for i in mmlu.letter_token_ids(tokenizer)] == [" A", " B", " C", " D"]
     r = mmlu.evaluate_mmlu(smollm2, tokenizer, mmlu_dir, split="dev", shots=1, subjects=REAL_SUBJECTS,
                            batch_size=5, progress=False)  # fmt: skip
-    assert r["n_questions"] == 15 and r["n_subjects"] == 3 and r["n_truncated"] == 0 and r["max_length"] == 8192
+    assert r["n_questions"] == 10 and r["n_subjects"] == 2 and r["n_truncated"] == 0 and r["max_length"] == 8192
     correct = 0
     for s in REAL_SUBJECTS:
         dev = mmlu.read_csv(os.path.join(mmlu_dir, "dev", f"{s}_dev.csv"))
@@ -295,8 +295,8 @@ def test_smollm2_on_real_dev_files_with_leave_one_out_shots(smollm2, tokenizer, 
             p == "ABCD"[q.answer] for p, q in zip(pred, dev, strict=True)
         )
         correct += r["per_subject"][s]["correct"]
-    assert r["mmlu_micro_acc"] == correct / 15
-    assert r["mmlu_macro_acc"] == pytest.approx(sum(r["per_subject"][s]["acc"] for s in REAL_SUBJECTS) / 3)
+    assert r["mmlu_micro_acc"] == correct / 10
+    assert r["mmlu_macro_acc"] == pytest.approx(sum(r["per_subject"][s]["acc"] for s in REAL_SUBJECTS) / 2)
 
     # left-padded batched letter logits == each prompt alone with every position's logits (the 2 shortest prompts)
     dev = mmlu.read_csv(os.path.join(mmlu_dir, "dev", "world_religions_dev.csv"))
@@ -330,7 +330,7 @@ def test_qlora_eval_mmlu_on_a_tiny_model(tokenizer, shared_dir, tmp_path, capsys
     tokenizer.save_pretrained(d)
     mmlu_dir, out = shared_dir / "data" / "mmlu", tmp_path / "res" / "mmlu.json"
     argv = ["eval", "--model", str(d), "--mmlu", str(mmlu_dir), "--mmlu-split", "dev", "--shots", "1", "--subjects",
-            "anatomy", "--subjects", "management", "--mmlu-out", str(out), "--json", "--no-progress"]  # fmt: skip
+            "anatomy, management", "--mmlu-out", str(out), "--json", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "macro" in stdout and "micro" in stdout and "prompts truncated to 128 tokens" in stdout
