@@ -181,7 +181,8 @@ def wrap_ddp(model, *, bucket_cap_mb: float = 25, gradient_as_bucket_view: bool 
     model already wrapped or not prepared; a post-accumulate-grad hook on a LoRA parameter (steps before the
     average); a 4-bit base or QLoRA setting that differs between ranks (DIST-1); LoRA parameters on a device other
     than cuda:LOCAL_RANK (CUDA) or a nccl group for a CPU model; ``find_unused_parameters`` (every LoRA parameter is
-    used in every step; asking for it hides a model that is not the one prepared).
+    used in every step; asking for it hides a model that is not the one prepared).  A hook added after wrapping is
+    not seen: never call ``hook_into_backward`` on an optimizer over DDP-wrapped parameters.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("no process group: start with torchrun and call init_process_group() before wrap_ddp")

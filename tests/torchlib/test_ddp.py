@@ -53,7 +53,7 @@ if str(TESTS) not in sys.path:  # run as torchrun's script: conftest's TINY_DECO
 
 from conftest import TINY_DECODER  # noqa: E402
 
-from backends.torchlib import PagedAdamW, prepare_model, trainable_parameters  # noqa: E402
+from backends.torchlib import PagedAdamW, prepare_model, qlora_layers, trainable_parameters  # noqa: E402
 from backends.torchlib import distributed as D  # noqa: E402
 
 STEPS, RESUME_AT = 6, 3  # the loss curve's length; the step the checkpoints are written at
@@ -82,13 +82,13 @@ class Batches:
         self.index = int(state["index"])
 
 
-def tiny_model(seed: int = 0, checkpointing: bool = False):
+def tiny_model(seed: int = 0, checkpointing: bool = False, backend: str = "numpy"):
     import transformers
 
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
     torch.manual_seed(1234)  # the LoRA init: equal on every rank (DDP would broadcast rank 0's anyway)
-    prepare_model(model, backend="numpy", r=4, alpha=8, dropout=0.0, gradient_checkpointing=checkpointing)
+    prepare_model(model, backend=backend, r=4, alpha=8, dropout=0.0, gradient_checkpointing=checkpointing)
     return model.train()
 
 
@@ -299,6 +299,42 @@ def test_refusals_under_torchrun(runs):
     _, ddp = runs
     assert "4-bit base" in ddp["mismatch_refused"] and "rank(s) [1]" in ddp["mismatch_refused"]
     assert "post-accumulate-grad hook" in ddp["hook_refused"]
+
+
+def test_sharded_batch_stream_resumes_with_another_n():
+    """DIST-4 over the application's BatchStream: the ranks' shares make up each global batch, and a position saved
+    with N = 2 continues the same global batches with N = 4 (and in one process)."""
+    from backends.app.data import BatchStream, TokenizedExample
+
+    data = [TokenizedExample([i] * (1 + i % 5), [i] * (1 + i % 5)) for i in range(24)]
+
+    def stream():
+        return BatchStream(data, 4, seed=3)
+
+    whole = [stream() for _ in range(2)]
+    two = [D.ShardedBatches(whole[k], rank=k, world=2) for k in range(2)]
+    alone = stream()
+    for _ in range(3):
+        assert two[0].next_batch() + two[1].next_batch() == alone.next_batch()
+    saved = two[0].state_dict()
+    assert saved == two[1].state_dict()
+    four = [D.ShardedBatches(stream(), rank=k, world=4) for k in range(4)]
+    for s in four:
+        s.load_state_dict(saved)
+    for _ in range(5):  # past the epoch's end (6 global batches of 4)
+        assert sum((s.next_batch() for s in four), []) == alone.next_batch()
+
+
+@pytest.mark.gpu
+def test_base_fingerprint_on_cuda():
+    """DIST-1 on the CuPy backend (the checksum path): equal for equal bases, changed by one flipped code byte."""
+    a, b = tiny_model(backend="cupy"), tiny_model(backend="cupy")
+    assert D.base_fingerprint(a) == D.base_fingerprint(b)
+    packed = next(iter(qlora_layers(b).values())).q.packed
+    packed[7] ^= 0x10
+    assert D.base_fingerprint(a) != D.base_fingerprint(b)
+    packed[7] ^= 0x10
+    assert D.base_fingerprint(a) == D.base_fingerprint(b)
 
 
 def test_refusals_in_one_process():
