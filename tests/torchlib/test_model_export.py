@@ -540,6 +540,25 @@ def test_merged_export_against_peft_merge_and_unload(tmp_path):
     assert (logits(reloaded, IDS) - unmerged).abs().max().item() <= 64 * np.finfo(np.float32).eps * scale
 
 
+def test_exports_get_the_users_normal_file_mode(tmp_path):
+    """Files written through a temporary file get what open() would give them (umask 022: 0644), not mkstemp's 0600."""
+    from backends.torchlib.export import default_file_mode
+
+    old = os.umask(0o022)
+    try:
+        model, _ = prepared(seed=9)
+        save_peft_adapter(model, tmp_path / "a")
+        save_bnb_checkpoint(model, tmp_path / "q", dtype="float32", compute_dtype="float32")
+        merge_and_export(model, tmp_path / "m", dtype="float32")
+        assert default_file_mode() == 0o644
+        written = [f for d in ("a", "q", "m") for f in (tmp_path / d).iterdir() if f.is_file()]
+        assert written and all(f.stat().st_mode & 0o777 == 0o644 for f in written), [
+            (f.name, oct(f.stat().st_mode & 0o777)) for f in written
+        ]
+    finally:
+        os.umask(old)
+
+
 def test_exports_are_atomic_and_refuse_unprepared(tmp_path):
     model, _ = prepared(seed=9)
     out = tmp_path / "a"
