@@ -95,3 +95,21 @@ def tiny_hf_dir(tokenizer, tmp_path_factory):
     transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
     tokenizer.save_pretrained(d)
     return d
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of ``qlora ARGV`` run in-process."""
+    from backends.app.cli import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    """The CLI's contract for bad input: exit 2 and one line on stderr, starting "qlora", naming each needle."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("qlora"), lines
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

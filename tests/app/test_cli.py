@@ -10,26 +10,12 @@ import sys
 import time
 
 import pytest
-from conftest import HAS_CUDA, TINY_DECODER
+from conftest import HAS_CUDA, assert_one_line_error, run_cli
 
-from backends.app.cli import finetune_config_from_argv, main
+from backends.app.cli import finetune_config_from_argv
 from backends.app.config import TASK_PRESET, RunConfig, TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("qlora"), lines
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -67,25 +53,27 @@ def test_flags_come_from_the_dataclasses_with_guanaco_defaults():
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, shared_dir):
     out = tmp_path / "run"
     missing = ["finetune", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(out)]
-    assert_one_line_error(*run(missing, capsys)[::2], "data file not found", "missing.jsonl")
+    assert_one_line_error(*run_cli(missing, capsys)[::2], "data file not found", "missing.jsonl")
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n')
-    assert_one_line_error(*run(["finetune", "--data", str(bad), "--output-dir", str(out)], capsys)[::2], "bad.jsonl:2")
+    assert_one_line_error(
+        *run_cli(["finetune", "--data", str(bad), "--output-dir", str(out)], capsys)[::2], "bad.jsonl:2"
+    )
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert_one_line_error(*run(["finetune", "--data", str(empty)], capsys)[::2], "empty dataset")
+    assert_one_line_error(*run_cli(["finetune", "--data", str(empty)], capsys)[::2], "empty dataset")
 
-    assert_one_line_error(*run(["finetune", "--lr", "fast"], capsys)[::2], "--lr", "invalid float")
-    assert_one_line_error(*run(["finetune", "--r", "0"], capsys)[::2], "--r must be >= 1")
-    assert_one_line_error(*run(["frobnicate"], capsys)[::2], "invalid choice")
-    assert_one_line_error(*run(["memory", "--model", str(tmp_path / "nope.json")], capsys)[::2], "nope.json")
+    assert_one_line_error(*run_cli(["finetune", "--lr", "fast"], capsys)[::2], "--lr", "invalid float")
+    assert_one_line_error(*run_cli(["finetune", "--r", "0"], capsys)[::2], "--r must be >= 1")
+    assert_one_line_error(*run_cli(["frobnicate"], capsys)[::2], "invalid choice")
+    assert_one_line_error(*run_cli(["memory", "--model", str(tmp_path / "nope.json")], capsys)[::2], "nope.json")
     bad_cfg = tmp_path / "config.json"
     bad_cfg.write_text("{not json")
-    assert_one_line_error(*run(["memory", "--model", str(bad_cfg)], capsys)[::2], "malformed JSON")
-    assert_one_line_error(*run(["eval", "--data", str(tmp_path / "x.txt")], capsys)[::2], "not found")
-    assert_one_line_error(*run(["generate", "--prompt", "hi", "--adapter", str(tmp_path)], capsys)[::2], "adapter")
+    assert_one_line_error(*run_cli(["memory", "--model", str(bad_cfg)], capsys)[::2], "malformed JSON")
+    assert_one_line_error(*run_cli(["eval", "--data", str(tmp_path / "x.txt")], capsys)[::2], "not found")
+    assert_one_line_error(*run_cli(["generate", "--prompt", "hi", "--adapter", str(tmp_path)], capsys)[::2], "adapter")
     assert not out.exists() and not (tmp_path / "run.partial").exists()
 
 
@@ -105,7 +93,7 @@ def test_every_command_checks_a_flag_by_the_same_rule_before_printing(tmp_path, 
         (["eval", "--backend", "cuda"], "invalid choice: 'cuda'"),
     ]
     for argv, needle in cases:
-        code, out, err = run(argv, capsys)
+        code, out, err = run_cli(argv, capsys)
         assert_one_line_error(code, err, needle)
         assert out == "", (argv, out)
 
@@ -118,7 +106,7 @@ def test_data_paths_are_named_in_the_error(tmp_path, capsys):
         (["eval", "--data", str(tmp_path)], ("is a directory", str(tmp_path))),
         (["finetune", "--data", str(binary)], ("blob.jsonl", "not UTF-8")),
     ]:
-        code, out, err = run(argv, capsys)
+        code, out, err = run_cli(argv, capsys)
         assert_one_line_error(code, err, *needles)
         assert "not found" not in err and out == ""
 
@@ -126,7 +114,7 @@ def test_data_paths_are_named_in_the_error(tmp_path, capsys):
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message for a machine without CuPy or a GPU")
 def test_unavailable_backend_is_one_line(capsys):
     for argv in (["finetune", "--backend", "cupy"], ["eval", "--task", "--backend", "cupy"]):
-        code, out, err = run(argv, capsys)
+        code, out, err = run_cli(argv, capsys)
         assert_one_line_error(code, err, "cupy backend needs")
         assert out == ""
 
@@ -135,9 +123,9 @@ def test_a_finished_output_is_refused_without_overwrite(tmp_path, capsys):
     done = tmp_path / "done"
     done.mkdir()
     (done / "summary.json").write_text("{}")
-    code, _, err = run(["finetune", "--output-dir", str(done)], capsys)
+    code, _, err = run_cli(["finetune", "--output-dir", str(done)], capsys)
     assert_one_line_error(code, err, "finished result", "--overwrite", "--resume")
-    code, _, err = run(["quantize", "smollm2", str(done)], capsys)
+    code, _, err = run_cli(["quantize", "smollm2", str(done)], capsys)
     assert_one_line_error(code, err, "finished result", "--overwrite")
     assert os.listdir(done) == ["summary.json"] and not (tmp_path / "done.partial").exists()
 
@@ -169,7 +157,7 @@ def test_error_from_the_console_entry_point_is_one_line(tmp_path):
 def test_partial_run_dir_is_refused_without_resume(tmp_path, capsys, shared_dir):
     (tmp_path / "run.partial").mkdir()
     data = str(shared_dir / "data" / "oasst" / "oa_questions.jsonl")
-    code, _, err = run(["finetune", "--data", data, "--output-dir", str(tmp_path / "run")], capsys)
+    code, _, err = run_cli(["finetune", "--data", data, "--output-dir", str(tmp_path / "run")], capsys)
     assert_one_line_error(code, err, "interrupted run", "--resume")  # said before any model or data is loaded
     assert not (tmp_path / "run").exists() and (tmp_path / "run.partial").is_dir()
 
@@ -178,7 +166,9 @@ def test_partial_run_dir_is_refused_without_resume(tmp_path, capsys, shared_dir)
 
 
 def test_memory_planner(capsys, tmp_path):
-    code, out, _ = run(["memory", "--model", "llama-65b", "--seq-len", "512", "--batch", "1", "--gpu-gb", "48"], capsys)
+    code, out, _ = run_cli(
+        ["memory", "--model", "llama-65b", "--seq-len", "512", "--batch", "1", "--gpu-gb", "48"], capsys
+    )
     assert code == 0
     for part in ("base_4bit", "lora_params", "optimizer", "activations", "total", "fits in 48 GB"):
         assert part in out
@@ -189,9 +179,9 @@ def test_memory_planner(capsys, tmp_path):
     ledger = estimate(memory.llama_65b, recipe, Runtime(layer="qlora-ref"))  # our layer, MEM-14 overhead
     assert f"{ledger.total:,}" in out
     assert ("fits in 48 GB: yes" in out) == ledger.fits(48)
-    code, out, _ = run(["memory", "--model", "llama-7b", "--gpu-gb", "4"], capsys)
+    code, out, _ = run_cli(["memory", "--model", "llama-7b", "--gpu-gb", "4"], capsys)
     assert "fits in 4 GB: no" in out
-    _, levers, _ = run(["memory", "--model", "llama-65b", "--step-in-backward", "--offload-checkpoints",
+    _, levers, _ = run_cli(["memory", "--model", "llama-65b", "--step-in-backward", "--offload-checkpoints",
                         "--embeddings-on-host", "--gpu-gb", "38"], capsys)  # fmt: skip
     lean = estimate(
         memory.llama_65b,
@@ -203,8 +193,8 @@ def test_memory_planner(capsys, tmp_path):
     cfg.write_text(json.dumps(dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                                    tie_word_embeddings=True)))  # fmt: skip
-    _, from_file, _ = run(["memory", "--model", str(cfg), "--r", "8"], capsys)
-    _, preset, _ = run(["memory", "--model", "smollm2-135m", "--r", "8"], capsys)
+    _, from_file, _ = run_cli(["memory", "--model", str(cfg), "--r", "8"], capsys)
+    _, preset, _ = run_cli(["memory", "--model", "smollm2-135m", "--r", "8"], capsys)
     assert from_file.splitlines()[2:] == preset.splitlines()[2:]  # same numbers from the config.json as the preset
 
 
@@ -215,7 +205,7 @@ def test_finetune_smoke_on_the_real_gguf_then_eval(gguf, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["finetune", "--model", gguf, "--max-steps", "2", "--task-train", "16", "--task-eval", "8",
             "--batch-size", "4", "--grad-accum", "1", "--r", "8", "--output-dir", str(out)]  # fmt: skip
-    code, stdout, err = run([*argv, "--no-progress"], capsys)
+    code, stdout, err = run_cli([*argv, "--no-progress"], capsys)
     assert code == 0, err
     assert "held-out exact match before" in stdout and "held-out exact match after" in stdout
     assert not (tmp_path / "run.partial").exists()
@@ -232,41 +222,23 @@ def test_finetune_smoke_on_the_real_gguf_then_eval(gguf, tmp_path, capsys):
     # a .gguf base is named by the HF directory converted from it, which PEFT's AutoPeftModel classes can load
     assert os.path.isfile(os.path.join(adapter["base_model_name_or_path"], "config.json")), adapter
 
-    code, stdout, err = run(["eval", "--model", gguf, "--adapter", str(out / "adapter"), "--task", "--task-eval", "8",
-                             "--json"], capsys)  # fmt: skip
+    argv = ["eval", "--model", gguf, "--adapter", str(out / "adapter"), "--task", "--task-eval", "8", "--json"]
+    code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["n"] == 8 and result["exact_match"] == summary["exact_match_after"]  # same held-out lists
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(gguf, tmp_path_factory):
-    """A tiny random LLaMA saved as an HF model dir (safetensors + SmolLM2's tokenizer)."""
-    import torch
-    import transformers
-
-    from backends.torchlib import load_tokenizer
-
-    tok = load_tokenizer(gguf)
-    d = tmp_path_factory.mktemp("tiny")
-    cfg = transformers.LlamaConfig(**{**TINY_DECODER, "vocab_size": len(tok), "max_position_embeddings": 256},
-                                   tie_word_embeddings=True, eos_token_id=tok.eos_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    tok.save_pretrained(d)
-    return d
-
-
-def test_resume_generate_eval_and_adapter_mismatch_on_a_tiny_model(tiny_dir, tmp_path, capsys, shared_dir):
+def test_resume_generate_eval_and_adapter_mismatch_on_a_tiny_model(tiny_hf_dir, tmp_path, capsys, shared_dir):
     out = tmp_path / "run"
     data = str(shared_dir / "data" / "alpaca" / "alpaca_5000.json")
-    argv = ["finetune", "--model", str(tiny_dir), "--data", data, "--max-examples", "24", "--max-steps", "2",
+    argv = ["finetune", "--model", str(tiny_hf_dir), "--data", data, "--max-examples", "24", "--max-steps", "2",
             "--batch-size", "2", "--grad-accum", "2", "--r", "4", "--output-dir", str(out),
             "--no-progress"]  # fmt: skip
-    code, _, err = run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     # resume the finished run to one more step: it continues at step 2 and the metrics keep steps 1 and 2
-    code, stdout, err = run([*argv[:8], "3", *argv[9:], "--resume"], capsys)
+    code, stdout, err = run_cli([*argv[:8], "3", *argv[9:], "--resume"], capsys)
     assert code == 0, err
     assert "resumed from" in stdout and "at step 2" in stdout
     records = [json.loads(s) for s in open(out / "metrics.jsonl")]
@@ -289,12 +261,12 @@ def test_resume_generate_eval_and_adapter_mismatch_on_a_tiny_model(tiny_dir, tmp
     argv_cut = [*argv[:-2], str(cut), "--no-progress"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer_mod.Trainer, "train_step", interrupted)
-        code, _, err = run(argv_cut, capsys)
+        code, _, err = run_cli(argv_cut, capsys)
     assert code == 130 and "interrupted" in err
     partial = tmp_path / "cut.partial"
     assert json.loads((partial / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
     assert json.loads((partial / "summary.json").read_text())["eval_loss_before"] == first["eval_loss_before"]
-    code, _, err = run([*argv_cut, "--resume"], capsys)
+    code, _, err = run_cli([*argv_cut, "--resume"], capsys)
     assert code == 0, err
     resumed = json.loads((cut / "summary.json").read_text())
     assert resumed["eval_loss_before"] == first["eval_loss_before"] and resumed["steps"] == 2
@@ -302,20 +274,21 @@ def test_resume_generate_eval_and_adapter_mismatch_on_a_tiny_model(tiny_dir, tmp
     assert losses(cut) == losses(out)[:2]
 
     # the finished run is replaced only when told to
-    code, _, err = run(argv_cut, capsys)
+    code, _, err = run_cli(argv_cut, capsys)
     assert_one_line_error(code, err, "--overwrite")
-    code, _, err = run([*argv_cut[:8], "1", *argv_cut[9:], "--overwrite"], capsys)
+    code, _, err = run_cli([*argv_cut[:8], "1", *argv_cut[9:], "--overwrite"], capsys)
     assert code == 0, err
     assert json.loads((cut / "summary.json").read_text())["steps"] == 1
 
-    code, stdout, err = run(["generate", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--prompt",
+    code, stdout, err = run_cli(["generate", "--model", str(tiny_hf_dir), "--adapter", str(out / "adapter"), "--prompt",
                              "Reverse the list: 1 2 3", "--max-new-tokens", "4"], capsys)  # fmt: skip
     assert code == 0, err
     assert "### prompt: Reverse the list: 1 2 3" in stdout
 
     txt = shared_dir / "data" / "wikitext-2" / "valid.txt"
-    code, stdout, err = run(["eval", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--data", str(txt),
-                             "--max-len", "64", "--max-examples", "4", "--json"], capsys)  # fmt: skip
+    argv = ["eval", "--model", str(tiny_hf_dir), "--adapter", str(out / "adapter"), "--data", str(txt),
+            "--max-len", "64", "--max-examples", "4", "--json"]  # fmt: skip
+    code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["n"] == 4 and result["perplexity"] > 1.0
@@ -327,18 +300,20 @@ def test_resume_generate_eval_and_adapter_mismatch_on_a_tiny_model(tiny_dir, tmp
     conf["r"] = 8
     (bad / "adapter_config.json").write_text(json.dumps(conf))
     os.link(out / "adapter" / "adapter_model.safetensors", bad / "adapter_model.safetensors")
-    code, _, err = run(["eval", "--model", str(tiny_dir), "--adapter", str(bad), "--task", "--task-eval", "4"], capsys)
+    code, _, err = run_cli(
+        ["eval", "--model", str(tiny_hf_dir), "--adapter", str(bad), "--task", "--task-eval", "4"], capsys
+    )
     assert_one_line_error(code, err)
 
     # quantize: the model dir -> a bitsandbytes 4-bit checkpoint, written whole
-    code, stdout, err = run(["quantize", str(tiny_dir), str(tmp_path / "q4")], capsys)
+    code, stdout, err = run_cli(["quantize", str(tiny_hf_dir), str(tmp_path / "q4")], capsys)
     assert code == 0, err
     qcfg = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]
     assert qcfg["bnb_4bit_quant_type"] == "nf4" and qcfg["bnb_4bit_use_double_quant"] is True
     assert (tmp_path / "q4" / "model.safetensors").is_file() and not (tmp_path / "q4.partial").exists()
 
     # a sequence longer than the model allows (256 positions): one line, and no output directory
-    code, _, err = run(["finetune", "--model", str(tiny_dir), "--data", data, "--max-len", "100000",
+    code, _, err = run_cli(["finetune", "--model", str(tiny_hf_dir), "--data", data, "--max-len", "100000",
                         "--output-dir", str(tmp_path / "long"), "--max-steps", "1"], capsys)  # fmt: skip
     assert_one_line_error(code, err, "longer than the model")
     assert not (tmp_path / "long").exists() and not (tmp_path / "long.partial").exists()

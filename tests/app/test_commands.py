@@ -9,28 +9,14 @@ import os
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
-from backends.app.cli import main
 from backends.app.config import TASK_PRESET, ModelConfig, TrainConfig
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("qlora"), lines
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def test_finetune_help_says_which_defaults_apply_when(capsys):
     for argv in (["finetune", "--help"], ["finetune", "--data", "x.json", "--help"]):
-        code, out, _ = run(argv, capsys)
+        code, out, _ = run_cli(argv, capsys)
         assert code == 0
         flat = " ".join(out.split())
         assert "With --data task (the default) the task preset" in flat
@@ -95,11 +81,11 @@ def test_the_real_oasst_file_gets_through_finetune(tiny_hf_dir, shared_dir, tmp_
     argv = ["finetune", "--model", str(tiny_hf_dir), "--data", data, "--max-len", "256", "--max-steps", "1",
             "--batch-size", "2", "--grad-accum", "1", "--r", "4", "--eval-batches", "1",
             "--output-dir", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     notes = [line for line in out.splitlines() if "examples cut" in line]
     assert len(notes) == 2 and all("examples cut, 0 dropped" in n for n in notes), out
-    code, out, err = run([*argv[:-2], str(tmp_path / "run2"), "--no-progress", "--drop-long"], capsys)
+    code, out, err = run_cli([*argv[:-2], str(tmp_path / "run2"), "--no-progress", "--drop-long"], capsys)
     assert code == 0, err
     notes = [line for line in out.splitlines() if "examples cut" in line]
     assert len(notes) == 2 and all(": 0 of " in n and " 0 dropped" not in n for n in notes), out
@@ -139,7 +125,7 @@ def test_export_merged_and_4bit_with_adapter(trained, tiny_hf_dir, tmp_path, cap
         want = ours(input_ids=x).logits
 
     merged = tmp_path / "merged"
-    code, stdout, err = run(["export", "--adapter", adapter, "--out", str(merged), "--merged", "--dtype", "fp32"],
+    code, stdout, err = run_cli(["export", "--adapter", adapter, "--out", str(merged), "--merged", "--dtype", "fp32"],
                             capsys)  # fmt: skip
     assert code == 0, err
     assert "the merged model in float32" in stdout and not (tmp_path / "merged.partial").exists()
@@ -155,7 +141,7 @@ def test_export_merged_and_4bit_with_adapter(trained, tiny_hf_dir, tmp_path, cap
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # W_hat + s B A in one weight = base + adapter
 
     four = tmp_path / "four"
-    code, stdout, err = run(["export", "--adapter", adapter, "--out", str(four), "--dtype", "float32"], capsys)
+    code, stdout, err = run_cli(["export", "--adapter", adapter, "--out", str(four), "--dtype", "float32"], capsys)
     assert code == 0, err
     assert "the 4-bit base (nf4) + adapter/" in stdout
     qconf = json.loads((four / "config.json").read_text())["quantization_config"]
@@ -168,19 +154,19 @@ def test_export_merged_and_4bit_with_adapter(trained, tiny_hf_dir, tmp_path, cap
     assert torch.equal(again, want)  # the stored 4-bit states and the adapter: the same model, bit for bit
 
     # bad input: one line, exit 2, nothing written
-    code, _, err = run(["export", "--adapter", adapter, "--out", str(four)], capsys)
+    code, _, err = run_cli(["export", "--adapter", adapter, "--out", str(four)], capsys)
     assert_one_line_error(code, err, "--overwrite")
-    code, _, err = run(["export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(["export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], capsys)
     assert_one_line_error(code, err, "adapter directory not found", "nope")
-    code, _, err = run(["export", "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(["export", "--out", str(tmp_path / "x")], capsys)
     assert_one_line_error(code, err, "--adapter")
-    code, _, err = run(["export", "--adapter", adapter, "--out", str(tmp_path / "x"), "--dtype", "int8"], capsys)
+    code, _, err = run_cli(["export", "--adapter", adapter, "--out", str(tmp_path / "x"), "--dtype", "int8"], capsys)
     assert_one_line_error(code, err, "--dtype")
     lost = tmp_path / "lost_base"
     lost.mkdir()
     conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
     (lost / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": str(tmp_path / "gone")}))
-    code, _, err = run(["export", "--adapter", str(lost), "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(["export", "--adapter", str(lost), "--out", str(tmp_path / "x")], capsys)
     assert_one_line_error(code, err, "is not there; pass --model")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
@@ -190,15 +176,15 @@ def test_long_commands_show_progress(trained, tiny_hf_dir, shared_dir, capsys):
     adapter = str(out / "adapter")
     txt = str(shared_dir / "data" / "wikitext-2" / "valid.txt")
     base = ["--model", str(tiny_hf_dir), "--adapter", adapter]
-    code, _, err = run(["eval", *base, "--data", txt, "--max-len", "32", "--max-examples", "6", "--batch-size", "2"],
-                       capsys)  # fmt: skip
+    argv = ["eval", *base, "--data", txt, "--max-len", "32", "--max-examples", "6", "--batch-size", "2"]
+    code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     assert "eval loss" in err and "3/3" in err  # 6 chunks in batches of 2
-    code, _, err = run(["eval", *base, "--task", "--task-eval", "4", "--batch-size", "2"], capsys)
+    code, _, err = run_cli(["eval", *base, "--task", "--task-eval", "4", "--batch-size", "2"], capsys)
     assert code == 0, err
     assert "exact match" in err and "4/4" in err
-    code, _, err = run(["generate", *base, "--prompt", "hi", "--max-new-tokens", "3"], capsys)
+    code, _, err = run_cli(["generate", *base, "--prompt", "hi", "--max-new-tokens", "3"], capsys)
     assert code == 0, err
     assert "generate" in err and "token" in err
-    code, _, err = run(["eval", *base, "--task", "--task-eval", "4", "--no-progress"], capsys)
+    code, _, err = run_cli(["eval", *base, "--task", "--task-eval", "4", "--no-progress"], capsys)
     assert code == 0 and err == ""
