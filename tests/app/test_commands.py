@@ -171,7 +171,14 @@ def test_export_merged_and_4bit_with_adapter(trained, tiny_hf_dir, tmp_path, cap
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
-def test_long_commands_show_progress(trained, tiny_hf_dir, shared_dir, capsys):
+def test_long_commands_show_progress(trained, tiny_hf_dir, shared_dir, capsys, monkeypatch):
+    # tqdm redraws at most every 0.1 s, so on a fast machine a short bar may close (and vanish, leave=False) before
+    # it ever draws its last count; drawing on every update makes what reaches stderr independent of the clock.
+    import functools
+
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.auto.tqdm, mininterval=0, miniters=1))
     out, *_ = trained
     adapter = str(out / "adapter")
     txt = str(shared_dir / "data" / "wikitext-2" / "valid.txt")
