@@ -367,45 +367,4 @@ __all__ = [
 ]
 
 
-# --- the ledger per rank (DIST-7: on paper) ------------------------------------------------------------------------
-
-
-def per_rank_estimate(shape, recipe, runtime=None, *, world: int, shard: bool = False):
-    """The memory ledger of one rank of ``world`` (backends.torchlib.ledger.estimate re-composed; bytes).
-
-    recipe.batch is the per-rank batch.  DDP (shard=False): every rank holds the single-GPU ledger plus
-    ``ddp_buckets``, DDP's flat gradient buckets (the LoRA gradients once more; 0 with gradient_as_bucket_view).
-    FSDP2 on paper (shard=True, not implemented for the 4-bit base): base_4bit, lora_params, lora_grads and optimizer
-    divided by world (rounded up), plus ``fsdp_gather``: two decoder blocks' 4-bit weights and LoRA parameters
-    unsharded at once (the block being computed and the one prefetched); embeddings, norms, activations, the loss
-    head and the dequantization scratch stay per rank as they are.  Steps inside backward are refused under DDP
-    (wrap_ddp), so runtime.step_in_backward must be False.
-    """
-    from qlora_ref import memory as spec
-    from qlora_ref.memory import Ledger
-
-    from .ledger import Runtime, estimate
-
-    runtime = Runtime() if runtime is None else runtime
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise ValueError(f"world must be a positive int, got {world!r}")
-    if runtime.step_in_backward and world > 1:
-        raise ValueError("step_in_backward steps before DDP averages the gradients (refused by wrap_ddp); set False")
-    one = estimate(shape, recipe, runtime)
-    parts = dict(one.components)
-    pageable = one.pageable
-    if world > 1 and not shard:
-        parts["ddp_buckets"] = parts["lora_grads"]
-    elif world > 1:
-
-        def split(b: int) -> int:
-            return -(-b // world)
-
-        for k in ("base_4bit", "lora_params", "lora_grads", "optimizer"):
-            parts[k] = split(parts[k])
-        pageable = split(pageable)
-        block_4bit = spec.base_4bit_bytes(shape, recipe) // shape.layers
-        block_lora = spec.lora_param_bytes(shape, recipe) // shape.layers
-        parts["fsdp_gather"] = 2 * (block_4bit + block_lora)
-    config = {**one.config, "world": world, "shard": bool(shard)}
-    return Ledger(parts, pageable=pageable, config=config)
+from .ledger import per_rank_estimate  # noqa: E402, F401  (the ledger per rank, DIST-7, lives with the ledger)
