@@ -4,13 +4,15 @@ Every function states its math and the spec rule it implements (specs/*.md); the
 layer are tested against these functions.  Imports nothing but numpy (and scipy to derive the NF4 table).
 """
 
-from . import adamw, lora, memory
+from . import adamw, dora, loftq, lora, memory
 from .adamw import AdamW8bitState, adamw_step, adamw_step_8bit, clip_grad_norm
 from .blockwise import dequantize_blockwise_8bit, quantize_blockwise_8bit
 from .checks import BLOCKSIZES, NonFiniteError
 from .codebooks import codebook, dynamic_map, fp4_table, int4_table, nf4_table, nf4_thresholds
+from .dora import dora_backward, dora_forward, dora_init, dora_merge, dora_weight_norm
 from .double_quant import double_dequantize, double_quantize
 from .dtypes import bf16_to_f32, f32_to_bf16
+from .loftq import loftq_init, reconstruction_error
 from .lora import lora_backward, lora_forward, lora_init, lora_merge, lora_scaling
 from .memory import ModelShape, bits_per_param, estimate
 from .packing import pack_4bit, unpack_4bit
@@ -31,6 +33,12 @@ __all__ = [
     "codebook",
     "dequantize_4bit",
     "dequantize_blockwise_8bit",
+    "dora",
+    "dora_backward",
+    "dora_forward",
+    "dora_init",
+    "dora_merge",
+    "dora_weight_norm",
     "double_dequantize",
     "double_quantize",
     "dynamic_map",
@@ -38,6 +46,8 @@ __all__ = [
     "f32_to_bf16",
     "fp4_table",
     "int4_table",
+    "loftq",
+    "loftq_init",
     "lora",
     "lora_backward",
     "lora_forward",
@@ -50,5 +60,6 @@ __all__ = [
     "pack_4bit",
     "quantize_4bit",
     "quantize_blockwise_8bit",
+    "reconstruction_error",
     "unpack_4bit",
 ]
