@@ -54,6 +54,7 @@ from .config import (
 from .data import DataError
 from .finetune import finetune
 from .model import load_prepared, load_with_adapter, resolve_model_path
+from .recipes import RECIPES, recipe_defaults
 from .rundir import RunDir
 
 EXIT_USAGE = 2
@@ -285,16 +286,22 @@ COMMANDS = {  # name: (config class, function, help)
 
 FINETUNE_DESCRIPTION = (
     f"Defaults: Guanaco's recipe. With --data task (the default) the task preset {TASK_PRESET} replaces those values; "
-    "with a data file, the Guanaco defaults apply. `qlora finetune --data FILE --help` shows that file's defaults."
+    "with a data file, the Guanaco defaults apply. `qlora finetune --data FILE --help` shows that file's defaults. "
+    f"--recipe NAME ({', '.join(sorted(RECIPES))}) takes a named recipe's values as the defaults (backends/app/"
+    "recipes.py; `qlora finetune --recipe guanaco --help` shows them); flags given on the command line still win."
 )
 
 
-def finetune_defaults(args: list[str]) -> dict:
-    """The task preset when finetune's --data is the generated task (the default), else none (Guanaco's)."""
-    probe = _Parser(prog="qlora finetune", add_help=False)
+def finetune_defaults(args: list[str]) -> tuple[dict, str]:
+    """(defaults, recipe name): a --recipe's values, else the task preset when finetune's --data is the generated task
+    (the default), else none (the dataclasses' Guanaco defaults).  An unknown recipe is a UsageError."""
+    probe = _Parser(prog="qlora finetune", add_help=False, allow_abbrev=False)  # --r 8 is not --recipe 8
     probe.add_argument("--data", default=DataConfig.data)
+    probe.add_argument("--recipe", default=TrainConfig.recipe)
     known, _ = probe.parse_known_args(args)
-    return dict(TASK_PRESET) if known.data == "task" else {}
+    if known.recipe:
+        return recipe_defaults(known.recipe), known.recipe
+    return (dict(TASK_PRESET) if known.data == "task" else {}), ""
 
 
 def build_parser(argv: list[str] = ()) -> _Parser:
@@ -305,7 +312,9 @@ def build_parser(argv: list[str] = ()) -> _Parser:
     for name, (cls, func, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=FINETUNE_DESCRIPTION if cls is RunConfig else help_text)
         if cls is RunConfig:
-            add_run_args(sp, defaults=finetune_defaults(list(argv[1:])) if argv[:1] == ["finetune"] else TASK_PRESET)
+            defaults, recipe = finetune_defaults(list(argv[1:])) if argv[:1] == ["finetune"] else (TASK_PRESET, "")
+            add_run_args(sp, defaults=defaults, recipe=recipe)
+            sp.set_defaults(probed_recipe=recipe)
         else:
             add_dataclass_args(sp, cls)
         sp.set_defaults(func=func, config_class=cls)
@@ -314,6 +323,8 @@ def build_parser(argv: list[str] = ()) -> _Parser:
 
 def config_from_args(ns: argparse.Namespace):
     cls = ns.config_class
+    if cls is RunConfig and ns.recipe != getattr(ns, "probed_recipe", ns.recipe):  # e.g. an abbreviated --rec
+        raise UsageError(f"write --recipe in full (--recipe {ns.recipe}): the recipe sets the other flags' defaults")
     return run_config_from_args(ns) if cls is RunConfig else dataclass_from_args(cls, ns)
 
 

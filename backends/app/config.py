@@ -49,6 +49,8 @@ def required(help: str, *, flag: bool = False):
     return field(metadata={"help": help, "choices": None, "flag": flag})
 
 
+MMLU_SPLITS = ("dev", "val", "test")
+
 # --- finetune ------------------------------------------------------------------------------------------------
 
 
@@ -61,7 +63,7 @@ class ModelConfig:
     blocksize: int = opt(64, "4-bit quantization block size")
     r: int = opt(64, "LoRA rank (Guanaco: 64)")
     alpha: float = opt(16.0, "LoRA alpha; scale s = alpha / r (Guanaco: 16)")
-    dropout: float = opt(0.05, "LoRA dropout (Guanaco 7B/13B: 0.05)")
+    dropout: float | None = opt(0.05, "LoRA dropout (--recipe guanaco: 0.1 up to 13B parameters, 0.05 above)")
     target: str = opt("all-linear", "which linear layers get LoRA: 'all-linear' or comma-separated module names")
     rslora: bool = opt(False, "rank-stabilised LoRA: s = alpha / sqrt(r)")
     gradient_checkpointing: bool = opt(True, "recompute each decoder layer in backward instead of storing it")
@@ -82,6 +84,9 @@ class DataConfig:
     drop_long: bool = opt(False, "skip an example longer than a limit instead of cutting it")
     group_by_length: bool = opt(True, "batch examples of similar length together (Guanaco: on)")
     train_on_source: bool = opt(False, "also put the loss on the prompt (Guanaco: off; loss on the response only)")
+    assistant_turns: bool = opt(
+        False, "OASST conversations: the loss on every assistant turn, the earlier ones in the prompt too (guanaco: on)"
+    )
     task_train: int = opt(2000, "generated task: number of training examples")
     task_eval: int = opt(64, "generated task: number of held-out examples (exact-match scored)")
     max_examples: int = opt(0, "use only the first N training examples (0 = all)")
@@ -110,6 +115,12 @@ class TrainConfig:
     resume: bool = opt(False, "continue from output_dir/checkpoint if it exists")
     overwrite: bool = opt(False, "replace a finished run in output_dir (it is refused otherwise)")
     progress: bool = opt(True, "show a tqdm progress bar")
+    recipe: str = opt("", "a named recipe's values as the defaults, e.g. 'guanaco' (recipes.py); flags still win")
+    eval_mmlu: str = opt("", "MMLU folder (dev/ + the split's CSVs): score MMLU before, every N steps and after")
+    eval_mmlu_every: int = opt(0, "steps between MMLU scores (0 = every --eval-every steps; both 0: before and after)")
+    eval_mmlu_split: str = opt("dev", "MMLU questions scored (dev: leave-one-out shots)", choices=MMLU_SPLITS)
+    eval_mmlu_shots: int = opt(4, "MMLU dev examples before each question (the paper: 5, which dev leaves 4 of)")
+    eval_mmlu_subjects: str = opt("", "MMLU: comma-separated subjects, e.g. anatomy,virology ('' = all)")
 
 
 # The embedded default (`qlora finetune` with no arguments).  Where it departs from the Guanaco defaults above,
@@ -220,13 +231,27 @@ class MemoryConfig:
     embeddings_on_host: bool = opt(False, "input embedding table in host memory")
 
 
+PROMPT_TEMPLATES = ("auto", "guanaco", "alpaca", "chat", "none")  # answers.py: what each wraps a question in
+
+
 @dataclass
 class GenerateConfig:
-    prompt: list[str] = required("a prompt (repeat for a batch)")
+    prompt: list[str] = opt([], "a prompt (repeat for a batch); or --prompts FILE.jsonl")
+    prompts: str = opt("", "a .jsonl file of prompts (field prompt, instruction, text, input or question)")
+    out: str = opt("", "with --prompts: the answers' .jsonl, one line per prompt (written whole or not at all)")
+    overwrite: bool = opt(False, "replace an existing --out file (it is refused otherwise)")
+    max_prompts: int = opt(0, "with --prompts: answer only the first N (0 = all)")
+    prompt_field: str = opt("auto", "with --prompts: the field holding the prompt ('auto': the first one present)")
     model: str = opt("smollm2", "HF model dir, .gguf file, or 'smollm2'")
     adapter: str | None = opt(None, "PEFT adapter dir (e.g. runs/qlora/adapter); none = the base")
     max_new_tokens: int = opt(64, "tokens generated per prompt (greedy)")
-    raw: bool = opt(False, "do not wrap the prompt in the model's chat template")
+    batch_size: int = opt(8, "prompts generated together")
+    template: str = opt(
+        "auto",
+        "how a prompt is wrapped: auto = as the adapter's run trained (its config.json), else the chat template",
+        choices=PROMPT_TEMPLATES,
+    )
+    raw: bool = opt(False, "do not wrap the prompt at all (= --template none)")
     backend: str = opt("numpy", "dequantization backend", choices=BACKENDS)
     progress: bool = opt(True, "show a tqdm progress bar (tokens generated) on stderr")
 
@@ -277,6 +302,9 @@ RULES: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
     "grad_accum": (lambda v: v >= 1, ">= 1"),
     "max_steps": (lambda v: v >= 0, ">= 0"),
     "eval_every": (lambda v: v >= 0, ">= 0"),
+    "eval_mmlu_every": (lambda v: v >= 0, ">= 0"),
+    "eval_mmlu_shots": (lambda v: v >= 0, ">= 0"),
+    "max_prompts": (lambda v: v >= 0, ">= 0"),
     "save_every": (lambda v: v >= 0, ">= 0"),
     "save_minutes": (lambda v: v >= 0, ">= 0"),
     "log_every": (lambda v: v >= 0, ">= 0"),
@@ -357,6 +385,8 @@ def add_dataclass_args(
             group.add_argument(
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
+        elif tp is list:  # a repeatable flag; not given: the default (dataclass_from_args fills it in)
+            group.add_argument(_flag(f.name), dest=f.name, action="append", default=None, help=help_text)
         else:
             metavar = None if choices else tp.__name__
             group.add_argument(
@@ -365,7 +395,13 @@ def add_dataclass_args(
 
 
 def dataclass_from_args(cls, ns: argparse.Namespace):
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name)
+        if v is None and f.default_factory is not dataclasses.MISSING:  # a defaulted list flag not given
+            v = f.default_factory()
+        values[f.name] = v
+    return cls(**values)
 
 
 def preset_defaults_shown() -> dict[str, str]:
@@ -378,8 +414,14 @@ def preset_defaults_shown() -> dict[str, str]:
     }
 
 
-def add_run_args(parser: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
+def add_run_args(parser: argparse.ArgumentParser, *, defaults: dict | None = None, recipe: str = "") -> None:
+    """finetune's flags; ``defaults`` the task preset or a ``recipe``'s values (whose defaults the help then names)."""
     shown = preset_defaults_shown()
+    if recipe:
+        shown = {
+            k: (f"{v!r}" if v is not None else "by the model's parameter count") + f", the {recipe} recipe's"
+            for k, v in (defaults or {}).items()
+        }
     for cls in (ModelConfig, DataConfig, TrainConfig):
         add_dataclass_args(parser, cls, defaults=defaults, shown=shown)
 

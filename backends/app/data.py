@@ -5,13 +5,24 @@ Formats (all give ``Example(prompt, completion)``; the loss goes on the completi
     alpaca             .json array of {"instruction", "input", "output"}  -> the Alpaca prompt (qlora.py's
                        ALPACA_PROMPT_DICT) + output
     oasst              .jsonl, {"input": "### Human: ... ### Assistant:", "output": ...}   or
-                       {"text": "### Human: ... ### Assistant: ..."} (split at the last "### Assistant:")
+                       {"text": "### Human: ... ### Assistant: ..."} (split at the last "### Assistant:"); both give
+                       the same text, "### Human: {q} ### Assistant: {a}" (a space after the tag, as in the
+                       earlier turns of a conversation: completion = " " + output)
     prompt-completion  .jsonl, {"prompt": ..., "completion": ...}
 
 Tokenization (one example, T tokens):
 
     input_ids = tok(prompt) + tok(completion) + [eos]                       (T,)
     labels    = [-100] * len(tok(prompt)) + tok(completion) + [eos]         (T,)   -100 = ignored by the loss
+
+OASST conversations with ``assistant_turns`` (the Guanaco recipe): the loss goes on every assistant turn, the earlier
+ones inside the prompt too, and on no human turn.  The prompt is tokenized piece by piece at the turn boundaries,
+
+    "### Human: q1 ### Assistant:" | " a1" | " ### Human: q2 ### Assistant:"  + completion " a2" + [eos]
+     masked (-100)                   loss    masked                              loss
+
+so the decoded tokens are the conversation byte for byte and every label is either a human piece's -100 or an
+assistant piece's own token.
 
 Length policy (``LengthPolicy``; as the QLoRA repository's ``qlora.py``: ``source_max_len``, ``target_max_len``,
 truncation on; limit L = min(--max-len, the model's positions)):
@@ -50,6 +61,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response: "
 )
 ASSISTANT_TAG = "### Assistant:"
+HUMAN_TAG = "### Human:"
 
 
 class DataError(ValueError):
@@ -178,7 +190,10 @@ def to_example(rec: dict, fmt: str, where: str) -> Example:
         return Example(_require_str(rec, "prompt", where), _require_str(rec, "completion", where))
     if fmt == "oasst":
         if "input" in rec and "output" in rec:
-            return Example(_require_str(rec, "input", where), _require_str(rec, "output", where))
+            prompt, completion = _require_str(rec, "input", where), _require_str(rec, "output", where)
+            if prompt.endswith(ASSISTANT_TAG) and completion[:1] not in ("", " ", "\n"):
+                completion = " " + completion  # the conversation's text: "### Assistant: {a}", as the text form
+            return Example(prompt, completion)
         text = _require_str(rec, "text", where)
         cut = text.rfind(ASSISTANT_TAG)
         if cut < 0 or not text[cut + len(ASSISTANT_TAG) :].strip():
@@ -202,6 +217,19 @@ def read_examples(path: str, fmt: str = "auto") -> list[Example]:
     return examples
 
 
+PROMPT_TEMPLATE_OF_FORMAT = {"alpaca": "alpaca", "oasst": "guanaco", "prompt-completion": "none"}
+
+
+def prompt_template_of(path: str, fmt: str = "auto") -> str:
+    """The prompt template a data file's examples are in (answers.py applies it to new questions): by its format,
+    from the first record's fields when ``fmt`` is auto."""
+    if fmt == "auto":
+        is_array = read_text(path).lstrip().startswith("[")
+        records = read_json_array(path) if is_array else read_jsonl(path)
+        fmt = detect_format(records[0]) if records else "prompt-completion"
+    return PROMPT_TEMPLATE_OF_FORMAT[fmt]
+
+
 # --- tokenization ----------------------------------------------------------------------------------------------
 
 
@@ -211,24 +239,60 @@ def model_max_length(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
-def _token_ids(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
-    """(tok(prompt) with the tokenizer's special tokens, tok(completion) + [eos])."""
+def oasst_pieces(prompt: str) -> list[tuple[str, bool]]:
+    """An OASST prompt cut at its turn boundaries into (text, is_assistant) pieces that concatenate to ``prompt``
+    (module docstring): a human piece runs from its "### Human:" (with the space before it) through the next
+    "### Assistant:"; an assistant piece is the text after that tag up to the next human piece."""
+    if not prompt.startswith(HUMAN_TAG) or not prompt.rstrip().endswith(ASSISTANT_TAG):
+        raise ValueError(f"not an OASST conversation ('{HUMAN_TAG} ... {ASSISTANT_TAG}'): {prompt[:60]!r}")
+    pieces, pos = [], 0
+    while pos < len(prompt):
+        tag = prompt.find(ASSISTANT_TAG, pos)
+        if tag < 0:  # nothing but whitespace is left (the check above)
+            pieces[-1] = (pieces[-1][0] + prompt[pos:], False)
+            break
+        end = tag + len(ASSISTANT_TAG)
+        pieces.append((prompt[pos:end], False))
+        nxt = prompt.find(HUMAN_TAG, end)
+        nxt = len(prompt) if nxt < 0 else nxt - (prompt[nxt - 1] == " ")  # the space before the tag: the human's
+        if prompt[end:nxt].strip():
+            pieces.append((prompt[end:nxt], True))
+        else:  # an empty turn (or the prompt's trailing space) stays with the human piece
+            pieces[-1] = (pieces[-1][0] + prompt[end:nxt], False)
+        pos = nxt
+    return pieces
+
+
+def _token_ids(ex: Example, tokenizer, assistant_turns: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """(tok(prompt) with the tokenizer's special tokens, its labels, tok(completion) + [eos]).  The prompt's labels
+    are all -100, or with ``assistant_turns`` its assistant pieces' own ids (``oasst_pieces``)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos token; cannot mark the end of a response")
-    prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [eos]
-    return list(prompt_ids), list(completion_ids)
+    if not assistant_turns:
+        prompt_ids = list(tokenizer(ex.prompt, add_special_tokens=True)["input_ids"])
+        return prompt_ids, [IGNORE_INDEX] * len(prompt_ids), list(completion_ids)
+    prompt_ids, prompt_labels = [], []
+    for k, (text, is_assistant) in enumerate(oasst_pieces(ex.prompt)):
+        ids = list(tokenizer(text, add_special_tokens=k == 0)["input_ids"])
+        prompt_ids += ids
+        prompt_labels += ids if is_assistant else [IGNORE_INDEX] * len(ids)
+    return prompt_ids, prompt_labels, list(completion_ids)
 
 
-def _assemble(prompt_ids: list[int], completion_ids: list[int], train_on_source: bool) -> TokenizedExample:
+def _assemble(
+    prompt_ids: list[int], prompt_labels: list[int], completion_ids: list[int], train_on_source: bool
+) -> TokenizedExample:
     input_ids = prompt_ids + completion_ids
-    labels = input_ids.copy() if train_on_source else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    labels = input_ids.copy() if train_on_source else prompt_labels + completion_ids
     return TokenizedExample(input_ids, labels)
 
 
-def tokenize_example(ex: Example, tokenizer, *, train_on_source: bool = False) -> TokenizedExample:
-    return _assemble(*_token_ids(ex, tokenizer), train_on_source)
+def tokenize_example(
+    ex: Example, tokenizer, *, train_on_source: bool = False, assistant_turns: bool = False
+) -> TokenizedExample:
+    return _assemble(*_token_ids(ex, tokenizer, assistant_turns), train_on_source)
 
 
 def tokenize_examples(
@@ -241,16 +305,21 @@ def tokenize_examples(
     source: str = "data",
     policy: LengthPolicy | None = None,
     counts: LengthCounts | None = None,
+    assistant_turns: bool = False,
 ) -> list[TokenizedExample]:
     """Tokenize all, limit L = min(max_len, model_max).  With a ``policy`` a long example is cut or dropped (module
-    docstring; ``counts`` receives how many); without one, an example longer than L is an error."""
+    docstring; ``counts`` receives how many); without one, an example longer than L is an error.  ``assistant_turns``:
+    OASST conversations, the loss on every assistant turn (module docstring)."""
     if not examples:
         raise DataError(f"{source}: empty dataset (no examples)")
     limit = max_len if model_max is None else min(max_len, model_max)
     counts = LengthCounts() if counts is None else counts
     out = []
     for i, ex in enumerate(examples):
-        prompt_ids, completion_ids = _token_ids(ex, tokenizer)
+        try:
+            prompt_ids, prompt_labels, completion_ids = _token_ids(ex, tokenizer, assistant_turns)
+        except ValueError as e:
+            raise DataError(f"{source}: example {i}: {e}; the loss on assistant turns needs OASST text") from None
         n = len(prompt_ids) + len(completion_ids)
         counts.total += 1
         if policy is not None:
@@ -263,7 +332,7 @@ def tokenize_examples(
                     counts.dropped += 1
                     continue
                 counts.cut += 1
-                prompt_ids, completion_ids = p, c
+                prompt_ids, prompt_labels, completion_ids = p, prompt_labels[: len(p)], c
         elif n > limit:
             who = f"the model's limit of {model_max} positions" if model_max is not None and n > model_max else ""
             raise DataError(
@@ -272,7 +341,7 @@ def tokenize_examples(
                 + "; shorten or drop it, or raise --max-len"
                 + (f" (the model allows at most {model_max})" if model_max is not None else "")
             )
-        t = _assemble(prompt_ids, completion_ids, train_on_source)
+        t = _assemble(prompt_ids, prompt_labels, completion_ids, train_on_source)
         if t.n_target == 0:
             raise DataError(f"{source}: example {i} has no response tokens to train on")
         out.append(t)

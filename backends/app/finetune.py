@@ -5,7 +5,8 @@
 
 The run directory ``output_dir`` (built as ``output_dir.partial`` and renamed into place when whole, rundir.py):
 
-    config.json      the resolved configuration: every flag, plus the model path, QLoRA layer settings, dataset sizes
+    config.json      the resolved configuration: every flag, plus the model path, QLoRA layer settings, dataset sizes,
+                     the prompt template (``qlora generate`` wraps new questions in it), a --recipe's record
     summary.json     held-out scores before (written before training, so a resumed run keeps the base model's) and
                      after, train loss, speed, peak memory, times
     metrics.jsonl    one line per logged step and per eval (trainer.py)
@@ -34,16 +35,20 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
     from .data import model_max_length
     from .evaluate import plot_loss_curve
     from .model import load_prepared, resolve_model_path
+    from .recipes import check_recipe, resolve_recipe
     from .trainer import Datasets, Trainer, find_checkpoint, seed_everything
 
     # -- config: every value checked and the output directory writable, before anything slow --------------------
     validate(cfg)
+    check_recipe(cfg)
     t = cfg.train
     RunDir.precheck(t.output_dir, resume=t.resume, resumable=True, overwrite=t.overwrite)
+    mmlu = mmlu_callback(cfg) if t.eval_mmlu else None  # its files checked now
     t_start = time.perf_counter()
 
     # -- data: the model's tokenizer, then every example read and tokenized ---------------------------------------
     model_path = resolve_model_path(cfg.model.model)
+    recipe = resolve_recipe(cfg, model_path)  # a recipe's size-dependent values (the dropout), from the model's size
     tokenizer = load_tokenizer(model_path)
     datasets = Datasets.from_config(cfg, tokenizer)
     for note in datasets.length_notes:
@@ -55,17 +60,20 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
         seed_everything(t.seed)
         model = load_prepared(cfg.model, model_path)
         datasets.check_fits(model_max_length(model))
-        write_json(run.path("config.json"), resolved_config(cfg, model_path, model, datasets))
+        config = resolved_config(cfg, model_path, model, datasets, recipe)
+        write_json(run.path("config.json"), config)
         log(
             f"model {model_path} | backend {cfg.model.backend} | "
             f"{len(datasets.train)} train / {len(datasets.eval)} eval examples"
         )
         log(f"config: {run.final}/config.json (lr {t.lr}, r {cfg.model.r}, batch {cfg.effective_batch})")
+        log(config_lines(config))
 
         # -- trainer: fresh, or continued from the run's checkpoint with --resume ---------------------------------
         trainer = Trainer(
-            model, tokenizer, cfg, datasets.train, datasets.eval, run_dir=run.work, scored=datasets.scored
-        )
+            model, tokenizer, cfg, datasets.train, datasets.eval, run_dir=run.work, scored=datasets.scored,
+            mmlu=(lambda m: mmlu(m, tokenizer)) if mmlu else None,
+        )  # fmt: skip
         resumed = find_checkpoint(run.work) if t.resume else None
         if resumed:
             trainer.load_checkpoint(resumed)
@@ -109,8 +117,10 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
 # --- the pieces the script above names ---------------------------------------------------------------------------
 
 
-def resolved_config(cfg: RunConfig, model_path: str, model, datasets) -> dict:
+def resolved_config(cfg: RunConfig, model_path: str, model, datasets, recipe: dict | None = None) -> dict:
     """config.json: the flags, plus what they resolved to."""
+    from .data import prompt_template_of
+
     resolved = cfg.to_dict()
     resolved["resolved"] = {
         "model_path": model_path,
@@ -118,8 +128,42 @@ def resolved_config(cfg: RunConfig, model_path: str, model, datasets) -> dict:
         "n_train": len(datasets.train),
         "n_eval": len(datasets.eval),
         "effective_batch": cfg.effective_batch,
+        "prompt_template": "chat" if cfg.data.data == "task" else prompt_template_of(cfg.data.data, cfg.data.format),
     }
+    if recipe:
+        resolved["resolved"]["recipe"] = recipe
     return resolved
+
+
+def config_lines(config: dict) -> str:
+    """The printed config: every value of config.json, one line per section."""
+    lines = []
+    for section, values in config.items():
+        if section == "resolved":
+            values = {k: v for k, v in values.items() if k not in ("qlora", "recipe")}
+        lines.append(f"  {section}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+    recipe = config.get("resolved", {}).get("recipe")
+    if recipe:
+        changed = ", ".join(f"{k}={v!r}" for k, v in recipe["overridden"].items()) or "none"
+        rule = f"; dropout {recipe['dropout_rule']}" if "dropout_rule" in recipe else ""
+        lines.append(f"  recipe {recipe['name']}: changed by flags: {changed}{rule}")
+    return "\n".join(lines)
+
+
+def mmlu_callback(cfg: RunConfig):
+    """``--eval-mmlu DIR``: (model, tokenizer) -> the MMLU result, its files and subjects checked now (one line for a
+    missing folder, subject or malformed row, before any model is loaded)."""
+    from .mmlu import check_files, evaluate_mmlu
+
+    t = cfg.train
+    subjects = [s.strip() for s in t.eval_mmlu_subjects.split(",") if s.strip()] or None
+    check_files(t.eval_mmlu, split=t.eval_mmlu_split, shots=t.eval_mmlu_shots, subjects=subjects)
+
+    def score(model, tokenizer) -> dict:
+        return evaluate_mmlu(model, tokenizer, t.eval_mmlu, split=t.eval_mmlu_split, shots=t.eval_mmlu_shots,
+                             subjects=subjects, batch_size=t.batch_size, progress=t.progress)  # fmt: skip
+
+    return score
 
 
 def peft_base_path(model_path: str) -> str:
@@ -169,6 +213,9 @@ def log_scores(summary: dict, when: str, datasets, log) -> None:
     if f"exact_match_{when}" in summary:
         acc, n = summary[f"exact_match_{when}"], len(datasets.scored or ())
         log(f"held-out exact match {when}: {acc:.1%} ({round(acc * n)}/{n})")
+    if f"mmlu_macro_acc_{when}" in summary:
+        macro, micro = summary[f"mmlu_macro_acc_{when}"], summary[f"mmlu_micro_acc_{when}"]
+        log(f"MMLU {when}: macro {macro:.4f}, micro {micro:.4f}")
 
 
 def train_summary(history: list[dict], step: int, train_seconds: float) -> dict:

@@ -191,6 +191,35 @@ def summarize(per_subject: dict[str, dict]) -> dict:
     }
 
 
+def subjects_to_score(mmlu_dir, split: str, shots: int, subjects: list[str] | None) -> tuple[list, dict, dict]:
+    """(names, {subject: questions file}, {subject: dev file}) for ``split``; a subject without its file, or without
+    dev examples when shots are asked, is a DataError."""
+    dev_files = subject_files(mmlu_dir, "dev")
+    files = dev_files if split == "dev" else subject_files(mmlu_dir, split)
+    names = list(files) if not subjects else list(subjects)
+    for s in names:
+        if s not in files:
+            raise DataError(f"subject {s!r} has no {split} file in {mmlu_dir} (named {split}/<subject>_{split}.csv)")
+        if shots and s not in dev_files:
+            raise DataError(f"subject {s!r} has no dev examples for its shots (dev/{s}_dev.csv); pass --shots 0")
+    return names, files, dev_files
+
+
+def check_files(mmlu_dir, *, split: str = "test", shots: int = 5, subjects: list[str] | None = None) -> list[str]:
+    """Everything ``evaluate_mmlu`` would refuse, found without a model: the folders, the subjects, every row of their
+    CSVs, enough dev examples for the shots.  Returns the subjects that will be scored."""
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    names, files, dev_files = subjects_to_score(mmlu_dir, split, shots, subjects)
+    for s in names:
+        if not read_csv(files[s]):
+            raise DataError(f"subject {s!r}: {files[s]} holds no questions")
+        have = (len(read_csv(dev_files[s])) - (split == "dev")) if shots else 0
+        if shots > have:
+            raise DataError(f"subject {s!r}: {shots} shots asked, {have} dev examples available for {split}")
+    return names
+
+
 def evaluate_mmlu(
     model,
     tokenizer,
@@ -215,14 +244,7 @@ def evaluate_mmlu(
         raise ValueError(f"shots must be >= 0, got {shots}")
     if max_length is None:
         max_length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 2048))
-    dev_files = subject_files(mmlu_dir, "dev")
-    files = dev_files if split == "dev" else subject_files(mmlu_dir, split)
-    names = list(files) if not subjects else list(subjects)
-    for s in names:
-        if s not in files:
-            raise DataError(f"subject {s!r} has no {split} file in {mmlu_dir} (named {split}/<subject>_{split}.csv)")
-        if shots and s not in dev_files:
-            raise DataError(f"subject {s!r} has no dev examples for its shots (dev/{s}_dev.csv); pass --shots 0")
+    names, files, dev_files = subjects_to_score(mmlu_dir, split, shots, subjects)
     letter_ids = letter_token_ids(tokenizer)
     was_training = model.training
     model.eval()

@@ -13,6 +13,12 @@ Resume is bit-for-bit on the CPU: a checkpoint holds the LoRA weights, the optim
 written beside the live one and swapped in with renames, so a crash leaves the previous checkpoint intact; Ctrl-C
 (KeyboardInterrupt) during ``fit`` saves one before it stops, so an interrupted run can always be resumed.
 The held-out scores themselves (eval loss, exact match) are computed in evaluate.py.
+
+MMLU as a callback (``mmlu``: model -> the result of ``mmlu.evaluate_mmlu``, as the QLoRA repository's MMLU
+callback): scored before training (step 0), every ``eval_mmlu_every`` steps (0: every ``eval_every``) and after,
+each time logged as {"step", "mmlu_macro_acc", "mmlu_micro_acc", "mmlu_n_questions"} in metrics.jsonl and in the
+before/after scores.  Like the eval loss it runs without gradients and with every RNG put back as it was, so a run
+trains the same with and without it.
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ class Datasets:
 
         d = cfg.data
         policy = LengthPolicy(d.source_max_len, d.target_max_len, d.drop_long)
-        tk = dict(max_len=d.max_len, model_max=None, train_on_source=d.train_on_source, policy=policy)
+        tk = dict(max_len=d.max_len, model_max=None, train_on_source=d.train_on_source, policy=policy,
+                  assistant_turns=d.assistant_turns)  # fmt: skip
         scored = None
         if d.data == "task":
             train_ex, eval_ex = make_task(tokenizer, n_train=d.task_train, n_eval=d.task_eval, seed=cfg.train.seed)
@@ -143,9 +150,10 @@ class Trainer:
         run_dir: str,
         optimizer=None,
         scored: list[Example] | None = None,
+        mmlu=None,
     ):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.train_set, self.eval_set, self.scored = train_set, eval_set or [], scored
+        self.train_set, self.eval_set, self.scored, self.mmlu = train_set, eval_set or [], scored, mmlu
         self.run_dir = run_dir
         self.pad_id = pad_id_of(tokenizer)
         self.device = model_device(model)
@@ -170,7 +178,7 @@ class Trainer:
         tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         total = 0.0
         for b in micro:
-            loss_sum, _ = response_loss_sum(self.model, to_device(b, self.device))
+            loss_sum = response_loss_sum(self.model, to_device(b, self.device))
             (loss_sum / n_tok).backward()
             total += float(loss_sum.detach())
         from backends.torchlib import clip_grad_norm_
@@ -202,7 +210,16 @@ class Trainer:
             out["exact_match"], _ = exact_match(
                 self.model, self.tokenizer, self.scored, progress=self.cfg.train.progress
             )
+        if self.mmlu is not None:
+            logged = [h for h in self.history if "mmlu_macro_acc" in h and h["step"] == self.step]
+            rec = logged[-1] if logged else self._log_mmlu(os.path.join(self.run_dir, "metrics.jsonl"))
+            out.update(mmlu_macro_acc=rec["mmlu_macro_acc"], mmlu_micro_acc=rec["mmlu_micro_acc"])
         return out
+
+    def mmlu_every(self) -> int:
+        """Steps between MMLU scores inside ``fit`` (0: only before and after)."""
+        t = self.cfg.train
+        return t.eval_mmlu_every or t.eval_every
 
     # -- the loop --
 
@@ -235,6 +252,9 @@ class Trainer:
                     _append_jsonl(metrics_path, rec)
                 if self.eval_set and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < cfg.max_steps:
                     self._log_eval(metrics_path)
+                every_mmlu = self.mmlu_every()
+                if self.mmlu is not None and every_mmlu and r.step % every_mmlu == 0 and r.step < cfg.max_steps:
+                    self._log_mmlu(metrics_path)
                 every_n = cfg.save_every and r.step % cfg.save_every == 0
                 every_minutes = cfg.save_minutes and time.monotonic() - last_save >= 60 * cfg.save_minutes
                 if (every_n or every_minutes) and r.step < cfg.max_steps:
@@ -271,6 +291,16 @@ class Trainer:
         rec = {"step": self.step, "eval_loss": self.evaluate()}
         self.history.append(rec)
         _append_jsonl(metrics_path, rec)
+
+    def _log_mmlu(self, metrics_path: str) -> dict:
+        """Score MMLU now (RNGs put back after), log it in history and metrics.jsonl; returns the record."""
+        with rng_preserved():
+            r = self.mmlu(self.model)
+        rec = {"step": self.step, "mmlu_macro_acc": r["mmlu_macro_acc"], "mmlu_micro_acc": r["mmlu_micro_acc"],
+               "mmlu_n_questions": r["n_questions"]}  # fmt: skip
+        self.history.append(rec)
+        _append_jsonl(metrics_path, rec)
+        return rec
 
     # -- checkpoint / resume --
 
