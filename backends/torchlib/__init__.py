@@ -4,6 +4,8 @@
     model = load_model("path/to/llama-dir-or.gguf", backend="cupy", r=64, alpha=16)
 
 layer.py      QLoRALinear + its autograd function (frozen 4-bit base, LoRA A/B, shared dequantization scratch)
+dora.py       DoRALinear: QLoRALinear plus PEFT's DoRA magnitude vector (specs/dora.md)
+loftq.py      LoftQ initialisation of the 4-bit base and A/B (specs/loftq.md)
 prepare.py    prepare_model: nn.Linear -> QLoRALinear, layer by layer on the backend's device
 load.py       load_model / load_tokenizer (safetensors, GGUF, bitsandbytes 4-bit checkpoints), the model cache
 synthetic.py  random LLaMA-shaped QLoRA models made on the device (memory runs)
@@ -14,6 +16,7 @@ export.py     PEFT adapter, bitsandbytes 4-bit checkpoint, exact merged 16-bit e
 """
 
 from .clip import clip_grad_norm_
+from .dora import DoRALinear
 from .export import (
     adapter_prepare_kwargs,
     load_peft_adapter,
@@ -25,6 +28,7 @@ from .export import (
 from .graph import CapturedStep, CaptureError, capture_blockers
 from .layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, release_scratch
 from .load import gguf_as_hf_dir, load_model, load_tokenizer, model_cache_dir
+from .loftq import loftq_initialize_, loftq_state
 from .optim import DeviceMemoryError, PagedAdamW, StepScalars, step_scalars
 from .prepare import (
     QLoRAConfig,
@@ -37,6 +41,7 @@ __all__ = [
     "CaptureError",
     "CapturedStep",
     "DeviceMemoryError",
+    "DoRALinear",
     "PagedAdamW",
     "QLoRAConfig",
     "QLoRAFunction",
@@ -50,6 +55,8 @@ __all__ = [
     "load_model",
     "load_peft_adapter",
     "load_tokenizer",
+    "loftq_initialize_",
+    "loftq_state",
     "merge_and_export",
     "model_cache_dir",
     "prepare_model",

@@ -1,7 +1,8 @@
 """Writing a prepared QLoRA model in the ecosystem's formats (specs/formats.md); every file is written atomically.
 
 1. PEFT adapter          adapter_config.json + adapter_model.safetensors, keys
-                         ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r)
+                         ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r),
+                         and with DoRA ``.lora_magnitude_vector`` (out,) and ``use_dora: true`` (DORA-3)
                          -> ``peft.PeftModel.from_pretrained(base, dir)`` loads it.
 2. bitsandbytes 4-bit    model.safetensors with ``Quantized4bit.to_bnb_state_dict`` entries per linear (FMT-1..FMT-4)
                          and 16-bit tensors for the rest; config.json with transformers' ``quantization_config``
@@ -26,6 +27,7 @@ import torch
 
 import qlora_ref
 
+from .dora import DoRALinear
 from .layer import QLoRALinear, as_torch_dtype
 from .prepare import QLoRAConfig, qlora_layers
 
@@ -151,12 +153,26 @@ def _numpy_q(q):
 # --- 1. PEFT adapter -----------------------------------------------------------------------------------------------
 
 
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA key, written without ".weight" (DORA-3)
+
+
+def _uses_dora(layers: dict[str, QLoRALinear]) -> bool:
+    """True if every layer is a DoRA layer, False if none is; ValueError for a mix (PEFT's use_dora is one flag)."""
+    kinds = {isinstance(m, DoRALinear) for m in layers.values()}
+    if len(kinds) != 1:
+        raise ValueError("some QLoRA layers are DoRA layers and some are not; an adapter has one use_dora setting")
+    return kinds.pop()
+
+
 def peft_state_dict(model) -> dict[str, torch.Tensor]:
-    """{``base_model.model.<path>.lora_A.weight``: A (r, in), ``...lora_B.weight``: B (out, r)} in the LoRA dtype."""
+    """{``base_model.model.<path>.lora_A.weight``: A (r, in), ``...lora_B.weight``: B (out, r)} in the LoRA dtype,
+    plus ``...lora_magnitude_vector``: m (out,) for DoRA layers."""
     out = {}
     for name, m in _layers_or_raise(model).items():
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu()
+        if isinstance(m, DoRALinear):
+            out[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = m.lora_magnitude_vector.detach().cpu()
     return out
 
 
@@ -185,7 +201,7 @@ def peft_adapter_config(model, base_model_name_or_path=None) -> dict:
         "revision": None,
         "target_modules": sorted(layers),
         "task_type": "CAUSAL_LM",
-        "use_dora": False,
+        "use_dora": _uses_dora(layers),
         "use_rslora": c["rslora"],
     }
 
@@ -216,8 +232,8 @@ def read_adapter_config(adapter_dir) -> dict:
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise ValueError(f"{path} has no {key!r}")
-    if cfg.get("use_dora") or cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
-        raise ValueError(f"{path}: DoRA / LoRA bias / trained biases are not supported by QLoRALinear")
+    if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
+        raise ValueError(f"{path}: LoRA bias / trained biases are not supported by QLoRALinear")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"{path}: per-module rank_pattern / alpha_pattern are not supported")
     return cfg
@@ -228,6 +244,8 @@ def adapter_prepare_kwargs(adapter_dir) -> dict:
     cfg = read_adapter_config(adapter_dir)
     kw = {"r": int(cfg["r"]), "alpha": cfg["lora_alpha"], "dropout": float(cfg.get("lora_dropout", 0.0))}
     kw["rslora"] = bool(cfg.get("use_rslora", False))
+    if cfg.get("use_dora"):
+        kw["use_dora"] = True
     target = cfg.get("target_modules")
     if target and target != "all-linear":
         kw["target"] = [target] if isinstance(target, str) else list(target)
@@ -241,8 +259,8 @@ def adapter_prepare_kwargs(adapter_dir) -> dict:
 def load_peft_adapter(model, adapter_dir):
     """Copy a PEFT LoRA adapter's A/B into a prepared model (in place); returns the model.
 
-    The adapter must match: same r, alpha and rsLoRA on every layer, the same set of target modules, the same shapes.
-    Any mismatch is a ValueError that names it.
+    The adapter must match: same r, alpha and rsLoRA on every layer, DoRA layers for a DoRA adapter (use_dora) and
+    plain ones otherwise, the same set of target modules, the same shapes.  Any mismatch is a ValueError that names it.
     """
     from safetensors.torch import load_file
 
@@ -255,14 +273,20 @@ def load_peft_adapter(model, adapter_dir):
                 f"use_rslora={cfg.get('use_rslora', False)} but layer {name} has r={m.r}, alpha={m.alpha:g}, "
                 f"rslora={m.rslora}; prepare the model with adapter_prepare_kwargs(adapter_dir)"
             )
+    if bool(cfg.get("use_dora", False)) != _uses_dora(layers):
+        raise ValueError(
+            f"adapter {adapter_dir} has use_dora={bool(cfg.get('use_dora', False))} but the model's layers are "
+            f"{'DoRA' if _uses_dora(layers) else 'plain LoRA'} layers; prepare the model with "
+            "adapter_prepare_kwargs(adapter_dir)"
+        )
     wpath = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not wpath.is_file():
         raise ValueError(f"{wpath} does not exist (only safetensors adapters are read)")
     sd = load_file(str(wpath))
-    sd = {
-        k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight"): v
-        for k, v in sd.items()
-    }
+    renames = {".lora_A.default.weight": ".lora_A.weight", ".lora_B.default.weight": ".lora_B.weight",
+               f".{MAGNITUDE}.default.weight": f".{MAGNITUDE}", f".{MAGNITUDE}.weight": f".{MAGNITUDE}"}  # fmt: skip
+    for old, new in renames.items():
+        sd = {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in sd.items()}
     expected = peft_state_dict(model)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -273,8 +297,11 @@ def load_peft_adapter(model, adapter_dir):
         )
     with torch.no_grad():
         for name, m in layers.items():
-            for part, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
-                t = sd[f"{PEFT_PREFIX}{name}.{part}.weight"]
+            parts = [("lora_A.weight", m.lora_A), ("lora_B.weight", m.lora_B)]
+            if isinstance(m, DoRALinear):
+                parts.append((MAGNITUDE, m.lora_magnitude_vector))
+            for part, p in parts:
+                t = sd[f"{PEFT_PREFIX}{name}.{part}"]
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"{name}.{part}: adapter has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
                 p.copy_(t.to(p.device, p.dtype))

@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .dora import DoRALinear
 from .layer import DTYPE_NAMES, QLoRALinear, as_torch_dtype, scratch_buffer
+from .loftq import check_loftq_iters, loftq_layer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+INITS = ("default", "loftq")
 
 
 @dataclass
@@ -36,6 +39,9 @@ class QLoRAConfig:
     lora_dtype: str = "float32"  # dtype of A and B (and of their optimizer state)
     compute_dtype: str = "float32"  # activations and dequantized weights: float32 on CPU, bfloat16 on CUDA
     gradient_checkpointing: bool = True
+    use_dora: bool = False  # DoRA (specs/dora.md): a trainable magnitude per output feature beside A and B
+    init: str = "default"  # "default" (PEFT's: B = 0 on the plain 4-bit base) | "loftq" (specs/loftq.md)
+    loftq_iters: int = 1  # LoftQ's T: rounds of quantize(W - s B A) + rank-r SVD (init="loftq" only)
     target_modules: list = field(default_factory=list)  # resolved: full paths of the replaced modules
 
     def to_dict(self) -> dict:
@@ -146,6 +152,9 @@ def prepare_model(
     gradient_checkpointing: bool = True,
     progress: bool = False,
     prequantized: dict | None = None,
+    use_dora: bool = False,
+    init: str = "default",
+    loftq_iters: int = 1,
 ):
     """Replace the target linears of a LLaMA-family causal LM with QLoRALinear, in place; returns the model.
 
@@ -155,12 +164,26 @@ def prepare_model(
     ``prequantized`` ({module path: Quantized4bit}, what ``read_bnb_checkpoint`` gives): those linears (their weights
     may be on the meta device) get these 4-bit states as they are, not re-quantized; they are the targets, and
     quant_type / double_quant / blocksize must be theirs.
+    ``use_dora=True``: DoRALinear layers (a trainable magnitude per output feature, PEFT's DoRA; specs/dora.md).
+    ``init="loftq"``: each layer's 4-bit base and A, B from ``loftq_iters`` LoftQ rounds on its 16-bit weight
+    (specs/loftq.md) instead of plain quantization and B = 0; the adapter then belongs with that base (save it with
+    ``save_bnb_checkpoint``).  Not with ``prequantized`` (LoftQ needs the 16-bit weights).
     Raises ValueError/TypeError for an unsupported architecture, a module that is not a plain nn.Linear, or a target
     that matches nothing.
     """
     from backends import get_backend, placement
 
     _check_model(model)
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    check_loftq_iters(loftq_iters)
+    if init == "loftq" and prequantized is not None:
+        raise ValueError(
+            "init='loftq' needs the 16-bit weights, but this model's linears come from a stored 4-bit checkpoint; "
+            "load the 16-bit model to initialise by LoftQ (or leave init='default' to keep the stored base)"
+        )
     be = get_backend(backend) if isinstance(backend, str) else backend
     device = torch.device("cuda", torch.cuda.current_device()) if be.device == "cuda" else torch.device("cpu")
     default_compute = as_torch_dtype(placement(be)[1])  # float32 on the CPU, bfloat16 on CUDA
@@ -174,20 +197,23 @@ def prepare_model(
         p.requires_grad_(False)
     lora_kw = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, lora_dtype=ldt, compute_dtype=cdt)
 
+    cls = DoRALinear if use_dora else QLoRALinear
+    qkw = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+
     def quantized(name, linear):
         if prequantized is not None:  # the stored 4-bit state, read as it is
-            new = QLoRALinear(be.to_device(prequantized[name]), bias=linear.bias, backend=be, **lora_kw)
+            new = cls(be.to_device(prequantized[name]), bias=linear.bias, backend=be, **lora_kw)
+        elif init == "loftq":  # LoftQ's base and adapter (LOFTQ-2), the DoRA magnitude after it (DORA-3)
+            new = loftq_layer(linear, cls=cls, backend=be, iters=loftq_iters, **qkw, **lora_kw)
         else:
-            new = QLoRALinear.from_linear(
-                linear, backend=be, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, **lora_kw
-            )
+            new = cls.from_linear(linear, backend=be, **qkw, **lora_kw)
         new.train(linear.training)  # keep the model's train/eval mode
         return new
 
     desc = f"quantizing to {quant_type} ({be.name})" if progress else None
     largest = replace_linears(model, names, quantized, desc=desc)
 
-    lora_params = {id(p) for m in model.modules() if isinstance(m, QLoRALinear) for p in (m.lora_A, m.lora_B)}
+    lora_params = {id(p) for m in model.modules() if isinstance(m, QLoRALinear) for p in m.parameters()}
     for module in model.modules():
         if isinstance(module, QLoRALinear):
             continue
@@ -220,6 +246,9 @@ def prepare_model(
         lora_dtype=DTYPE_NAMES[ldt],
         compute_dtype=DTYPE_NAMES[cdt],
         gradient_checkpointing=gradient_checkpointing,
+        use_dora=use_dora,
+        init=init,
+        loftq_iters=loftq_iters,
         target_modules=names,
     )
     return model
@@ -231,5 +260,6 @@ def qlora_layers(model) -> dict[str, QLoRALinear]:
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    """The LoRA parameters (lora_A, lora_B of every QLoRALinear), the only ones with requires_grad."""
+    """The adapter parameters (lora_A, lora_B of every QLoRALinear; lora_magnitude_vector too with DoRA), the only
+    ones with requires_grad."""
     return [p for p in model.parameters() if p.requires_grad]
