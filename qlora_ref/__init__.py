@@ -4,7 +4,7 @@ Every function states its math and the spec rule it implements (specs/*.md); the
 layer are tested against these functions.  Imports nothing but numpy (and scipy to derive the NF4 table).
 """
 
-from . import adamw, dora, loftq, lora, memory
+from . import adamw, dora, loftq, lora, matvec, memory
 from .adamw import AdamW8bitState, adamw_step, adamw_step_8bit, clip_grad_norm
 from .blockwise import dequantize_blockwise_8bit, quantize_blockwise_8bit
 from .checks import BLOCKSIZES, NonFiniteError
@@ -14,6 +14,7 @@ from .double_quant import double_dequantize, double_quantize
 from .dtypes import bf16_to_f32, f32_to_bf16
 from .loftq import loftq_init, reconstruction_error
 from .lora import lora_backward, lora_forward, lora_init, lora_merge, lora_scaling
+from .matvec import matvec_4bit, matvec_bound, matvec_f64
 from .memory import ModelShape, bits_per_param, estimate
 from .packing import pack_4bit, unpack_4bit
 from .quantized import Quantized4bit, dequantize_4bit, quantize_4bit
@@ -54,6 +55,10 @@ __all__ = [
     "lora_init",
     "lora_merge",
     "lora_scaling",
+    "matvec",
+    "matvec_4bit",
+    "matvec_bound",
+    "matvec_f64",
     "memory",
     "nf4_table",
     "nf4_thresholds",
