@@ -139,7 +139,7 @@ def memory_shape(model: str):
 
 
 def cmd_memory(c: MemoryConfig) -> int:
-    from backends.torchlib.ledger import CUDA_OVERHEAD_BYTES, Runtime, estimate
+    from backends.torchlib.ledger import CUDA_OVERHEAD_BYTES, Runtime, estimate, per_rank_estimate
     from qlora_ref import memory
 
     shape = memory_shape(c.model)
@@ -151,26 +151,54 @@ def cmd_memory(c: MemoryConfig) -> int:
     overhead = CUDA_OVERHEAD_BYTES if c.overhead_gb is None else int(c.overhead_gb * memory.GB)
     runtime = Runtime(layer=c.layer, step_in_backward=c.step_in_backward, offload_checkpoints=c.offload_checkpoints,
                       embeddings_on_host=c.embeddings_on_host, overhead_bytes=overhead)  # fmt: skip
-    ledger = estimate(shape, recipe, runtime)
-    lines = [f"{shape.name}: {shape.n_params / 1e9:.2f}B parameters, {shape.n_lora(c.r) / 1e6:.1f}M LoRA parameters",
-             ledger.table()]  # fmt: skip
+    if c.shard and c.nproc == 1:
+        raise UsageError("--shard splits the model over --nproc N GPUs; give N >= 2")
+    if c.nproc > 1 and c.step_in_backward:
+        raise UsageError("--step-in-backward steps before DDP averages the gradients (refused by wrap_ddp); drop one")
+    per_rank = c.nproc > 1
+    ledger = per_rank_estimate(shape, recipe, runtime, world=c.nproc, shard=c.shard) if per_rank else \
+        estimate(shape, recipe, runtime)  # fmt: skip
+    lines = [f"{shape.name}: {shape.n_params / 1e9:.2f}B parameters, {shape.n_lora(c.r) / 1e6:.1f}M LoRA parameters"]
+    if per_rank:
+        how = "FSDP2 sharding (on paper, DIST-7)" if c.shard else "DDP, every GPU a replica (DIST-7)"
+        lines.append(f"per GPU of {c.nproc}, {how}, batch {c.batch} per GPU ({c.batch * c.nproc} in all):")
+    lines.append(ledger.table())
     if c.gpu_gb is not None:
         fits, fits_paged = ledger.fits(c.gpu_gb), ledger.fits(c.gpu_gb, allow_paging=True)
         verdict = "yes" if fits else ("only with paging (optimizer states evicted to host)" if fits_paged else "no")
-        lines.append(f"fits in {c.gpu_gb:g} GB: {verdict} (needs {ledger.total / memory.GB:.2f} GB, "
+        where = f"{c.gpu_gb:g} GB" + (" per GPU" if per_rank else "")
+        lines.append(f"fits in {where}: {verdict} (needs {ledger.total / memory.GB:.2f} GB, "
                      f"{ledger.resident / memory.GB:.2f} GB resident with paging)")  # fmt: skip
     print("\n".join(lines))  # all computed first: an error prints nothing
     return 0
 
 
 def cmd_generate(c: GenerateConfig) -> int:
-    from .evaluate import generate
-    from .task import format_prompt
+    """--prompt TEXT (repeatable): the answers printed; --prompts FILE.jsonl --out answers.jsonl: one JSON line per
+    prompt, written whole (answers.py).  Every input is checked before the model loads."""
+    from .answers import answer_file, precheck_out, read_prompts, run_template, wrap, write_jsonl
 
+    if bool(c.prompt) == bool(c.prompts):
+        raise UsageError("give --prompt TEXT (repeatable) or --prompts FILE.jsonl, one of the two")
+    if c.out and not c.prompts:
+        raise UsageError("--out goes with --prompts FILE.jsonl (a --prompt's answer is printed)")
+    items = None
+    if c.prompts:
+        precheck_out(c.out, c.overwrite)
+        items = read_prompts(c.prompts, c.prompt_field)
+        items = items[: c.max_prompts or None]
+    template = "none" if c.raw else (run_template(c.adapter) if c.template == "auto" else c.template)
     path = resolve_model_path(c.model)
     model, tokenizer = load_with_adapter(ModelConfig(backend=c.backend, dropout=0.0), path, c.adapter)
-    prompts = c.prompt if c.raw else [format_prompt(tokenizer, p) for p in c.prompt]
-    texts = generate(model, tokenizer, prompts, max_new_tokens=c.max_new_tokens, progress=c.progress)
+    if items is not None:
+        rows = answer_file(c, model, tokenizer, template, items)
+        write_jsonl(c.out, rows)
+        print(f"wrote {c.out} ({len(rows)} answers, template {template}, {sum(r['n_tokens'] for r in rows)} tokens)")
+        return 0
+    from .evaluate import generate
+
+    prompts = [wrap(template, p, tokenizer) for p in c.prompt]
+    texts = generate(model, tokenizer, prompts, max_new_tokens=c.max_new_tokens, progress=c.progress)  # a token bar
     for p, text in zip(c.prompt, texts, strict=True):
         print(f"### prompt: {p}\n{text.strip()}\n")
     return 0
@@ -275,7 +303,11 @@ COMMANDS = {  # name: (config class, function, help)
     "finetune": (RunConfig, cmd_finetune, "LoRA-finetune a 4-bit model (no arguments: the embedded default task)"),
     "quantize": (QuantizeConfig, cmd_quantize, "model dir or .gguf -> bitsandbytes 4-bit checkpoint"),
     "memory": (MemoryConfig, cmd_memory, "will it fit? the memory ledger, by component"),
-    "generate": (GenerateConfig, cmd_generate, "greedy generation from the base model plus an adapter"),
+    "generate": (
+        GenerateConfig,
+        cmd_generate,
+        "greedy answers from the base plus an adapter: --prompt TEXT, or --prompts FILE.jsonl --out answers.jsonl",
+    ),
     "eval": (EvalConfig, cmd_eval, "loss/perplexity on a file, exact match on the generated task, or MMLU"),
     "export": (
         ExportConfig,

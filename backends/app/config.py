@@ -229,6 +229,10 @@ class MemoryConfig:
     step_in_backward: bool = opt(False, "optimizer steps inside backward (MEM-13)")
     offload_checkpoints: bool = opt(False, "checkpointed block inputs in host memory")
     embeddings_on_host: bool = opt(False, "input embedding table in host memory")
+    nproc: int = opt(
+        1, "GPUs (ranks), --batch sequences each: the ledger of one of them (DIST-7, specs/distributed.md)"
+    )
+    shard: bool = opt(False, "with --nproc: FSDP2 shards the 4-bit base, LoRA, grads, optimizer (on paper); else DDP")
 
 
 PROMPT_TEMPLATES = ("auto", "guanaco", "alpaca", "chat", "none")  # answers.py: what each wraps a question in
@@ -237,15 +241,15 @@ PROMPT_TEMPLATES = ("auto", "guanaco", "alpaca", "chat", "none")  # answers.py: 
 @dataclass
 class GenerateConfig:
     prompt: list[str] = opt([], "a prompt (repeat for a batch); or --prompts FILE.jsonl")
-    prompts: str = opt("", "a .jsonl file of prompts (field prompt, instruction, text, input or question)")
+    prompts: str = opt("", "a .jsonl file of prompts (a field instruction, text, input, prompt or question)")
     out: str = opt("", "with --prompts: the answers' .jsonl, one line per prompt (written whole or not at all)")
     overwrite: bool = opt(False, "replace an existing --out file (it is refused otherwise)")
     max_prompts: int = opt(0, "with --prompts: answer only the first N (0 = all)")
-    prompt_field: str = opt("auto", "with --prompts: the field holding the prompt ('auto': the first one present)")
+    prompt_field: str = opt("auto", "with --prompts: the field holding the prompt (auto: the first of the list above)")
     model: str = opt("smollm2", "HF model dir, .gguf file, or 'smollm2'")
     adapter: str | None = opt(None, "PEFT adapter dir (e.g. runs/qlora/adapter); none = the base")
     max_new_tokens: int = opt(64, "tokens generated per prompt (greedy)")
-    batch_size: int = opt(8, "prompts generated together")
+    batch_size: int = opt(8, "with --prompts: prompts generated together")
     template: str = opt(
         "auto",
         "how a prompt is wrapped: auto = as the adapter's run trained (its config.json), else the chat template",
@@ -253,7 +257,7 @@ class GenerateConfig:
     )
     raw: bool = opt(False, "do not wrap the prompt at all (= --template none)")
     backend: str = opt("numpy", "dequantization backend", choices=BACKENDS)
-    progress: bool = opt(True, "show a tqdm progress bar (tokens generated) on stderr")
+    progress: bool = opt(True, "show a tqdm progress bar on stderr (tokens generated; with --prompts: prompts)")
 
 
 @dataclass
@@ -305,6 +309,7 @@ RULES: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
     "eval_mmlu_every": (lambda v: v >= 0, ">= 0"),
     "eval_mmlu_shots": (lambda v: v >= 0, ">= 0"),
     "max_prompts": (lambda v: v >= 0, ">= 0"),
+    "nproc": (lambda v: v >= 1, ">= 1"),
     "save_every": (lambda v: v >= 0, ">= 0"),
     "save_minutes": (lambda v: v >= 0, ">= 0"),
     "log_every": (lambda v: v >= 0, ">= 0"),

@@ -165,4 +165,6 @@ def test_a_guanaco_run_records_every_value(tiny_hf_dir, oasst_path, tmp_path, ca
     for section in ("model", "data", "train"):
         for k, v in cfg[section].items():
             assert f"{k}={v!r}" in printed, (section, k)
-    assert "recipe guanaco: changed by flags: lr=0.0001, batch_size=2, grad_accum=2, max_steps=1, max_len=256" in printed
+    assert (
+        "recipe guanaco: changed by flags: lr=0.0001, batch_size=2, grad_accum=2, max_steps=1, max_len=256" in printed
+    )

@@ -1,0 +1,167 @@
+"""``qlora generate``: prompts wrapped in the template the adapter was trained with, answered greedily; with
+``--prompts FILE.jsonl --out answers.jsonl`` a whole prompt file (e.g. the OASST1 questions the paper's Guanaco
+evaluation answers) for side-by-side judging.
+
+Templates (``--template``; ``auto`` = the adapter's run's ``config.json["resolved"]["prompt_template"]``, which
+finetune records from its data, else ``chat``):
+
+    guanaco   "### Human: {q} ### Assistant:"       (OASST1; a prompt already in this form, as the OASST files store
+                                                     their conversations, is used as it is)
+    alpaca    qlora.py's Alpaca prompt ("... ### Instruction:\\n{q}\\n\\n### Response: "; with the record's input)
+    chat      the model's chat template, if it has one (SmolLM2-Instruct does), else guanaco (task.format_prompt)
+    none      the prompt as given
+
+A prompt file: one JSON object per line; the prompt is the first of ``PROMPT_FIELDS`` a record has (or
+``--prompt-field``), its id the first of ``ID_FIELDS``.  Every line is checked before the model loads: a missing file,
+a line that is not a JSON object, a record without the prompt field, an empty file end in one line (exit 2) and
+nothing is written.  The answers (one line per prompt: id, prompt, answer, n_tokens = tokens generated before the end
+token) are written to ``<out>.partial`` and renamed into place when all are done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .config import UsageError
+from .data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, ASSISTANT_TAG, HUMAN_TAG, DataError, read_text
+
+PROMPT_FIELDS = ("instruction", "text", "input", "prompt", "question")  # Alpaca, OASST, prompt-completion, plain
+ID_FIELDS = ("id", "question_id", "message_id")
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str, field: str = "auto") -> list[dict]:
+    """[{"id"?, "prompt", "record"}] for every non-blank line of a .jsonl file (module docstring)."""
+    fields = PROMPT_FIELDS if field == "auto" else (field,)
+    out = []
+    for lineno, line in enumerate(read_text(path, expected="a .jsonl file of prompts").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not a JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        name = next((f for f in fields if isinstance(rec.get(f), str) and rec[f].strip()), None)
+        if name is None:
+            raise DataError(f"{path}:{lineno}: no prompt field (a non-empty string in {' or '.join(fields)})")
+        item = {"prompt": rec[name], "record": rec, "field": name}
+        ident = next((rec[f] for f in ID_FIELDS if f in rec), None)
+        if ident is not None:
+            item["id"] = ident
+        out.append(item)
+    if not out:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return out
+
+
+# --- templates ----------------------------------------------------------------------------------------------------
+
+
+def run_template(adapter: str | None) -> str:
+    """The template the adapter's run trained with (its ../config.json), else 'chat'."""
+    if adapter:
+        config = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.json")
+        if os.path.isfile(config):
+            try:
+                with open(config) as f:
+                    return json.load(f).get("resolved", {}).get("prompt_template") or "chat"
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                pass  # not a run's config: fall back
+    return "chat"
+
+
+def wrap(template: str, prompt: str, tokenizer, record: dict | None = None) -> str:
+    """The prompt as the model sees it (module docstring)."""
+    if template == "none":
+        return prompt
+    if template == "guanaco":
+        if prompt.startswith(HUMAN_TAG) and prompt.rstrip().endswith(ASSISTANT_TAG):
+            return prompt  # already an OASST conversation
+        return f"{HUMAN_TAG} {prompt} {ASSISTANT_TAG}"
+    if template == "alpaca":
+        inp = (record or {}).get("input") if "instruction" in (record or {}) else None
+        if isinstance(inp, str) and inp:
+            return ALPACA_PROMPT.format(instruction=prompt, input=inp)
+        return ALPACA_PROMPT_NO_INPUT.format(instruction=prompt)
+    if template == "chat":
+        from .task import format_prompt
+
+        return format_prompt(tokenizer, prompt)
+    raise ValueError(f"unknown prompt template {template!r}")
+
+
+# --- generating ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, progress: bool):
+    """[(answer text, n_tokens)] by greedy decoding (left-padded batches, KV cache); the bar counts prompts.
+    n_tokens: the tokens generated before the end token (at most max_new_tokens)."""
+    from .evaluate import model_device, pad_id_of, progress_bar
+
+    was_training = model.training
+    model.eval()
+    device, pad_id, eos = model_device(model), pad_id_of(tokenizer), tokenizer.eos_token_id
+    out: list[tuple[str, int]] = []
+    with progress_bar(len(prompts), progress, "generate", unit="prompt") as bar:
+        for k in range(0, len(prompts), batch_size):
+            ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[k : k + batch_size]]
+            T = max(len(i) for i in ids)
+            input_ids = torch.tensor([[pad_id] * (T - len(i)) + list(i) for i in ids], device=device)  # (B, T)
+            mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids], device=device)  # (B, T)
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad_id, eos_token_id=eos, use_cache=True)  # fmt: skip
+            for row in gen[:, T:].tolist():  # (B, <= max_new_tokens)
+                n = row.index(eos) if eos in row else len(row)
+                out.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
+            bar.update(len(ids))
+    model.train(was_training)
+    return out
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+
+def precheck_out(out: str, overwrite: bool) -> None:
+    """Before anything slow: --out is a writable file path, refused if it exists unless --overwrite."""
+    if not out:
+        raise UsageError("--prompts needs --out FILE.jsonl (where the answers go)")
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out!r} is a directory; give a .jsonl file path")
+    if os.path.exists(out) and not overwrite:
+        raise UsageError(f"{out!r} already exists; pass --overwrite to replace it, or choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out!r}: the folder {parent!r} does not exist")
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    """All rows to ``<path>.partial``, then renamed over ``path``: the file is whole or not there."""
+    tmp = path + ".partial"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def answer_file(c, model, tokenizer, template: str, items: list[dict]) -> list[dict]:
+    """The rows of answers.jsonl for the prompt file's ``items`` (read_prompts), in file order."""
+    texts = [wrap(template, it["prompt"], tokenizer, it["record"]) for it in items]
+    answers = answer(model, tokenizer, texts, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                     progress=c.progress)  # fmt: skip
+    rows = []
+    for it, (text, n) in zip(items, answers, strict=True):
+        row = {"id": it["id"]} if "id" in it else {}
+        rows.append({**row, "prompt": it["prompt"], "answer": text, "n_tokens": n})
+    return rows
