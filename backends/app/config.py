@@ -66,7 +66,12 @@ class ModelConfig:
     dropout: float | None = opt(0.05, "LoRA dropout (--recipe guanaco: 0.1 up to 13B parameters, 0.05 above)")
     target: str = opt("all-linear", "which linear layers get LoRA: 'all-linear' or comma-separated module names")
     rslora: bool = opt(False, "rank-stabilised LoRA: s = alpha / sqrt(r)")
-    gradient_checkpointing: bool = opt(True, "recompute each decoder layer in backward instead of storing it")
+    gradient_checkpointing: str = opt(
+        "auto",
+        "recompute each decoder layer in backward instead of storing it: 'auto' = on for --backend cupy (activation "
+        "memory), off on the CPU (a quarter less compute, and a CPU's memory holds a small model's activations)",
+        choices=("auto", "on", "off"),
+    )
     compute_dtype: str = opt(
         "auto", "'auto' = bfloat16 on the GPU, float32 on the CPU", choices=("auto", "float32", "bfloat16")
     )

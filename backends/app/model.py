@@ -25,6 +25,13 @@ def compute_dtype_of(m: ModelConfig) -> str | None:
     return None if m.compute_dtype == "auto" else m.compute_dtype
 
 
+def checkpointing_of(m: ModelConfig) -> bool:
+    """--gradient-checkpointing: 'on' / 'off', or 'auto' = on exactly when the base is on the GPU (--backend cupy).
+    (A config.json written before the flag took 'auto' holds a bool, which means what it says.)"""
+    v = m.gradient_checkpointing
+    return v if isinstance(v, bool) else {"on": True, "off": False}.get(v, m.backend == "cupy")
+
+
 def load_prepared(m: ModelConfig, path: str, **overrides):
     """load_model with the ModelConfig's QLoRA settings (``overrides`` win, e.g. an adapter's own r/alpha)."""
     from backends.torchlib.load import load_model
@@ -38,7 +45,7 @@ def load_prepared(m: ModelConfig, path: str, **overrides):
         double_quant=m.double_quant,
         blocksize=m.blocksize,
         rslora=m.rslora,
-        gradient_checkpointing=m.gradient_checkpointing,
+        gradient_checkpointing=checkpointing_of(m),
         compute_dtype=compute_dtype_of(m),
     )
     kw.update(overrides)

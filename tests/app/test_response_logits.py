@@ -62,7 +62,7 @@ def test_gradients_equal_full_logits(model):
     params = [p for p in model.parameters() if p.requires_grad]
     want = torch.autograd.grad(full_logits_loss(model, batch)[0], params)
     got = torch.autograd.grad(response_loss_sum(model, batch), params)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
