@@ -10,7 +10,9 @@ arm is itself a dequantized 4-bit model held in float32 (bfloat16 matmuls are ~3
 bfloat16 value it would hold is the float32 one rounded); the NF4 arm re-quantizes those weights with the numpy
 backend (NF4, double quantization, blocksize 64, float32 compute), with LoRA's B = 0 so the adapter adds nothing.
 
-    python -m benchmarks.mmlu_dev [--subjects S ...] [--shots 4]     -> benchmarks/results/mmlu_dev_smollm2.json
+With ``--adapter DIR`` a third arm scores that NF4 base plus a trained PEFT adapter (e.g. a short Alpaca finetune).
+
+    python -m benchmarks.mmlu_dev [--subjects S ...] [--shots 4] [--adapter DIR]  -> results/mmlu_dev_smollm2.json
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", type=int, default=4, help="leave-one-out shots, <= 4")
     p.add_argument("--shared", default="", help="the shared folder (default $QLORA_SHARED or ../shared)")
     p.add_argument("--name", default="mmlu_dev_smollm2")
+    p.add_argument("--adapter", default="", help="also score NF4 + this PEFT adapter (a finetune's adapter/)")
+    p.add_argument("--adapter-note", default="", help="how the adapter was trained, stored with the result")
     args = p.parse_args(argv)
 
     from backends.app.hub import smollm2_gguf_path
@@ -46,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         "unquantized_fp32": lambda: load_model(gguf, prepare=False),
         "nf4_dq_b64": lambda: load_model(gguf, r=8, dropout=0.0, gradient_checkpointing=False),
     }
+    if args.adapter:
+        from backends.torchlib.export import adapter_prepare_kwargs, load_peft_adapter
+
+        def with_adapter():
+            kw = {**adapter_prepare_kwargs(args.adapter), "dropout": 0.0, "gradient_checkpointing": False}
+            return load_peft_adapter(load_model(gguf, **kw), args.adapter)
+
+        arms["nf4_dq_b64_adapter"] = with_adapter
     results = {}
     for name, load in arms.items():
         model = load()
@@ -55,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = r
         print(f"{name}: {format_summary(r)} ({r['seconds']} s)")
         del model
-    a, b = (results[k] for k in arms)
-    pa, pb = ("".join(r["per_subject"][s]["pred"] for s in args.subjects) for r in (a, b))
+    a, b = results["unquantized_fp32"], results["nf4_dq_b64"]
+    pa, pb = ("".join(r["per_subject"][s]["pred"] for s in args.subjects) for r in (a, b))  # unquantized vs NF4
     agree = sum(x == y for x, y in zip(pa, pb, strict=True))
     path = save(
         args.name,
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             "subjects": args.subjects,
             "shots": args.shots,
             "same_prediction": f"{agree}/{a['n_questions']}",
+            "adapter": {"path": args.adapter, "trained": args.adapter_note} if args.adapter else None,
             "variants": results,
         },
     )
