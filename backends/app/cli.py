@@ -4,6 +4,7 @@
                                                     # held-out exact match before and after (~5 min on 2 CPU cores)
     qlora finetune --backend cupy                   # the same on the GPU
     qlora finetune --data alpaca_5000.json --max-steps 200 --output-dir runs/alpaca
+    qlora finetune --nproc 2 --backend cupy         # data parallel over 2 GPUs (torchrun, DDP; DIST-8)
     qlora quantize MODEL OUT                        # model dir or .gguf -> bitsandbytes 4-bit checkpoint
     qlora memory --model llama-65b --seq-len 512 --batch 1 --gpu-gb 48
     qlora generate --adapter runs/qlora/adapter --prompt "Reverse the list: 1 2 3 4 5"
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from backends import BackendUnavailableError, get_backend
 
+from . import parallel
 from .config import (
     DTYPE_NAMES,
     MEMORY_MODELS,
@@ -52,7 +54,7 @@ from .config import (
     validate,
 )
 from .data import DataError
-from .finetune import finetune
+from .finetune import finetune, precheck
 from .model import load_prepared, load_with_adapter, resolve_model_path
 from .recipes import RECIPES, recipe_defaults
 from .rundir import RunDir
@@ -382,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         if backend is not None:
             get_backend(backend)  # one line now, not after a slow load, when the backend cannot run here
         _quiet_transformers()
+        if isinstance(cfg, RunConfig) and cfg.train.nproc > 1 and not parallel.inside_torchrun():
+            precheck(cfg)  # bad input: one line here, before N processes start
+            resolve_model_path(cfg.model.model)  # a missing model: one line; 'smollm2' fetched once, not by N ranks
+            return parallel.launch(argv, cfg.train.nproc)  # the same command as N ranks under torchrun
         return args.func(cfg)
     except SystemExit as e:  # argparse --help
         return int(e.code or 0)

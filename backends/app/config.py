@@ -126,6 +126,9 @@ class TrainConfig:
     eval_mmlu_split: str = opt("dev", "MMLU questions scored (dev: leave-one-out shots)", choices=MMLU_SPLITS)
     eval_mmlu_shots: int = opt(4, "MMLU dev examples before each question (the paper: 5, which dev leaves 4 of)")
     eval_mmlu_subjects: str = opt("", "MMLU: comma-separated subjects, e.g. anatomy,virology ('' = all)")
+    nproc: int = opt(
+        1, "data parallel ranks (torchrun, DDP; DIST-8): --batch-size is the global micro-batch, split over them"
+    )
 
 
 # The embedded default (`qlora finetune` with no arguments).  Where it departs from the Guanaco defaults above,

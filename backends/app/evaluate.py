@@ -80,6 +80,26 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class ResponseLoss(torch.nn.Module):
+    """The training loss as a module: forward(input_ids, attention_mask, labels) = response_loss_sum(model, batch).
+
+    DistributedDataParallel all-reduces gradients only for a forward called through it, and response_loss_sum calls
+    the decoder body and the head itself (not ``model.forward``), so the trainer hands DDP this module
+    (``wrap_ddp(ResponseLoss(model))``) and in one process calls it bare: the same function, the same bits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @property
+    def qlora_config(self):  # what wrap_ddp's base_fingerprint reads (DIST-1)
+        return getattr(self.model, "qlora_config", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return response_loss_sum(self.model, batch)
+
+
 def n_response_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 

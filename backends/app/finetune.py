@@ -13,38 +13,65 @@ The run directory ``output_dir`` (built as ``output_dir.partial`` and renamed in
     checkpoint/      resumable state (trainer.py); adapter/ the PEFT adapter; loss_curve.png
 
 The data is read and tokenized before the model is loaded: a bad data file fails in seconds, not after the load.
+
+With ``--nproc N`` the command re-launches itself as N ranks under torchrun (parallel.py, DIST-8); each rank runs
+this script, rank 0 alone writing the run directory and printing (the others only read a checkpoint on --resume).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
 
+from . import parallel
 from .config import RunConfig, validate
 from .rundir import RunDir, write_json
 
 
+def precheck(cfg: RunConfig):
+    """Everything about the command line that can fail before anything slow or written: the values, the recipe,
+    --nproc against --batch-size (and torchrun's WORLD_SIZE), the data files, the output directory, the MMLU files.
+    Returns the MMLU callback (or None).  The launching process of --nproc N runs it too: its errors are one line."""
+    from .data import check_data_file
+    from .recipes import check_recipe
+
+    validate(cfg)
+    check_recipe(cfg)
+    parallel.check_nproc(cfg)
+    for path in (cfg.data.data if cfg.data.data != "task" else "", cfg.data.eval_data):
+        if path:
+            check_data_file(path)
+    t = cfg.train
+    RunDir.precheck(t.output_dir, resume=t.resume, resumable=True, overwrite=t.overwrite)
+    return mmlu_callback(cfg) if t.eval_mmlu else None  # its files checked now
+
+
 def finetune(cfg: RunConfig, *, log=print) -> dict:
-    """Run one finetune; returns the summary written to <output_dir>/summary.json."""
+    """Run one finetune; returns the summary written to <output_dir>/summary.json (rank 0's, under --nproc N)."""
+    from backends.torchlib import distributed as D
     from backends.torchlib.export import save_peft_adapter
     from backends.torchlib.load import load_tokenizer
 
     from .data import model_max_length
     from .evaluate import plot_loss_curve
     from .model import load_prepared, resolve_model_path
-    from .recipes import check_recipe, resolve_recipe
+    from .recipes import resolve_recipe
     from .trainer import Datasets, Trainer, find_checkpoint, seed_everything
 
     # -- config: every value checked and the output directory writable, before anything slow --------------------
-    validate(cfg)
-    check_recipe(cfg)
-    t = cfg.train
-    RunDir.precheck(t.output_dir, resume=t.resume, resumable=True, overwrite=t.overwrite)
-    mmlu = mmlu_callback(cfg) if t.eval_mmlu else None  # its files checked now
+    mmlu = precheck(cfg)
     t_start = time.perf_counter()
+    # -- ranks (--nproc N under torchrun): join the process group; rank 0 alone prints and writes -------------------
+    distributed = parallel.join(cfg)
+    main = D.is_main()
+    if not main:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+        log = _silent
+    t = cfg.train
 
     # -- data: the model's tokenizer, then every example read and tokenized ---------------------------------------
     model_path = resolve_model_path(cfg.model.model)
@@ -54,14 +81,20 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
     for note in datasets.length_notes:
         log(note)
 
-    run = RunDir(t.output_dir, resume=t.resume, resumable=True, overwrite=t.overwrite)
+    D.barrier()  # every rank has checked the output directory before rank 0 creates <out>.partial
+    if main:
+        run = RunDir(t.output_dir, resume=t.resume, resumable=True, overwrite=t.overwrite)
+    else:
+        run = parallel.RankRunDir(*RunDir.paths(t.output_dir))
+    D.barrier()  # rank 0's run directory (a --resume's checkpoint) is in place for every rank
     try:
         # -- model: the frozen 4-bit base with fresh LoRA weights drawn from the seed -----------------------------
         seed_everything(t.seed)
         model = load_prepared(cfg.model, model_path)
         datasets.check_fits(model_max_length(model))
         config = resolved_config(cfg, model_path, model, datasets, recipe)
-        write_json(run.path("config.json"), config)
+        if main:
+            write_json(run.path("config.json"), config)
         log(
             f"model {model_path} | backend {cfg.model.backend} | "
             f"{len(datasets.train)} train / {len(datasets.eval)} eval examples"
@@ -81,9 +114,11 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
 
         # -- evaluate the base model (a resumed run keeps the scores its start recorded) ---------------------------
         summary = recorded_before(run.path("summary.json")) if t.resume else {}
+        D.barrier()  # every rank has read what rank 0 may now rewrite: all take the same branch
         if not summary:
             summary = {f"{k}_before": v for k, v in trainer.scores().items()}
-            write_json(run.path("summary.json"), summary)
+            if main:
+                write_json(run.path("summary.json"), summary)
         log_scores(summary, "before", datasets, log)
 
         # -- train ------------------------------------------------------------------------------------------------
@@ -97,24 +132,32 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
         log_scores(summary, "after", datasets, log)
 
         # -- export: the PEFT adapter, the loss curve, the summary -------------------------------------------------
-        base = peft_base_path(model_path)
-        save_peft_adapter(model, run.path("adapter"), base_model_name_or_path=base)
-        write_adapter_readme(run.path("adapter"), base, model_path, os.path.join(run.final, "adapter"))
-        plot_loss_curve(history, run.path("loss_curve.png"), title=f"QLoRA finetune: {os.path.basename(model_path)}",
-                        eval_loss_before=summary.get("eval_loss_before"))  # fmt: skip
+        if main:
+            base = peft_base_path(model_path)
+            save_peft_adapter(model, run.path("adapter"), base_model_name_or_path=base)
+            write_adapter_readme(run.path("adapter"), base, model_path, os.path.join(run.final, "adapter"))
+            plot_loss_curve(history, run.path("loss_curve.png"), eval_loss_before=summary.get("eval_loss_before"),
+                            title=f"QLoRA finetune: {os.path.basename(model_path)}")  # fmt: skip
         summary["total_seconds"] = time.perf_counter() - t_start
-        write_json(run.path("summary.json"), summary)
+        if main:
+            write_json(run.path("summary.json"), summary)
     except BaseException:
-        if not os.path.isdir(os.path.join(run.work, "checkpoint")):
+        if main and not os.path.isdir(os.path.join(run.work, "checkpoint")):
             run.abandon()  # nothing resumable: leave no half-written output behind
         raise
     final = run.commit()
+    if distributed:
+        parallel.leave()
     log(f"wrote {final}/ (adapter/, checkpoint/, config.json, metrics.jsonl, loss_curve.png, summary.json)")
     log(f"total time {summary['total_seconds']:.0f} s")
     return summary
 
 
 # --- the pieces the script above names ---------------------------------------------------------------------------
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of a rank other than 0."""
 
 
 def resolved_config(cfg: RunConfig, model_path: str, model, datasets, recipe: dict | None = None) -> dict:

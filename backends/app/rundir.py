@@ -36,8 +36,7 @@ class RunDir:
         final: str, *, resume: bool = False, resumable: bool = False, overwrite: bool = False
     ) -> tuple[str, str]:
         """(final, work) paths; UsageError now, before any slow loading, if the output cannot be written."""
-        final = str(Path(final))
-        work = final.rstrip("/") + ".partial"
+        final, work = RunDir.paths(final)
         if os.path.exists(final) and not os.path.isdir(final):
             raise UsageError(f"output path {final!r} exists and is not a directory")
         if os.path.exists(work) and not (resume and resumable):
@@ -53,6 +52,12 @@ class RunDir:
                 "or choose another output directory"
             )
         return final, work
+
+    @staticmethod
+    def paths(final: str) -> tuple[str, str]:
+        """(final, work): the output directory and the ``<final>.partial`` it is built in."""
+        final = str(Path(final))
+        return final, final.rstrip("/") + ".partial"
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.work, *parts)

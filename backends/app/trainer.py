@@ -14,6 +14,13 @@ written beside the live one and swapped in with renames, so a crash leaves the p
 (KeyboardInterrupt) during ``fit`` saves one before it stops, so an interrupted run can always be resumed.
 The held-out scores themselves (eval loss, exact match) are computed in evaluate.py.
 
+Data parallel (``qlora finetune --nproc N``, parallel.py; DIST-8 in specs/distributed.md): inside torchrun's process
+group the loss module is DDP-wrapped; every rank draws the same global micro-batches, counts the step's N response
+tokens from them, and backpropagates its share's loss sum times world / N, so DDP's mean over the ranks is the
+gradient above (``no_sync`` on all but the last micro-batch of a step).  The logged loss is the global one (the ranks'
+loss sums all-reduced).  Every rank evaluates (no communication; the replicas are equal, so are the scores); only
+rank 0 writes metrics.jsonl and checkpoints, whose format does not depend on N: a run resumes with any N.
+
 MMLU as a callback (``mmlu``: model -> the result of ``mmlu.evaluate_mmlu``, as the QLoRA repository's MMLU
 callback): scored before training (step 0), every ``eval_mmlu_every`` steps (0: every ``eval_every``) and after,
 each time logged as {"step", "mmlu_macro_acc", "mmlu_micro_acc", "mmlu_n_questions"} in metrics.jsonl and in the
@@ -23,6 +30,7 @@ trains the same with and without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +43,8 @@ import torch
 
 from .config import RunConfig
 from .data import BatchStream, DataError, Example, TokenizedExample, collate
-from .evaluate import eval_loss, exact_match, model_device, n_response_tokens, pad_id_of, response_loss_sum, to_device
+from .evaluate import ResponseLoss, eval_loss, exact_match, model_device, n_response_tokens, pad_id_of, to_device
+from .parallel import global_sum, share
 from .rng import rng_preserved, rng_state, seed_everything, set_rng_state  # noqa: F401  (re-exported)
 
 CHECKPOINT = "checkpoint"
@@ -161,26 +170,43 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters; call prepare_model(...) first")
         t = cfg.train
+        from backends.torchlib import distributed as D
+
+        self.rank, self.world = D.rank(), D.world_size()
+        self.main = self.rank == 0  # the one rank that writes (DIST-5)
+        if t.batch_size % self.world:
+            raise ValueError(f"--batch-size {t.batch_size} (global) does not split over {self.world} ranks")
+        # the loss as a module DDP's forward runs (it arms the gradient all-reduce); one process: called bare
+        self.loss_module = ResponseLoss(model) if self.world == 1 else D.wrap_ddp(ResponseLoss(model))
         self.optimizer = optimizer or make_optimizer(list(self.params.values()), cfg)
         self.stream = BatchStream(train_set, t.batch_size, seed=t.seed, group_by_length=cfg.data.group_by_length)
         self.step = 0
         self.history: list[dict] = []  # {"step", "loss", ...} and {"step", "eval_loss"}
-        os.makedirs(run_dir, exist_ok=True)
+        if self.main:
+            os.makedirs(run_dir, exist_ok=True)
 
     # -- one step --
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         cfg = self.cfg.train
-        self.model.train()
-        micro = [collate(self.stream.next_batch(), self.pad_id) for _ in range(cfg.grad_accum)]
-        n_tok = sum(n_response_tokens(b) for b in micro)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        total = 0.0
-        for b in micro:
-            loss_sum = response_loss_sum(self.model, to_device(b, self.device))
-            (loss_sum / n_tok).backward()
+        self.loss_module.train()
+        micro = [self.stream.next_batch() for _ in range(cfg.grad_accum)]  # the global micro-batches, every rank
+        whole = [collate(b, self.pad_id) for b in micro]
+        n_tok = sum(n_response_tokens(b) for b in whole)  # N_tok of the whole step, on every rank alike
+        tokens = sum(int(b["attention_mask"].sum()) for b in whole)
+        total = 0.0  # this rank's loss sum
+        for i, examples in enumerate(micro):
+            mine, weight = share(examples, self.rank, self.world) if self.world > 1 else (examples, 1.0)
+            b = whole[i] if self.world == 1 else collate(mine, self.pad_id)
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last or self.world == 1 else self.loss_module.no_sync():
+                loss_sum = self.loss_module(**to_device(b, self.device))
+                if weight != 1.0:  # a rank without an example of this (last, short) batch: joins with 0
+                    loss_sum = loss_sum * weight
+                (loss_sum * self.world / n_tok).backward()  # DDP averages: (1/N_tok) sum_ranks loss_sum (DIST-8)
             total += float(loss_sum.detach())
+        total = global_sum(total)
         from backends.torchlib import clip_grad_norm_
 
         grad_norm = float(clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))  # ADAMW-10
@@ -248,7 +274,7 @@ class Trainer:
                     "mem_gb": memory_gb(self.device),
                 }
                 self.history.append(rec)
-                if cfg.log_every and r.step % cfg.log_every == 0:
+                if self.main and cfg.log_every and r.step % cfg.log_every == 0:
                     _append_jsonl(metrics_path, rec)
                 if self.eval_set and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < cfg.max_steps:
                     self._log_eval(metrics_path)
@@ -290,7 +316,8 @@ class Trainer:
     def _log_eval(self, metrics_path: str) -> None:
         rec = {"step": self.step, "eval_loss": self.evaluate()}
         self.history.append(rec)
-        _append_jsonl(metrics_path, rec)
+        if self.main:
+            _append_jsonl(metrics_path, rec)
 
     def _log_mmlu(self, metrics_path: str) -> dict:
         """Score MMLU now (RNGs put back after), log it in history and metrics.jsonl; returns the record."""
@@ -299,16 +326,20 @@ class Trainer:
         rec = {"step": self.step, "mmlu_macro_acc": r["mmlu_macro_acc"], "mmlu_micro_acc": r["mmlu_micro_acc"],
                "mmlu_n_questions": r["n_questions"]}  # fmt: skip
         self.history.append(rec)
-        _append_jsonl(metrics_path, rec)
+        if self.main:
+            _append_jsonl(metrics_path, rec)
         return rec
 
     # -- checkpoint / resume --
 
     def save_checkpoint(self) -> str:
-        """Write run_dir/checkpoint atomically: build .checkpoint-tmp, then swap it in with renames."""
+        """Write run_dir/checkpoint atomically: build .checkpoint-tmp, then swap it in with renames (rank 0 only:
+        the replicas are equal, and nothing in it depends on the number of ranks)."""
         from safetensors.torch import save_file
 
         final = os.path.join(self.run_dir, CHECKPOINT)
+        if not self.main:
+            return final
         tmp = os.path.join(self.run_dir, _CKPT_TMP)
         old = os.path.join(self.run_dir, _CKPT_OLD)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -365,8 +396,9 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         self.step = int(state["step"])
         self.history = list(state["history"])
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:  # drop lines logged after the checkpoint
-            f.writelines(json.dumps(h) + "\n" for h in self.history)
+        if self.main:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:  # drop lines logged after the checkpoint
+                f.writelines(json.dumps(h) + "\n" for h in self.history)
         set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
 
 
