@@ -75,6 +75,14 @@ class ModelConfig:
     compute_dtype: str = opt(
         "auto", "'auto' = bfloat16 on the GPU, float32 on the CPU", choices=("auto", "float32", "bfloat16")
     )
+    use_dora: bool = opt(False, "DoRA: a trainable magnitude per output feature beside A and B (specs/dora.md)")
+    init: str = opt(
+        "default",
+        "'default' = plain 4-bit base and B = 0 (PEFT's); 'loftq' = base and A, B by LoftQ (specs/loftq.md), the run "
+        "then writes its 4-bit base beside the adapter",
+        choices=("default", "loftq"),
+    )
+    loftq_iters: int = opt(1, "LoftQ rounds T of quantize(W - s B A) + rank-r SVD (with --init loftq)")
 
 
 @dataclass
@@ -296,6 +304,7 @@ class EvalConfig:
 
 RULES: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
     "r": (lambda v: v >= 1, ">= 1"),
+    "loftq_iters": (lambda v: v >= 1, ">= 1"),
     "alpha": (lambda v: v > 0, "> 0"),
     "blocksize": (lambda v: v in BLOCKSIZES, f"one of {', '.join(map(str, BLOCKSIZES))}"),
     "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),

@@ -134,6 +134,8 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
         # -- export: the PEFT adapter, the loss curve, the summary -------------------------------------------------
         if main:
             base = peft_base_path(model_path)
+            if cfg.model.init == "loftq":  # LoftQ changed the 4-bit base too: the adapter belongs with this one
+                base = write_loftq_base(model, tokenizer, run.path(LOFTQ_BASE), os.path.join(run.final, LOFTQ_BASE))
             save_peft_adapter(model, run.path("adapter"), base_model_name_or_path=base)
             write_adapter_readme(run.path("adapter"), base, model_path, os.path.join(run.final, "adapter"))
             plot_loss_curve(history, run.path("loss_curve.png"), eval_loss_before=summary.get("eval_loss_before"),
@@ -154,6 +156,20 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
 
 
 # --- the pieces the script above names ---------------------------------------------------------------------------
+
+
+LOFTQ_BASE = "base-4bit"
+
+
+def write_loftq_base(model, tokenizer, path: str, final_path: str) -> str:
+    """The run's LoftQ-initialised 4-bit base as a bitsandbytes checkpoint (+ tokenizer) at ``path``; returns the
+    path it will have once the run directory is committed.  Non-quantized tensors keep the dtype they trained in."""
+    from backends.torchlib.export import save_bnb_checkpoint
+
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    save_bnb_checkpoint(model, path, dtype=dtype)
+    tokenizer.save_pretrained(path)
+    return final_path
 
 
 def _silent(*args, **kwargs) -> None:

@@ -47,14 +47,42 @@ def load_prepared(m: ModelConfig, path: str, **overrides):
         rslora=m.rslora,
         gradient_checkpointing=checkpointing_of(m),
         compute_dtype=compute_dtype_of(m),
+        use_dora=m.use_dora,
+        init=m.init,
+        loftq_iters=m.loftq_iters,
     )
     kw.update(overrides)
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own tqdm bar on stderr
         return load_model(path, backend=m.backend, **kw)
 
 
+def loftq_base_of(adapter: str) -> str | None:
+    """The 4-bit base a LoftQ-initialised adapter belongs with (its adapter_config's base), None for any other adapter.
+
+    LoftQ changes the quantized base as well as A and B (specs/loftq.md), so the adapter computes the trained model
+    only on the base its run wrote; re-quantizing the 16-bit model would give plain NF4's base instead."""
+    import json
+
+    from backends.torchlib.export import QLORA_CONFIG, read_adapter_config
+
+    qpath = os.path.join(adapter, QLORA_CONFIG)
+    if not os.path.isfile(qpath):
+        return None
+    with open(qpath, encoding="utf-8") as f:
+        if json.load(f).get("init") != "loftq":
+            return None
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise UsageError(
+            f"adapter {adapter!r} was initialised by LoftQ and belongs with the 4-bit base it names ({base!r}), which "
+            "is not there; keep the run directory's base-4bit/ beside its adapter/"
+        )
+    return base
+
+
 def load_with_adapter(m: ModelConfig, model_path: str, adapter: str | None):
-    """(model, tokenizer) — the base prepared with the adapter's own settings and its weights copied in."""
+    """(model, tokenizer) — the base prepared with the adapter's own settings and its weights copied in; a LoftQ
+    adapter brings its own 4-bit base (``loftq_base_of``), which replaces ``model_path``."""
     from backends.torchlib.export import adapter_prepare_kwargs, load_peft_adapter
     from backends.torchlib.load import load_tokenizer
 
@@ -64,6 +92,7 @@ def load_with_adapter(m: ModelConfig, model_path: str, adapter: str | None):
             raise UsageError(f"adapter directory not found: {adapter!r}")
         overrides = adapter_prepare_kwargs(adapter)
         overrides.setdefault("dropout", 0.0)
+        model_path = loftq_base_of(adapter) or model_path
     tokenizer = load_tokenizer(model_path)
     model = load_prepared(m, model_path, **overrides)
     if adapter:
