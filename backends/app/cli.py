@@ -102,7 +102,7 @@ def cmd_quantize(c: QuantizeConfig) -> int:
     RunDir.precheck(c.out, overwrite=c.overwrite)
     path = resolve_model_path(c.model)
     m = ModelConfig(backend=c.backend, quant_type=c.quant_type, double_quant=c.double_quant,
-                    blocksize=c.blocksize, r=1, dropout=0.0, gradient_checkpointing=False)  # fmt: skip
+                    blocksize=c.blocksize, r=1, dropout=0.0, gradient_checkpointing="off")  # fmt: skip
     run = RunDir(c.out, overwrite=c.overwrite)
     try:
         model = load_prepared(m, path)
@@ -275,7 +275,8 @@ def export_base(c: ExportConfig) -> str:
 
 def cmd_export(c: ExportConfig) -> int:
     """--merged: model.safetensors + config.json of the merged model in 16 (or 32) bits, loadable without QLoRA;
-    else the 4-bit base as a bitsandbytes checkpoint plus adapter/ (PEFT) naming it.  Tokenizer files beside."""
+    --gguf: that merged model as one model.gguf; else the 4-bit base as a bitsandbytes checkpoint plus adapter/
+    (PEFT) naming it.  Tokenizer files beside (inside the .gguf)."""
     from backends.torchlib.export import merge_and_export, save_bnb_checkpoint, save_peft_adapter
 
     RunDir.precheck(c.out, overwrite=c.overwrite)
@@ -284,6 +285,12 @@ def cmd_export(c: ExportConfig) -> int:
     model, tokenizer = load_with_adapter(ModelConfig(backend=c.backend, dropout=0.0), path, c.adapter)
     run = RunDir(c.out, overwrite=c.overwrite)
     try:
+        if c.gguf:
+            from backends.torchlib.gguf_export import write_merged_gguf
+
+            write_merged_gguf(model, tokenizer, run.path("model.gguf"), dtype=dtype)
+            print(f"wrote {run.commit()}/model.gguf (the merged model in {dtype}, tokenizer inside)")
+            return 0
         if c.merged:
             merge_and_export(model, run.work, dtype=dtype)
             what = f"the merged model in {dtype}"

@@ -206,6 +206,7 @@ class ExportConfig:
     out: str = required("output directory (written whole or not at all)", flag=True)
     model: str = opt("", "the base: HF model dir, .gguf or 'smollm2'; '' = the adapter's base_model_name_or_path")
     merged: bool = opt(False, "one 16-bit model, W_hat + s B A rounded once (LORA-6); else the 4-bit base + adapter/")
+    gguf: bool = opt(False, "the merged model as OUT/model.gguf (llama architecture, tokenizer inside)")
     dtype: str = opt(
         "bfloat16",
         "dtype of the merged weights, or of the 4-bit checkpoint's other tensors and compute dtype",

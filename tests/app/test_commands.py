@@ -171,6 +171,30 @@ def test_export_merged_and_4bit_with_adapter(trained, tiny_hf_dir, tmp_path, cap
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
+def test_export_gguf_loads_back_as_the_trained_model(trained, tiny_hf_dir, tmp_path, capsys):
+    from backends.app.model import load_with_adapter
+    from backends.torchlib.load import load_model
+
+    out, *_ = trained
+    adapter = str(out / "adapter")
+    ours, _ = load_with_adapter(ModelConfig(dropout=0.0), str(tiny_hf_dir), adapter)
+    x = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        want = ours(input_ids=x).logits
+    g = tmp_path / "gguf"
+    code, stdout, err = run_cli(["export", "--adapter", adapter, "--out", str(g), "--gguf", "--dtype", "float32"],
+                                capsys)  # fmt: skip
+    assert code == 0, err
+    assert "model.gguf (the merged model in float32" in stdout and os.listdir(g) == ["model.gguf"]
+    plain = load_model(str(g / "model.gguf"), prepare=False).eval()  # transformers' GGUF reader
+    with torch.no_grad():
+        got = plain(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # as the merged safetensors export above
+    capsys.readouterr()  # transformers' GGUF reader drew its bar on stderr
+    code, _, err = run_cli(["export", "--adapter", adapter, "--out", str(g), "--gguf"], capsys)
+    assert_one_line_error(code, err, "--overwrite")
+
+
 def test_long_commands_show_progress(trained, tiny_hf_dir, shared_dir, capsys, monkeypatch):
     # tqdm redraws at most every 0.1 s, so on a fast machine a short bar may close (and vanish, leave=False) before
     # it ever draws its last count; drawing on every update makes what reaches stderr independent of the clock.
