@@ -47,7 +47,7 @@ def default_file_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """write(tmp_path) into a temporary file next to `path`, then os.replace it onto `path` with the user's normal
     file mode (mkstemp creates 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def _atomic(path: Path, write) -> None:
 def write_json(path, obj) -> None:
     """json.dumps(obj, indent=2, sort_keys=True) to `path`, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -75,7 +75,7 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | N
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
+    write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------

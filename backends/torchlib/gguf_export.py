@@ -19,20 +19,18 @@ merged Hugging Face model) is written as it is, cast to T.  The file holds:
   / pad ids, whether encoding adds bos / eos, and the chat template.
 
 Atomic: the file is written to a temporary file in the target directory and moved into place with ``os.replace``,
-with the user's normal file mode (`export.default_file_mode`); an existing file is replaced only with overwrite=True.
+with the user's normal file mode (`export.write_atomically`); an existing file is replaced only with overwrite=True.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .export import default_file_mode, merged_state_dict
+from .export import merged_state_dict, write_atomically
 from .prepare import qlora_layers
 
 GGUF_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -311,16 +309,5 @@ def write_merged_gguf(
         w.write_tensors_to_file()
         w.close()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(out, write)
     return out
