@@ -54,11 +54,13 @@ def body_and_head(model):
     return None if body is None or head is None or body is model else (body, head)
 
 
-def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits (N, V) float32, targets (N,), rows (N,)) at the N response positions of a micro-batch.
+def response_rows(model, batch: dict[str, torch.Tensor]):
+    """(x, project, targets, rows): ``project(x)`` are the logits at the N response positions of a micro-batch.
 
-    Position t of row b is a response position iff labels[b, t+1] != -100: its logits predict token t+1.  The head
-    (V x H, ~20% of a small model's FLOPs) runs on those N rows only, never on the whole (B, T, V) tensor.
+    Position t of row b is a response position iff labels[b, t+1] != -100: its logits predict token t+1.  For a
+    HEAD_ON_HIDDEN decoder x is the final hidden state at those positions (N, H) and ``project`` the LM head, so the
+    head (V x H, ~20% of a small model's FLOPs) never runs on the whole (B, T, V) tensor; otherwise x is every
+    position's logits, already selected (N, V), and ``project`` the identity.
     """
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX
@@ -66,18 +68,49 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     split = body_and_head(model)
     if split is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits[:, :-1][keep]
-    else:
-        body, head = split
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = head(hidden.last_hidden_state[:, :-1][keep])  # (N, V)
-    return logits.float(), targets[keep], rows
+        return out.logits[:, :-1][keep], torch.nn.Identity(), targets[keep], rows
+    body, head = split
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return hidden.last_hidden_state[:, :-1][keep], head, targets[keep], rows
 
 
-def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The sum of -log p over the response tokens of one micro-batch (labels -100 are ignored)."""
-    logits, targets, _ = response_logits(model, batch)
-    return F.cross_entropy(logits, targets, reduction="sum")
+def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, V) float32, targets (N,), rows (N,)) at the N response positions of a micro-batch."""
+    x, project, targets, rows = response_rows(model, batch)
+    return project(x).float(), targets, rows
+
+
+# Chunked cross-entropy: at most this many float32 logits exist at once (1 GiB); a chunk's logits are recomputed
+# in backward from its hidden rows instead of being kept, so memory stays O(chunk x V), not O(N x V).
+CE_CHUNK_ELEMENTS = 1 << 28
+
+
+def _chunk_loss_sum(project, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(project(x).float(), targets, reduction="sum")
+
+
+def response_loss_sum(
+    model, batch: dict[str, torch.Tensor], *, chunk_elements: int = CE_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """The sum of -log p over the response tokens of one micro-batch (labels -100 are ignored).
+
+        L = sum_c sum_{i in chunk c} -log softmax(project(x_i))[t_i]      chunks of max(1, chunk_elements // V) rows
+
+    One chunk (the common case: N V <= 2^28) is a plain cross-entropy; more are summed in order, each chunk under
+    activation checkpointing, so its (rows, V) logits live only while that chunk's loss (and, in backward, its
+    gradient) is computed.  The value is the one-chunk value up to float32 summation order."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, project, targets, _ = response_rows(model, batch)
+    vocab = getattr(project, "out_features", None) or x.shape[-1]
+    per = max(1, chunk_elements // vocab)
+    if len(x) <= per:
+        return _chunk_loss_sum(project, x, targets)
+    parts = [
+        checkpoint(_chunk_loss_sum, project, x[i : i + per], targets[i : i + per], use_reentrant=False)
+        for i in range(0, len(x), per)
+    ]
+    return torch.stack(parts).sum()
 
 
 class ResponseLoss(torch.nn.Module):

@@ -72,3 +72,21 @@ def test_other_decoders_compute_every_logit(model, monkeypatch):
     assert body_and_head(model) is None
     batch = batch_with_masked_prompts(3)
     torch.testing.assert_close(response_loss_sum(model, batch), full_logits_loss(model, batch)[0])
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7])
+def test_chunked_cross_entropy_equals_one_chunk(model, rows_per_chunk):
+    """Chunks of 1, 3 and 7 rows (7 does not divide N): the same loss up to float32 summation order, the same
+    gradients (each chunk's logits recomputed in backward from its hidden rows)."""
+    batch = batch_with_masked_prompts(11, b=4, t=16)
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert n > 7
+    params = [p for p in model.parameters() if p.requires_grad]
+    one = response_loss_sum(model, batch)
+    chunked = response_loss_sum(model, batch, chunk_elements=rows_per_chunk * TINY_DECODER["vocab_size"])
+    # n partial sums of magnitude <= the total, added in another order: within n * eps32 of the total
+    assert abs(float(chunked - one)) <= n * 2**-23 * float(one)
+    g_one = torch.autograd.grad(one, params)
+    g_chunked = torch.autograd.grad(chunked, params)
+    for g, w in zip(g_chunked, g_one, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
