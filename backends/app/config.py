@@ -96,6 +96,9 @@ class DataConfig:
     target_max_len: int = opt(256, "response tokens kept, end token included (QLoRA's target_max_len)")
     drop_long: bool = opt(False, "skip an example longer than a limit instead of cutting it")
     group_by_length: bool = opt(True, "batch examples of similar length together (Guanaco: on)")
+    pad_to_multiple_of: int = opt(
+        1, "pad each training micro-batch to a multiple of this many tokens (few static shapes for capture/compile)"
+    )
     train_on_source: bool = opt(False, "also put the loss on the prompt (Guanaco: off; loss on the response only)")
     assistant_turns: bool = opt(
         False, "OASST conversations: the loss on every assistant turn, the earlier ones in the prompt too (guanaco: on)"
@@ -305,6 +308,7 @@ class EvalConfig:
 
 RULES: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
     "r": (lambda v: v >= 1, ">= 1"),
+    "pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
     "loftq_iters": (lambda v: v >= 1, ">= 1"),
     "alpha": (lambda v: v > 0, "> 0"),
     "blocksize": (lambda v: v in BLOCKSIZES, f"one of {', '.join(map(str, BLOCKSIZES))}"),

@@ -388,9 +388,14 @@ def random_order(n: int, batch_size: int, rng: random.Random) -> list[list[int]]
     return [idx[k : k + batch_size] for k in range(0, n, batch_size)]
 
 
-def collate(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids/attention_mask/labels, each (B, T) int64."""
-    T = max(len(t) for t in batch)
+def collate(batch: list[TokenizedExample], pad_id: int, pad_to: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to a multiple of ``pad_to`` (length buckets: a few static shapes
+    for CUDA graphs / torch.compile): input_ids/attention_mask/labels, each (B, T) int64.  Padding is masked out of
+    attention and carries label -100, and under the causal mask a right pad never reaches a real position, so the
+    loss is the unpadded one (up to float32 blocking)."""
+    if pad_to < 1:
+        raise ValueError(f"pad_to must be >= 1, got {pad_to}")
+    T = -(-max(len(t) for t in batch) // pad_to) * pad_to
     input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)

@@ -192,13 +192,14 @@ class Trainer:
         cfg = self.cfg.train
         self.loss_module.train()
         micro = [self.stream.next_batch() for _ in range(cfg.grad_accum)]  # the global micro-batches, every rank
-        whole = [collate(b, self.pad_id) for b in micro]
+        pad_to = self.cfg.data.pad_to_multiple_of
+        whole = [collate(b, self.pad_id, pad_to) for b in micro]
         n_tok = sum(n_response_tokens(b) for b in whole)  # N_tok of the whole step, on every rank alike
         tokens = sum(int(b["attention_mask"].sum()) for b in whole)
         total = 0.0  # this rank's loss sum
         for i, examples in enumerate(micro):
             mine, weight = share(examples, self.rank, self.world) if self.world > 1 else (examples, 1.0)
-            b = whole[i] if self.world == 1 else collate(mine, self.pad_id)
+            b = whole[i] if self.world == 1 else collate(mine, self.pad_id, pad_to)
             last = i == len(micro) - 1
             with contextlib.nullcontext() if last or self.world == 1 else self.loss_module.no_sync():
                 loss_sum = self.loss_module(**to_device(b, self.device))

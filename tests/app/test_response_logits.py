@@ -90,3 +90,22 @@ def test_chunked_cross_entropy_equals_one_chunk(model, rows_per_chunk):
     g_chunked = torch.autograd.grad(chunked, params)
     for g, w in zip(g_chunked, g_one, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_length_buckets_pad_to_a_multiple_and_keep_the_loss(model):
+    """collate(pad_to=16): T rounded up to 16, the extra positions masked and unlabelled, the loss unchanged."""
+    from backends.app.data import TokenizedExample, collate
+
+    g = torch.Generator().manual_seed(5)
+    vocab = TINY_DECODER["vocab_size"]
+    examples = []
+    for n, prompt in ((9, 4), (13, 6), (5, 2)):
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        examples.append(TokenizedExample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    plain, bucketed = collate(examples, 0), collate(examples, 0, pad_to=16)
+    assert plain["input_ids"].shape == (3, 13) and bucketed["input_ids"].shape == (3, 16)
+    assert torch.equal(bucketed["input_ids"][:, :13], plain["input_ids"])
+    assert not bucketed["attention_mask"][:, 13:].any() and (bucketed["labels"][:, 13:] == IGNORE_INDEX).all()
+    torch.testing.assert_close(response_loss_sum(model, bucketed), response_loss_sum(model, plain))
+    with pytest.raises(ValueError, match="pad_to"):
+        collate(examples, 0, pad_to=0)
