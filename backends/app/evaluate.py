@@ -138,10 +138,22 @@ def n_response_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def eval_loss(
-    model, data: list[TokenizedExample], *, batch_size: int, pad_id: int, max_batches: int = 0, progress: bool = False
-) -> float:
-    """Mean response-token cross-entropy over (the first max_batches micro-batches of) data, in nats."""
+def score_pass(
+    model,
+    data: list[TokenizedExample],
+    *,
+    batch_size: int,
+    pad_id: int,
+    max_batches: int = 0,
+    progress: bool = False,
+    desc: str = "eval loss",
+    per_example: bool = False,
+    chunk_elements: int = CE_CHUNK_ELEMENTS,
+) -> tuple[float, list[bool]]:
+    """One teacher-forced pass over (the first max_batches micro-batches of) data: (mean response-token cross-entropy
+    in nats, exact match per example).  Both read the same logits, so a held-out set scored both ways costs one pass;
+    the head runs chunk by chunk (as response_loss_sum), so at most ``chunk_elements`` logits exist at once.  The bar
+    counts batches, or examples with ``per_example``."""
     if not data:
         raise DataError("empty eval set")
     if batch_size < 1:
@@ -149,23 +161,45 @@ def eval_loss(
     was_training = model.training
     model.eval()
     device = model_device(model)
-    total, count = 0.0, 0
+    total, count, correct = 0.0, 0, []
     batches = [data[k : k + batch_size] for k in range(0, len(data), batch_size)]
     if max_batches:
         batches = batches[:max_batches]
-    with progress_bar(len(batches), progress, "eval loss") as bar:
+    total_units = sum(map(len, batches)) if per_example else len(batches)
+    with progress_bar(total_units, progress, desc, unit="example" if per_example else "batch") as bar:
         for b in batches:
             batch = to_device(collate(b, pad_id), device)
-            loss_sum = response_loss_sum(model, batch)
-            total += float(loss_sum)
-            count += n_response_tokens(batch)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            x, project, targets, rows = response_rows(model, batch)
+            wrong = torch.zeros(len(b), dtype=torch.int64, device=targets.device)  # (B,) wrong tokens per example
+            per = max(1, chunk_elements // (getattr(project, "out_features", None) or x.shape[-1]))
+            for i in range(0, len(x), per):
+                logits = project(x[i : i + per]).float()
+                total += float(F.cross_entropy(logits, targets[i : i + per], reduction="sum"))
+                wrong.index_add_(0, rows[i : i + per], (logits.argmax(-1) != targets[i : i + per]).to(torch.int64))
+            count += len(targets)
+            correct += [bool(v) for v in wrong == 0]
+            bar.update(len(b) if per_example else 1)
+            if not per_example:
+                bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
     model.train(was_training)
-    return total / max(count, 1)
+    return total / max(count, 1), correct
 
 
-@torch.no_grad()
+def eval_loss(
+    model, data: list[TokenizedExample], *, batch_size: int, pad_id: int, max_batches: int = 0, progress: bool = False
+) -> float:
+    """Mean response-token cross-entropy over (the first max_batches micro-batches of) data, in nats."""
+    return score_pass(model, data, batch_size=batch_size, pad_id=pad_id, max_batches=max_batches, progress=progress)[0]
+
+
+def tokenize_scored(tokenizer, examples: list[Example]) -> list[TokenizedExample]:
+    """The examples exact match scores: prompt + the reference answer (or the completion) + the end token."""
+    return [
+        tokenize_example(Example(e.prompt, e.answer if e.answer is not None else e.completion), tokenizer)
+        for e in examples
+    ]
+
+
 def exact_match(
     model, tokenizer, examples: list[Example], *, batch_size: int = 16, progress: bool = False
 ) -> tuple[float, list[bool]]:
@@ -173,29 +207,9 @@ def exact_match(
 
     Teacher-forced: correct iff argmax(logits[t]) == input_ids[t+1] at every response position (module docstring).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    pad_id = pad_id_of(tokenizer)
-    tok = [
-        tokenize_example(Example(e.prompt, e.answer if e.answer is not None else e.completion), tokenizer)
-        for e in examples
-    ]
-    correct: list[bool] = []
-    with progress_bar(len(tok), progress, "exact match", unit="example") as bar:
-        for k in range(0, len(tok), batch_size):
-            batch = to_device(collate(tok[k : k + batch_size], pad_id), device)
-            logits, target, rows = response_logits(model, batch)
-            wrong = (logits.argmax(-1) != target).to(torch.int64)  # (N,)
-            ok = (
-                torch.zeros(len(batch["labels"]), dtype=torch.int64, device=wrong.device).index_add_(0, rows, wrong)
-                == 0
-            )
-            correct += [bool(v) for v in ok]
-            bar.update(len(ok))
-    model.train(was_training)
+    tok = tokenize_scored(tokenizer, examples)
+    _, correct = score_pass(model, tok, batch_size=batch_size, pad_id=pad_id_of(tokenizer), progress=progress,
+                            desc="exact match", per_example=True)  # fmt: skip
     return sum(correct) / len(correct), correct
 
 

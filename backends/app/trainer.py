@@ -43,7 +43,17 @@ import torch
 
 from .config import RunConfig
 from .data import BatchStream, DataError, Example, TokenizedExample, collate
-from .evaluate import ResponseLoss, eval_loss, exact_match, model_device, n_response_tokens, pad_id_of, to_device
+from .evaluate import (
+    ResponseLoss,
+    eval_loss,
+    exact_match,
+    model_device,
+    n_response_tokens,
+    pad_id_of,
+    score_pass,
+    to_device,
+    tokenize_scored,
+)
 from .parallel import global_sum, share
 from .rng import rng_preserved, rng_state, seed_everything, set_rng_state  # noqa: F401  (re-exported)
 
@@ -182,6 +192,8 @@ class Trainer:
         self.stream = BatchStream(train_set, t.batch_size, seed=t.seed, group_by_length=cfg.data.group_by_length)
         self.step = 0
         self.history: list[dict] = []  # {"step", "loss", ...} and {"step", "eval_loss"}
+        self._same_sets: bool | None = None  # scored examples == eval set? (decided once, _scored_is_eval)
+        self._exact_match_at: tuple[int, float] | None = None  # (step, exact match) of the last combined pass
         if self.main:
             os.makedirs(run_dir, exist_ok=True)
 
@@ -230,18 +242,46 @@ class Trainer:
         this very step when there is one) and, with ``scored`` examples, ``exact_match`` (a fraction)."""
         last = self.history[-1] if self.history else {}
         out: dict = {"eval_loss": None}
+        em = self._exact_match_at[1] if self._exact_match_at and self._exact_match_at[0] == self.step else None
         if self.eval_set:
-            at_step = "eval_loss" in last and last["step"] == self.step
-            out["eval_loss"] = last["eval_loss"] if at_step else self.evaluate()
+            if "eval_loss" in last and last["step"] == self.step:
+                out["eval_loss"] = last["eval_loss"]
+            else:
+                held = self._score_held_out()
+                out["eval_loss"], em = held["eval_loss"], held.get("exact_match", em)
         if self.scored is not None:
-            out["exact_match"], _ = exact_match(
-                self.model, self.tokenizer, self.scored, progress=self.cfg.train.progress
+            out["exact_match"] = (
+                em
+                if em is not None
+                else exact_match(self.model, self.tokenizer, self.scored, progress=self.cfg.train.progress)[0]
             )
         if self.mmlu is not None:
             logged = [h for h in self.history if "mmlu_macro_acc" in h and h["step"] == self.step]
             rec = logged[-1] if logged else self._log_mmlu(os.path.join(self.run_dir, "metrics.jsonl"))
             out.update(mmlu_macro_acc=rec["mmlu_macro_acc"], mmlu_micro_acc=rec["mmlu_micro_acc"])
         return out
+
+    def _score_held_out(self) -> dict:
+        """{"eval_loss"} — plus "exact_match" when the exact-match set is the eval set (the generated task), both
+        from one pass; every RNG put back as it was.  Remembers that exact match for ``scores()`` at this step."""
+        b = self.cfg.train
+        with rng_preserved():
+            if not self._scored_is_eval():
+                return {"eval_loss": eval_loss(self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id,
+                                               max_batches=b.eval_batches, progress=b.progress)}  # fmt: skip
+            loss, correct = score_pass(self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id,
+                                       progress=b.progress, desc="scores", per_example=True)  # fmt: skip
+        self._exact_match_at = (self.step, sum(correct) / len(correct))
+        return {"eval_loss": loss, "exact_match": self._exact_match_at[1]}
+
+    def _scored_is_eval(self) -> bool:
+        """True when exact match scores exactly the eval-loss set, whole (the generated task's held-out split)."""
+        if self.scored is None or not self.eval_set or self.cfg.train.eval_batches:
+            return False
+        if self._same_sets is None:
+            pairs = [(t.input_ids, t.labels) for t in tokenize_scored(self.tokenizer, self.scored)]
+            self._same_sets = pairs == [(t.input_ids, t.labels) for t in self.eval_set]
+        return self._same_sets
 
     def mmlu_every(self) -> int:
         """Steps between MMLU scores inside ``fit`` (0: only before and after)."""
@@ -315,7 +355,7 @@ class Trainer:
         set_rng_state(rng)
 
     def _log_eval(self, metrics_path: str) -> None:
-        rec = {"step": self.step, "eval_loss": self.evaluate()}
+        rec = {"step": self.step, "eval_loss": self._score_held_out()["eval_loss"]}
         self.history.append(rec)
         if self.main:
             _append_jsonl(metrics_path, rec)

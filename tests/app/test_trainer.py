@@ -164,3 +164,42 @@ def test_loss_curve_png(tmp_path):
     history = [{"step": s, "loss": 3.0 / s} for s in range(1, 6)] + [{"step": 5, "eval_loss": 0.7}]
     plot_loss_curve(history, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_task_scores_come_from_one_pass(tokenizer, tmp_path, monkeypatch):
+    """On the generated task the eval-loss set is the exact-match set, so both scores come from one pass (before
+    training in scores(), after it in fit's closing eval, which scores() then reuses); they equal the two separate
+    passes (eval_loss over the set, exact_match over the examples)."""
+    import backends.app.evaluate as ev_mod
+    from backends.app.evaluate import eval_loss, pad_id_of
+
+    model = tiny_model(tokenizer, dropout=0.0)
+    train, held = make_task(tokenizer, n_train=16, n_eval=12, seed=2)
+    data, held_tok = (tokenize_examples(x, tokenizer, max_len=256) for x in (train, held))
+    cfg = run_config(tmp_path, max_steps=3, lr=1e-2, batch_size=4, grad_accum=1, eval_batches=0)
+    trainer = Trainer(model, tokenizer, cfg, data, held_tok, run_dir=str(tmp_path), scored=held)
+    calls = []
+    rows = ev_mod.response_rows
+    monkeypatch.setattr(ev_mod, "response_rows", lambda m, b: calls.append(len(b["labels"])) or rows(m, b))
+
+    def separately():
+        with monkeypatch.context() as mp:
+            mp.setattr(ev_mod, "response_rows", rows)
+            return eval_loss(model, held_tok, batch_size=4, pad_id=pad_id_of(tokenizer)), exact_match(
+                model, tokenizer, held
+            )[0]
+
+    for when in ("before", "after"):
+        if when == "after":
+            trainer.fit()
+            assert calls[-3:] == [4, 4, 4]  # fit's closing eval: the one pass
+        calls.clear()
+        got = trainer.scores()
+        assert calls == ([4, 4, 4] if when == "before" else [])
+        want_loss, want_em = separately()
+        assert got["eval_loss"] == pytest.approx(want_loss, rel=1e-6) and got["exact_match"] == want_em
+    trainer.cfg.train.eval_batches = 1  # a partial eval-loss set is not the exact-match set: two passes again
+    trainer._same_sets, trainer._exact_match_at, trainer.history = None, None, []
+    calls.clear()
+    trainer.scores()
+    assert calls == [4, 12]  # one eval-loss batch of 4, then exact match over the 12 examples in one batch of 16
