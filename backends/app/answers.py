@@ -26,7 +26,7 @@ import os
 import torch
 
 from .config import UsageError
-from .data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, ASSISTANT_TAG, HUMAN_TAG, DataError, read_text
+from .data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, ASSISTANT_TAG, HUMAN_TAG, DataError, jsonl_records
 
 PROMPT_FIELDS = ("instruction", "text", "input", "prompt", "question")  # Alpaca, OASST, prompt-completion, plain
 ID_FIELDS = ("id", "question_id", "message_id")
@@ -39,15 +39,7 @@ def read_prompts(path: str, field: str = "auto") -> list[dict]:
     """[{"id"?, "prompt", "record"}] for every non-blank line of a .jsonl file (module docstring)."""
     fields = PROMPT_FIELDS if field == "auto" else (field,)
     out = []
-    for lineno, line in enumerate(read_text(path, expected="a .jsonl file of prompts").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not a JSON line ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    for lineno, rec in jsonl_records(path, expected="a .jsonl file of prompts"):
         name = next((f for f in fields if isinstance(rec.get(f), str) and rec[f].strip()), None)
         if name is None:
             raise DataError(f"{path}:{lineno}: no prompt field (a non-empty string in {' or '.join(fields)})")

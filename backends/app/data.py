@@ -131,10 +131,11 @@ def read_text(path: str, expected: str = "a .json or .jsonl file") -> str:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected {expected}") from None
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """One JSON object per non-blank line; a bad line is reported by its 1-based number."""
+def jsonl_records(path: str, expected: str = "a .json or .jsonl file") -> list[tuple[int, dict]]:
+    """(1-based line number, object) for every non-blank line; a line that is not a JSON object is a DataError
+    naming the file and the line."""
     records = []
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):  # text mode: \r\n and \r already read as \n
+    for lineno, line in enumerate(read_text(path, expected).split("\n"), 1):  # text mode: \r\n, \r read as \n
         if not line.strip():
             continue
         try:
@@ -143,8 +144,13 @@ def read_jsonl(path: str) -> list[dict]:
             raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        records.append(rec)
+        records.append((lineno, rec))
     return records
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """One JSON object per non-blank line; a bad line is reported by its 1-based number."""
+    return [rec for _, rec in jsonl_records(path)]
 
 
 def read_json_array(path: str) -> list[dict]:

@@ -84,7 +84,7 @@ def test_bad_prompt_files_are_one_line_and_write_nothing(questions, tmp_path, ca
         "no_field.jsonl": "\n".join([lines[0], json.dumps({"question_id": "x", "output": "y"})]),
         "empty.jsonl": "\n\n",
     }
-    wants = {"missing.jsonl": "not found", "not_json.jsonl": "not_json.jsonl:3: not a JSON line",
+    wants = {"missing.jsonl": "not found", "not_json.jsonl": "not_json.jsonl:3: malformed JSON line",
              "no_field.jsonl": "no_field.jsonl:2: no prompt field", "empty.jsonl": "no prompts"}  # fmt: skip
     out = tmp_path / "answers.jsonl"
     for name, text in cases.items():
