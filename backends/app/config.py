@@ -173,6 +173,8 @@ class RunConfig:
             unknown = sorted(set(sub) - known)
             if unknown:
                 raise ValueError(f"config section {name!r} has unknown keys {unknown}; known: {sorted(known)}")
+            if isinstance(sub.get("gradient_checkpointing"), bool):  # written before the flag took auto/on/off
+                sub["gradient_checkpointing"] = "on" if sub["gradient_checkpointing"] else "off"
             parts[name] = sub_cls(**sub)
         return cls(**parts)
 

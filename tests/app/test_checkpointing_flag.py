@@ -35,3 +35,12 @@ def test_the_flag_parses_and_defaults_to_auto():
 def test_a_bad_value_is_one_line(capsys):
     code, _, err = run_cli(["finetune", "--gradient-checkpointing", "maybe"], capsys)
     assert_one_line_error(code, err, "gradient-checkpointing")
+
+
+def test_an_older_config_json_with_a_bool_reads_as_on_or_off():
+    from backends.app.config import RunConfig, validate
+
+    for old, new in ((True, "on"), (False, "off")):
+        cfg = RunConfig.from_dict({"model": {"gradient_checkpointing": old}})
+        assert cfg.model.gradient_checkpointing == new
+        validate(cfg)  # a resumed old run passes the same checks as a new one
