@@ -18,7 +18,7 @@ DEFINITION = re.compile(r"\*\*([A-Z]{2,5}-\d+)\b")
 # A citation: an ID, or a range of them; the range's end may repeat the prefix or not (BW-2 .. BW-6, ADAMW-6..8).
 CITATION = re.compile(r"\b([A-Z]{2,5})-(\d+)(?:\s*(?:\.\.|–)\s*(?:\1-)?(\d+)\b)?\b")
 # Names that look like rule IDs and are not (a standard, a model, a data set).
-NOT_RULES = {"GPT-4", "SST-2", "UTF-8", "SHA-256"}
+NOT_RULES = {"GPT-2", "GPT-4", "SST-2", "UTF-8", "SHA-256"}
 # Where rules are cited: the spec, the backends and kernels, the torch library and the application, the benchmarks,
 # the specs themselves, the tests and the README.
 CITING = {
