@@ -407,7 +407,7 @@ def train_classifier(model, data, *, seed: int, epochs: int, batch_size: int, lr
                      desc: str = "train") -> list[float]:  # fmt: skip
     """Length-grouped batches (order from seed), mean cross-entropy, clip, PagedAdamW with the lr schedule; returns
     the per-step losses."""
-    from backends.app.data import length_grouped_order
+    from backends.app.batching import length_grouped_order
     from backends.torchlib import PagedAdamW, clip_grad_norm_
 
     device = next(model.parameters()).device

@@ -27,15 +27,12 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
 from backends import BackendUnavailableError, get_backend
 
 from . import parallel
 from .config import (
     DTYPE_NAMES,
-    MEMORY_MODELS,
-    MEMORY_PRESETS_EXTRA,
     TASK_PRESET,
     DataConfig,
     EvalConfig,
@@ -47,14 +44,11 @@ from .config import (
     RunConfig,
     TrainConfig,
     UsageError,
-    add_dataclass_args,
-    add_run_args,
-    dataclass_from_args,
-    run_config_from_args,
     validate,
 )
-from .data import DataError
 from .finetune import finetune, precheck
+from .flags import add_dataclass_args, add_run_args, dataclass_from_args, run_config_from_args
+from .memory_report import cmd_memory
 from .model import load_prepared, load_with_adapter, resolve_model_path
 from .recipes import RECIPES, recipe_defaults
 from .rundir import RunDir
@@ -115,63 +109,6 @@ def cmd_quantize(c: QuantizeConfig) -> int:
         run.abandon()
         raise
     print(f"wrote {run.commit()}/ (model.safetensors + config.json with quantization_config, {c.quant_type})")
-    return 0
-
-
-def memory_shape(model: str):
-    """A ledger preset by name, or the shape an HF config.json (or the model dir holding it) describes."""
-    from qlora_ref import memory
-
-    if model in memory.PRESETS:
-        return memory.PRESETS[model]
-    if model in MEMORY_PRESETS_EXTRA:
-        return memory.ModelShape(model, **MEMORY_PRESETS_EXTRA[model])
-    p = Path(model)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise UsageError(f"--model {model!r} is neither a preset ({', '.join(MEMORY_MODELS)}) nor an HF config.json")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{p}: not UTF-8 text; expected an HF config.json") from None
-    return memory.shape_from_dict(d)
-
-
-def cmd_memory(c: MemoryConfig) -> int:
-    from backends.torchlib.ledger import CUDA_OVERHEAD_BYTES, Runtime, estimate, per_rank_estimate
-    from qlora_ref import memory
-
-    shape = memory_shape(c.model)
-    recipe = memory.Recipe(
-        seq_len=c.seq_len, batch=c.batch, r=c.r, checkpointing=c.checkpointing, double_quant=c.double_quant,
-        blocksize=c.blocksize, optimizer=c.optimizer, compute_dtype=c.compute_dtype, lora_dtype=c.lora_dtype,
-        lora_dropout=c.lora_dropout,
-    )  # fmt: skip
-    overhead = CUDA_OVERHEAD_BYTES if c.overhead_gb is None else int(c.overhead_gb * memory.GB)
-    runtime = Runtime(layer=c.layer, step_in_backward=c.step_in_backward, offload_checkpoints=c.offload_checkpoints,
-                      embeddings_on_host=c.embeddings_on_host, overhead_bytes=overhead)  # fmt: skip
-    if c.shard and c.nproc == 1:
-        raise UsageError("--shard splits the model over --nproc N GPUs; give N >= 2")
-    if c.nproc > 1 and c.step_in_backward:
-        raise UsageError("--step-in-backward steps before DDP averages the gradients (refused by wrap_ddp); drop one")
-    per_rank = c.nproc > 1
-    ledger = per_rank_estimate(shape, recipe, runtime, world=c.nproc, shard=c.shard) if per_rank else \
-        estimate(shape, recipe, runtime)  # fmt: skip
-    lines = [f"{shape.name}: {shape.n_params / 1e9:.2f}B parameters, {shape.n_lora(c.r) / 1e6:.1f}M LoRA parameters"]
-    if per_rank:
-        how = "FSDP2 sharding (on paper, DIST-7)" if c.shard else "DDP, every GPU a replica (DIST-7)"
-        lines.append(f"per GPU of {c.nproc}, {how}, batch {c.batch} per GPU ({c.batch * c.nproc} in all):")
-    lines.append(ledger.table())
-    if c.gpu_gb is not None:
-        fits, fits_paged = ledger.fits(c.gpu_gb), ledger.fits(c.gpu_gb, allow_paging=True)
-        verdict = "yes" if fits else ("only with paging (optimizer states evicted to host)" if fits_paged else "no")
-        where = f"{c.gpu_gb:g} GB" + (" per GPU" if per_rank else "")
-        lines.append(f"fits in {where}: {verdict} (needs {ledger.total / memory.GB:.2f} GB, "
-                     f"{ledger.resident / memory.GB:.2f} GB resident with paging)")  # fmt: skip
-    print("\n".join(lines))  # all computed first: an error prints nothing
     return 0
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, DataError, Example, TokenizedExample, collate, tokenize_example
+from .batching import collate
+from .data import IGNORE_INDEX, DataError, Example, TokenizedExample, tokenize_example
 
 
 def progress_bar(total: int, progress: bool, desc: str, unit: str = "batch"):

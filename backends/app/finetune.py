@@ -56,11 +56,13 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
     from backends.torchlib.export import save_peft_adapter
     from backends.torchlib.load import load_tokenizer
 
+    from .checkpoint import find_checkpoint
     from .data import model_max_length
+    from .datasets import Datasets
     from .evaluate import plot_loss_curve
     from .model import load_prepared, resolve_model_path
     from .recipes import resolve_recipe
-    from .trainer import Datasets, Trainer, find_checkpoint, seed_everything
+    from .trainer import Trainer, seed_everything
 
     # -- config: every value checked and the output directory writable, before anything slow --------------------
     mmlu = precheck(cfg)

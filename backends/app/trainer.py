@@ -35,14 +35,15 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .batching import BatchStream, collate
+from .checkpoint import CHECKPOINT, find_checkpoint, read_checkpoint, write_checkpoint
 from .config import RunConfig
-from .data import BatchStream, DataError, Example, TokenizedExample, collate
+from .data import Example, TokenizedExample
 from .evaluate import (
     ResponseLoss,
     eval_loss,
@@ -57,11 +58,6 @@ from .evaluate import (
 from .parallel import global_sum, share
 from .rng import rng_preserved, rng_state, seed_everything, set_rng_state  # noqa: F401  (re-exported)
 
-CHECKPOINT = "checkpoint"
-_CKPT_TMP = ".checkpoint-tmp"
-_CKPT_OLD = ".checkpoint-old"
-
-
 # --- small helpers ---------------------------------------------------------------------------------------------
 
 
@@ -74,72 +70,6 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
-
-
-# --- the datasets of a run -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Datasets:
-    """What a finetune trains on (``train``), scores the eval loss on (``eval``) and, for the generated task, scores
-    exact match on (``scored``: the held-out examples before tokenization; None for a data file)."""
-
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample]
-    scored: list[Example] | None = None
-    length_notes: tuple[str, ...] = ()  # how many examples the length policy cut or dropped, per file
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig, tokenizer) -> Datasets:
-        """The generated task (``--data task``) or a data file with its eval file or an eval split, tokenized."""
-        from .data import LengthCounts, LengthPolicy, check_data_file, read_examples, split_eval, tokenize_examples
-        from .task import make_task
-
-        d = cfg.data
-        policy = LengthPolicy(d.source_max_len, d.target_max_len, d.drop_long)
-        tk = dict(max_len=d.max_len, model_max=None, train_on_source=d.train_on_source, policy=policy,
-                  assistant_turns=d.assistant_turns)  # fmt: skip
-        scored = None
-        if d.data == "task":
-            train_ex, eval_ex = make_task(tokenizer, n_train=d.task_train, n_eval=d.task_eval, seed=cfg.train.seed)
-            scored = eval_ex
-        else:
-            check_data_file(d.data)
-            train_ex = read_examples(d.data, d.format)
-            if d.max_examples:
-                train_ex = train_ex[: d.max_examples]
-            if d.eval_data:
-                eval_ex = read_examples(d.eval_data, d.format)
-            else:
-                train_ex, eval_ex = split_eval(train_ex, d.eval_fraction, cfg.train.seed)
-        n_train, n_eval = LengthCounts(), LengthCounts()
-        train = tokenize_examples(train_ex, tokenizer, source=d.data, counts=n_train, **tk)
-        ev = tokenize_examples(eval_ex, tokenizer, source=d.eval_data or d.data, counts=n_eval, **tk) if eval_ex else []
-        notes = tuple(
-            n.line(f"{name} ({d.eval_data or d.data})" if name == "eval" else f"train ({d.data})", policy, d.max_len)
-            for name, n in (("train", n_train), ("eval", n_eval))
-            if n.cut or n.dropped
-        )
-        return cls(train, ev, scored, notes)
-
-    def check_fits(self, model_max: int | None) -> None:
-        """Every example within the model's positions (known only once the model is loaded)."""
-        too_long = [i for i, t in enumerate(self.train + self.eval) if model_max is not None and len(t) > model_max]
-        if too_long:
-            raise DataError(
-                f"example {too_long[0]} is longer than the model's {model_max} positions; shorten it or drop it"
-            )
-
-
-# --- checkpoints -----------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -374,22 +304,10 @@ class Trainer:
     # -- checkpoint / resume --
 
     def save_checkpoint(self) -> str:
-        """Write run_dir/checkpoint atomically: build .checkpoint-tmp, then swap it in with renames (rank 0 only:
-        the replicas are equal, and nothing in it depends on the number of ranks)."""
-        from safetensors.torch import save_file
-
-        final = os.path.join(self.run_dir, CHECKPOINT)
+        """Write run_dir/checkpoint atomically (checkpoint.py), rank 0 only: the replicas are equal, and nothing in
+        it depends on the number of ranks."""
         if not self.main:
-            return final
-        tmp = os.path.join(self.run_dir, _CKPT_TMP)
-        old = os.path.join(self.run_dir, _CKPT_OLD)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file(
-            {n: p.detach().cpu().contiguous() for n, p in self.params.items()}, os.path.join(tmp, "adapter.safetensors")
-        )
-        torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+            return os.path.join(self.run_dir, CHECKPOINT)
         state = {
             "step": self.step,
             "stream": self.stream.state_dict(),
@@ -397,59 +315,21 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "param_names": list(self.params),
         }
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(self.run_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return final
+        return write_checkpoint(self.run_dir, self.params, self.optimizer, rng_state(), state)
 
     def load_checkpoint(self, path: str | None = None) -> None:
         """Restore weights, optimizer, RNGs, data position and step from run_dir/checkpoint (or ``path``)."""
-        from safetensors.torch import load_file
-
         path = path or find_checkpoint(self.run_dir)
         if path is None:
             raise ValueError(f"no checkpoint in {self.run_dir!r} to resume from")
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            state = json.load(f)
-        if state["param_names"] != list(self.params):
-            raise ValueError(
-                f"checkpoint {path!r} holds {len(state['param_names'])} LoRA tensors that do not match this model's "
-                f"{len(self.params)}; resume with the same model, --r and --target"
-            )
-        weights = load_file(os.path.join(path, "adapter.safetensors"))
-        with torch.no_grad():
-            for n, p in self.params.items():
-                if tuple(weights[n].shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"checkpoint tensor {n} has shape {tuple(weights[n].shape)}, model {tuple(p.shape)}"
-                    )
-                p.copy_(weights[n])
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+        state, rng = read_checkpoint(path, self.params, self.optimizer)
         self.stream.load_state_dict(state["stream"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         if self.main:
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:  # drop lines logged after the checkpoint
                 f.writelines(json.dumps(h) + "\n" for h in self.history)
-        set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
-
-
-def find_checkpoint(run_dir: str) -> str | None:
-    """run_dir/checkpoint, or the previous one if a crash happened between the two renames of a save."""
-    for name in (CHECKPOINT, _CKPT_OLD):
-        p = os.path.join(run_dir, name)
-        if os.path.isfile(os.path.join(p, "trainer_state.json")):
-            return p
-    return None
+        set_rng_state(rng)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig):

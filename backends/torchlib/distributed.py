@@ -283,7 +283,8 @@ def shard(batch: list, rank_: int, world: int) -> list:
 
 class ShardedBatches:
     """A stream of global batches (anything with ``next_batch()`` and, for checkpoints, ``state_dict()`` /
-    ``load_state_dict()``, e.g. backends.app.data.BatchStream over the global batch size), each rank taking its share.
+    ``load_state_dict()``, e.g. backends.app.batching.BatchStream over the global batch size), each rank taking
+    its share.
 
     Unlike torch's DistributedSampler (which deals out the data set, so the order depends on N), the sequence of
     global batches depends only on the stream's seed: its position, the same on every rank, is the checkpoint, and a

@@ -6,7 +6,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 from backends.app.cli import build_parser
-from backends.app.config import ModelConfig, run_config_from_args
+from backends.app.config import ModelConfig
+from backends.app.flags import run_config_from_args
 from backends.app.model import checkpointing_of
 
 

@@ -13,16 +13,13 @@ import random
 import pytest
 import torch
 
+from backends.app.batching import BatchStream, collate, length_grouped_order, random_order
 from backends.app.data import (
     ALPACA_PROMPT,
     IGNORE_INDEX,
-    BatchStream,
     DataError,
     Example,
     TokenizedExample,
-    collate,
-    length_grouped_order,
-    random_order,
     read_examples,
     split_eval,
     tokenize_examples,

@@ -10,9 +10,9 @@ from conftest import assert_one_line_error, run_cli
 
 from backends.app.cli import finetune_config_from_argv
 from backends.app.config import ModelConfig
+from backends.app.datasets import Datasets
 from backends.app.evaluate import eval_loss, pad_id_of
 from backends.app.model import load_with_adapter
-from backends.app.trainer import Datasets
 
 
 def finetune_argv(tiny_hf_dir, shared_dir, out, *flags):

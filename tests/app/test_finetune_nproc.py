@@ -123,10 +123,10 @@ def test_two_ranks_follow_the_single_process_curve(runs, tokenizer):
 
 def test_the_2_rank_steps_cross_a_batch_rank_0_has_no_share_of(tiny_hf_dir, tokenizer):
     """DIST-8's weight-0 path is exercised: among the 2-rank run's micro-batches is one of a single example."""
+    from backends.app.batching import BatchStream
     from backends.app.cli import finetune_config_from_argv
-    from backends.app.data import BatchStream
+    from backends.app.datasets import Datasets
     from backends.app.parallel import share
-    from backends.app.trainer import Datasets
 
     cfg = finetune_config_from_argv(argv(tiny_hf_dir, "unused")[1:])
     train = Datasets.from_config(cfg, tokenizer).train

@@ -8,7 +8,7 @@ import pytest
 
 from backends.app.cli import finetune_config_from_argv
 from backends.app.data import IGNORE_INDEX, DataError, Example, LengthCounts, LengthPolicy, tokenize_examples
-from backends.app.trainer import Datasets
+from backends.app.datasets import Datasets
 
 BOS, EOS = 1, 2
 

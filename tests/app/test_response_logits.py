@@ -94,7 +94,8 @@ def test_chunked_cross_entropy_equals_one_chunk(model, rows_per_chunk):
 
 def test_length_buckets_pad_to_a_multiple_and_keep_the_loss(model):
     """collate(pad_to=16): T rounded up to 16, the extra positions masked and unlabelled, the loss unchanged."""
-    from backends.app.data import TokenizedExample, collate
+    from backends.app.batching import collate
+    from backends.app.data import TokenizedExample
 
     g = torch.Generator().manual_seed(5)
     vocab = TINY_DECODER["vocab_size"]

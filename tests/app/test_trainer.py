@@ -15,11 +15,12 @@ import pytest
 import torch
 from conftest import TINY_DECODER
 
+from backends.app.checkpoint import CHECKPOINT, find_checkpoint
 from backends.app.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from backends.app.data import Example, read_examples, tokenize_examples
 from backends.app.evaluate import exact_match, generate, plot_loss_curve
 from backends.app.task import is_correct, make_task
-from backends.app.trainer import CHECKPOINT, Trainer, find_checkpoint, seed_everything
+from backends.app.trainer import Trainer, seed_everything
 from backends.torchlib import prepare_model, qlora_layers
 
 transformers = pytest.importorskip("transformers")

@@ -304,7 +304,8 @@ def test_refusals_under_torchrun(runs):
 def test_sharded_batch_stream_resumes_with_another_n():
     """DIST-4 over the application's BatchStream: the ranks' shares make up each global batch, and a position saved
     with N = 2 continues the same global batches with N = 4 (and in one process)."""
-    from backends.app.data import BatchStream, TokenizedExample
+    from backends.app.batching import BatchStream
+    from backends.app.data import TokenizedExample
 
     data = [TokenizedExample([i] * (1 + i % 5), [i] * (1 + i % 5)) for i in range(24)]
 
