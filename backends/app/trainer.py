@@ -194,11 +194,10 @@ class Trainer:
     def _score_held_out(self) -> dict:
         """{"eval_loss"} — plus "exact_match" when the exact-match set is the eval set (the generated task), both
         from one pass; every RNG put back as it was.  Remembers that exact match for ``scores()`` at this step."""
+        if not self._scored_is_eval():
+            return {"eval_loss": self.evaluate()}
         b = self.cfg.train
         with rng_preserved():
-            if not self._scored_is_eval():
-                return {"eval_loss": eval_loss(self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id,
-                                               max_batches=b.eval_batches, progress=b.progress)}  # fmt: skip
             loss, correct = score_pass(self.model, self.eval_set, batch_size=b.batch_size, pad_id=self.pad_id,
                                        progress=b.progress, desc="scores", per_example=True)  # fmt: skip
         self._exact_match_at = (self.step, sum(correct) / len(correct))
