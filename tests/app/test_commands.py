@@ -111,6 +111,18 @@ def test_the_adapter_names_a_base_peft_can_load(trained, tiny_hf_dir):
     assert any(bool(v.abs().sum()) for k, v in saved.items() if "lora_B" in k)  # trained: B is no longer zero
 
 
+def trained_logits(trained, tiny_hf_dir):
+    """(adapter dir, the base + adapter model, a token batch x, its logits) of the trained fixture's run."""
+    from backends.app.model import load_with_adapter
+
+    out, *_ = trained
+    adapter = str(out / "adapter")
+    ours, _ = load_with_adapter(ModelConfig(dropout=0.0), str(tiny_hf_dir), adapter)
+    x = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        return adapter, ours, x, ours(input_ids=x).logits
+
+
 def test_export_merged_and_4bit_with_adapter(trained, tiny_hf_dir, tmp_path, capsys):
     import transformers
 
@@ -118,11 +130,7 @@ def test_export_merged_and_4bit_with_adapter(trained, tiny_hf_dir, tmp_path, cap
     from backends.torchlib.export import merged_state_dict
 
     out, *_ = trained
-    adapter = str(out / "adapter")
-    ours, _ = load_with_adapter(ModelConfig(dropout=0.0), str(tiny_hf_dir), adapter)
-    x = torch.tensor([[1, 5, 9, 33, 70, 2]])
-    with torch.no_grad():
-        want = ours(input_ids=x).logits
+    adapter, ours, x, want = trained_logits(trained, tiny_hf_dir)
 
     merged = tmp_path / "merged"
     code, stdout, err = run_cli(["export", "--adapter", adapter, "--out", str(merged), "--merged", "--dtype", "fp32"],
@@ -172,15 +180,9 @@ def test_export_merged_and_4bit_with_adapter(trained, tiny_hf_dir, tmp_path, cap
 
 
 def test_export_gguf_loads_back_as_the_trained_model(trained, tiny_hf_dir, tmp_path, capsys):
-    from backends.app.model import load_with_adapter
     from backends.torchlib.load import load_model
 
-    out, *_ = trained
-    adapter = str(out / "adapter")
-    ours, _ = load_with_adapter(ModelConfig(dropout=0.0), str(tiny_hf_dir), adapter)
-    x = torch.tensor([[1, 5, 9, 33, 70, 2]])
-    with torch.no_grad():
-        want = ours(input_ids=x).logits
+    adapter, _, x, want = trained_logits(trained, tiny_hf_dir)
     g = tmp_path / "gguf"
     code, stdout, err = run_cli(["export", "--adapter", adapter, "--out", str(g), "--gguf", "--dtype", "float32"],
                                 capsys)  # fmt: skip
