@@ -140,6 +140,13 @@ class NumpyBackend:
         u = np.random.default_rng(seed).random(tuple(shape), dtype=np.float32)  # 2x faster than torch's bernoulli_
         return torch.from_numpy(u >= np.float32(p))
 
+    def dropout_keep_counter(self, shape, p, seed, salt):
+        import torch
+
+        from qlora_ref.lora import dropout_keep_counter
+
+        return torch.from_numpy(dropout_keep_counter(tuple(shape), p, int(seed), salt))
+
     def finite_flag(self) -> NumpyFiniteFlag:
         return NumpyFiniteFlag()
 

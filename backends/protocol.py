@@ -89,6 +89,12 @@ class Backend(Protocol):
         u >= p, u uniform float32 (LORA-3).  numpy: numpy's PCG64(seed); cupy: torch's Philox on the current GPU."""
         ...
 
+    def dropout_keep_counter(self, shape: tuple[int, ...], p: float, seed: Any, salt: int) -> Any:
+        """The keep mask of LORA-8 (a torch bool tensor on this backend's device), a pure function of (seed, salt,
+        index): ``seed`` is a one-element int64 tensor on the device (cupy: read by the kernel, so a CUDA graph can
+        replay it with a new value), ``salt`` a per-layer int.  Both backends give qlora_ref's bits."""
+        ...
+
     def finite_flag(self) -> Any:
         """A zeroed non-finite counter on the backend's device, with clear(), count() and raise_if_nonfinite(what)."""
         ...

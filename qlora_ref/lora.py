@@ -80,6 +80,45 @@ def dropout_keep(shape: tuple, p: float, rng: np.random.Generator) -> np.ndarray
     return rng.random(shape) >= p
 
 
+# Counter-based keep mask (LORA-8): a pure function of (seed, salt, index), so a GPU can draw it from a seed held in
+# device memory (a CUDA graph replays it with each step's new seed) and a backward or a checkpoint recompute redraws
+# the forward's mask exactly.  splitmix64 (Steele, Lea & Flood 2014): the state after i + 1 steps of GOLDEN from the
+# key, through the finalizer; the top 53 bits against t = floor(p 2^53).
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment (2^64 / golden ratio, odd)
+SALT_MUL = np.uint64(0xD1B54A32D192ED03)  # an odd multiplier spreading the per-layer salts over the state space
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64_mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 values (arithmetic mod 2^64)."""
+    z = z.astype(np.uint64, copy=True)
+    z ^= z >> np.uint64(30)
+    z *= _M1
+    z ^= z >> np.uint64(27)
+    z *= _M2
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def keep_threshold(p: float) -> int:
+    """t = floor(p * 2^53): keep when the top 53 bits are >= t, so P(keep) = 1 - t / 2^53 (|error| < 2^-53)."""
+    _check_p(p)
+    return int(p * 2.0**53)  # p * 2^53 is exact (a power-of-two scaling of a float64), int() floors it
+
+
+def dropout_keep_counter(shape: tuple, p: float, seed: int, salt: int) -> np.ndarray:
+    """The keep mask of LORA-8: keep[i] = mix(seed + salt * SALT_MUL + (i + 1) * GOLDEN) >> 11 >= floor(p 2^53).
+
+    i is the flat (row-major) index; seed and salt are taken mod 2^64 (a negative int64 seed is its two's complement).
+    """
+    t = keep_threshold(p)
+    n = int(np.prod(shape, dtype=np.int64))
+    with np.errstate(over="ignore"):
+        key = np.uint64((int(seed) + int(salt) * int(SALT_MUL)) % 2**64)
+        z = key + (np.arange(1, n + 1, dtype=np.uint64) * GOLDEN)
+        return ((splitmix64_mix(z) >> np.uint64(11)) >= np.uint64(t)).reshape(shape)
+
+
 # --- forward and backward -----------------------------------------------------------------------------------------
 
 

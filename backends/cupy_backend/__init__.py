@@ -8,6 +8,7 @@
     finite.py     the non-finite check, at once or deferred into a FiniteFlag
     adamw.py      the AdamW step over many tensors in one launch, and gradient clipping
     paged.py      the optimizer states' arena: CUDA managed memory paged between device and host
+    dropout.py    the counter-based dropout keep mask, its seed read from device memory (capturable)
 
 Get it through `backends.get_backend("cupy")`, which checks for CuPy and a GPU first.  Importing this package does
 not import CuPy (CI imports `build` to compile the kernels with nvcc on a machine without a GPU).
@@ -63,6 +64,11 @@ class CupyBackend:
         g = torch.Generator(device="cuda")
         g.manual_seed(seed)
         return torch.rand(tuple(shape), generator=g, device="cuda") >= p
+
+    def dropout_keep_counter(self, shape, p, seed, salt):
+        from .dropout import dropout_keep_counter
+
+        return dropout_keep_counter(shape, p, seed, salt)
 
     def finite_flag(self):
         return self.ops.FiniteFlag()

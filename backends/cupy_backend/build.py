@@ -61,6 +61,7 @@ def _names() -> dict[str, tuple[str, ...]]:
             [f"check_finite_v1<{t}>" for t in ctypes] + [f"check_finite_v2<{t}, {FINITE_CHUNKS}>" for t in ctypes]
         ),
         "adamw.cu": ("adamw32_v1", "adamw32_v2", "adamw8_v1", "adamw8_v2"),  # dtype is per tensor, at run time
+        "dropout.cu": ("dropout_keep_counter_v1",),  # LORA-8
     }
 
 

@@ -93,3 +93,11 @@ def check_finite_v2_config(n: int, itemsize: int) -> Config:
     """FINITE_CHUNKS 16-byte vectors per thread, plus one slot for the scalar tail."""
     nvec = n // (16 // itemsize)
     return (ceil_div(nvec + 1, THREADS * build.FINITE_CHUNKS),), (THREADS,)
+
+
+# --- dropout.cu -------------------------------------------------------------------------------------------------------
+
+
+def dropout_keep_counter_v1_config(n: int) -> Config:
+    """One thread per entry, grid-stride beyond 65,536 CTAs (the bits do not depend on the grid)."""
+    return (max(1, min(ceil_div(n, THREADS), 65536)),), (THREADS,)

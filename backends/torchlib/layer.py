@@ -114,6 +114,9 @@ def draw_dropout_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+STEP_SEED = -2  # a call's seed meaning "LORA-8's mask from the layer's StepSeed" (dropout.py); -1: no dropout
+
+
 def round_f64(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 -> dtype with ONE rounding to nearest even (LORA-6).
 
@@ -213,6 +216,8 @@ class QLoRALinear(nn.Module):
         self.register_buffer("bias", bias)
         self.reset_lora_parameters(init)
         self.handle = ops.register(self)  # names this layer to the custom operators (torch.compile path)
+        self.step_seed = None  # a dropout.StepSeed: masks from device memory (LORA-8), capturable; None: host seeds
+        self.seed_salt = 0  # this layer's salt under a StepSeed (use_step_seed sets it from the module's name)
         self._bound = None  # (scratch buffer, W_hat view into it, the backend's bound dequantize launch)
 
     @classmethod
@@ -284,8 +289,19 @@ class QLoRALinear(nn.Module):
         self.backend.dequantize_4bit(self.q, dtype=DTYPE_NAMES[out.dtype], out=out)
         return out.to(dt)
 
+    def call_seed(self) -> int | None:
+        """The dropout seed of one training call: None (no dropout), STEP_SEED (the StepSeed in device memory, the
+        same for the forward, a checkpoint's recompute and the backward) or a fresh host seed (draw_dropout_seed)."""
+        if not (self.training and self.dropout > 0.0):
+            return None
+        return STEP_SEED if self.step_seed is not None else draw_dropout_seed()
+
     def noise(self, shape, seed: int, dtype) -> torch.Tensor:
-        """The dropout factor keep / (1 - p) of this layer's call with ``seed`` (LORA-3), redrawn in backward."""
+        """The dropout factor keep / (1 - p) of this layer's call with ``seed`` (LORA-3), redrawn in backward;
+        ``seed == STEP_SEED``: LORA-8's mask from the step seed and this layer's salt."""
+        if seed == STEP_SEED:
+            keep = self.backend.dropout_keep_counter(shape, self.dropout, self.step_seed.tensor, self.seed_salt)
+            return keep.to(dtype).mul_(float(np.float32(1.0) / np.float32(1.0 - self.dropout)))
         return dropout_noise(shape, self.dropout, seed, self.backend, dtype)
 
     def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -304,7 +320,7 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"input is on {x.device} but this layer's 4-bit weight is on {self.device}")
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
-        seed = draw_dropout_seed() if self.training and self.dropout > 0.0 else None
+        seed = self.call_seed()
         if torch.compiler.is_compiling():  # the custom operators: no graph break at this layer
             x2 = x.reshape(-1, self.in_features)
             s = -1 if seed is None else seed
