@@ -4,6 +4,7 @@ One optimizer step's K micro-batches, N response tokens in all (trainer.py has t
 
     for each micro-batch k:  seeds.renew()                        the dropout seed in device memory (LORA-8)
                              (loss_k * s, loss_k) = f(batch_k, s)  s = 1/N as a (1,) tensor, loss_k its loss sum
+                                                                   (static_loss_sum: every shape static)
                              backward of loss_k * s                a CUDA graph replay where the shape is captured
     p.grad = sum_k grad_k                                          (K = 1: the graph's gradient itself)
 
@@ -32,13 +33,13 @@ BUCKET = 16  # tokens: the padded-length multiple under capture when the run ask
 class GpuMicroSteps:
     """The GPU's micro-steps of one optimizer step (module docstring); ``run(batches, n_tok)`` -> the loss sum."""
 
-    def __init__(self, model, loss_module, params: dict[str, torch.nn.Parameter], cfg):
+    def __init__(self, model, params: dict[str, torch.nn.Parameter], cfg):
         from backends.torchlib import distributed as D
         from backends.torchlib.dropout import use_step_seed
         from backends.torchlib.graph import StepGraphs, capture_blockers
         from backends.torchlib.layer import QLoRALinear
 
-        self.model, self.loss_module, self.params = model, loss_module, list(params.values())
+        self.model, self.params = model, list(params.values())
         self.device = self.params[0].device
         self.seeds, self.graphs = None, None
         if any(m.dropout > 0 for m in model.modules() if isinstance(m, QLoRALinear)):
@@ -61,7 +62,7 @@ class GpuMicroSteps:
 
     def scaled_loss(self, input_ids, attention_mask, labels, scale):
         """(loss_sum * scale, loss_sum): what every micro-step computes, eager or captured."""
-        loss_sum = self.loss_module(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        loss_sum = static_loss_sum(self.model, input_ids, attention_mask, labels)
         return loss_sum * scale, loss_sum
 
     def run(self, batches: list[dict[str, torch.Tensor]], n_tok: int) -> float:
@@ -92,6 +93,52 @@ class GpuMicroSteps:
             for p, a in zip(self.params, acc, strict=True):
                 p.grad = a
         return float(total)
+
+
+def static_loss_sum(model, input_ids, attention_mask, labels, *, chunk_elements: int | None = None) -> torch.Tensor:
+    """The micro-batch's response loss sum (evaluate.response_loss_sum's value) with every shape static:
+
+        L = sum_{b, t : labels[b, t+1] != -100} -log softmax(head(h[b, t]))[labels[b, t+1]]
+
+    - the attention mask is built here, 4-D and additive: allowed[b, q, k] = k <= q and attention_mask[b, k] (right
+      padding: every query keeps key 0, no row is all masked), so transformers takes no data-dependent branch (it
+      would read ``attention_mask.all()`` on the host to skip the mask);
+    - the LM head runs on every position (the -100 targets are ignored by the cross-entropy), not on the selected
+      response rows (a data-dependent count), in static chunks of rows, each recomputed in backward
+      (evaluate.CE_CHUNK_ELEMENTS float32 logits at most at once).
+    """
+    from torch.nn import functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from .evaluate import CE_CHUNK_ELEMENTS, body_and_head
+
+    B, T = input_ids.shape
+    emb = model.get_input_embeddings().weight
+    allowed = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril_()[None, None]
+    allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, T)
+    mask = torch.zeros(allowed.shape, dtype=emb.dtype, device=emb.device).masked_fill_(
+        ~allowed, torch.finfo(emb.dtype).min
+    )
+    targets = labels[:, 1:].reshape(-1)  # (B (T-1),)
+    split = body_and_head(model)
+    if split is None:
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(len(targets), -1).float(), targets, reduction="sum")
+    body, head = split
+    h = body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+    x = h.reshape(len(targets), -1)  # (B (T-1), H)
+    per = max(1, (chunk_elements or CE_CHUNK_ELEMENTS) // head.out_features)
+    if len(x) <= per:
+        return _ce_sum(head, x, targets)
+    parts = [checkpoint(_ce_sum, head, x[i : i + per], targets[i : i + per], use_reentrant=False,
+                        preserve_rng_state=False) for i in range(0, len(x), per)]  # fmt: skip
+    return torch.stack(parts).sum()
+
+
+def _ce_sum(head, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from torch.nn import functional as F
+
+    return F.cross_entropy(head(x).float(), targets, reduction="sum")
 
 
 def say(line: str) -> None:

@@ -124,7 +124,7 @@ class Trainer:
         # the loss as a module DDP's forward runs (it arms the gradient all-reduce); one process: called bare
         self.loss_module = ResponseLoss(model) if self.world == 1 else D.wrap_ddp(ResponseLoss(model))
         # the GPU's micro-steps: StepSeed dropout, CUDA graphs (gpu_step.py); the CPU path is the loop below
-        self.gpu = GpuMicroSteps(model, self.loss_module, self.params, cfg) if self.device.type == "cuda" else None
+        self.gpu = GpuMicroSteps(model, self.params, cfg) if self.device.type == "cuda" else None
         self.optimizer = optimizer or make_optimizer(list(self.params.values()), cfg)
         self.stream = BatchStream(train_set, t.batch_size, seed=t.seed, group_by_length=cfg.data.group_by_length)
         self.step = 0
@@ -253,6 +253,7 @@ class Trainer:
                     "lr": cfg.lr,
                     "tokens": r.tokens,
                     "tokens_per_s": r.tokens / r.seconds,
+                    "step_seconds": r.seconds,
                     "mem_gb": memory_gb(self.device),
                 }
                 self.history.append(rec)

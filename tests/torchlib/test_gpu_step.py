@@ -106,6 +106,27 @@ def test_renew_draws_from_torch_cpu_generator_and_step_seed_lifts_the_dropout_bl
         use_step_seed(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("chunk", [None, 64 * 5])
+def test_static_loss_sum_is_the_response_loss_sum(chunk):
+    """Its own 4-D mask and the head on every position give evaluate.response_loss_sum's value (right padding)."""
+    from backends.app.batching import collate
+    from backends.app.data import TokenizedExample
+    from backends.app.evaluate import response_loss_sum
+    from backends.app.gpu_step import static_loss_sum
+
+    model = _model(dropout=0.0).eval()
+    g = torch.Generator().manual_seed(4)
+    data = []
+    for n in (5, 11, 8):
+        ids = torch.randint(2, 128, (n,), generator=g).tolist()
+        data.append(TokenizedExample(ids, [-100] * 3 + ids[3:]))
+    b = collate(data, 0, 16)
+    with torch.no_grad():
+        want = response_loss_sum(model, b)
+        got = static_loss_sum(model, **b, chunk_elements=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_finetune_has_the_cuda_graphs_flag():
     from backends.app.cli import build_parser
     from backends.app.config import UsageError
