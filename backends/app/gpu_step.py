@@ -11,9 +11,10 @@ One optimizer step's K micro-batches, N response tokens in all (trainer.py has t
 - Dropout: every QLoRA layer reads one StepSeed (backends.torchlib.dropout), so nothing is drawn on the host per
   call, a checkpointed block's recompute sees its forward's mask, and gradient checkpointing needs no RNG states
   (re-enabled with ``preserve_rng_state=False``).
-- Graphs (``--cuda-graphs auto``): backends.torchlib.graph.StepGraphs, one capture per padded batch shape (lengths
-  bucketed to a multiple of 16 when --pad-to-multiple-of is 1), shapes it cannot capture run eager; when nothing can
-  be captured (``capture_blockers``) the whole step runs eager and one line on stderr says why.
+- Graphs (``--cuda-graphs auto``): backends.torchlib.graph.StepGraphs, one capture per padded batch shape (on the
+  GPU lengths are bucketed to a multiple of 16 when --pad-to-multiple-of is 1, captured or not), shapes it cannot
+  capture run eager; when nothing can be captured (``capture_blockers``) the whole step runs eager and one line on
+  stderr says why.
 - Equality: the eager and the captured micro-step call the same function with the same tensors (the 1/N scale is a
   tensor in both), so the graph replays the eager step's kernels on the same data: the same loss and gradient bits
   (tests/torchlib/test_gpu_step.py).  What a graph saves is the host's launch work.
@@ -57,8 +58,9 @@ class GpuMicroSteps:
         self.graphs = StepGraphs(self.scaled_loss, self.params, say=say)
 
     def pad_to(self, pad_to_multiple_of: int) -> int:
-        """The padded-length multiple of the run's micro-batches: BUCKET under capture when the run asks for 1."""
-        return BUCKET if pad_to_multiple_of == 1 and self.graphs is not None else pad_to_multiple_of
+        """The padded-length multiple of the run's micro-batches on the GPU: BUCKET when the run asks for 1, captured
+        or not (the dropout mask is indexed by flat position, so eager and captured runs pad alike to draw alike)."""
+        return BUCKET if pad_to_multiple_of == 1 else pad_to_multiple_of
 
     def scaled_loss(self, input_ids, attention_mask, labels, scale):
         """(loss_sum * scale, loss_sum): what every micro-step computes, eager or captured."""

@@ -97,9 +97,12 @@ class CapturedStep:
                 p.grad = None  # the capture allocates the gradients in the graph's pool
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.outputs = _as_tuple(loss_fn(**self.static))
-                self.loss = self.outputs[0]
-                self.loss.backward()
+                outputs = _as_tuple(loss_fn(**self.static))
+                outputs[0].backward()
+            # the static outputs, detached: holding their autograd graph would keep the capture's AccumulateGrad
+            # nodes (bound to the capture stream) alive into later backwards
+            self.outputs = tuple(o.detach() for o in outputs)
+            self.loss = self.outputs[0]
         except RuntimeError as exc:  # capture refused an op (a host sync, an allocation it cannot make, ...)
             torch.cuda.synchronize()
             raise CaptureError(f"the step could not be captured: {' '.join(str(exc).split())[:300]}") from exc
