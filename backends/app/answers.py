@@ -16,12 +16,21 @@ A prompt file: one JSON object per line; the prompt is the first of ``PROMPT_FIE
 a line that is not a JSON object, a record without the prompt field, an empty file end in one line (exit 2) and
 nothing is written.  The answers (one line per prompt: id, prompt, answer, n_tokens = tokens generated before the end
 token) are written to ``<out>.partial`` and renamed into place when all are done.
+
+Decoders (``decoder_of``): on the CPU, and with ``--cuda-graphs off``, transformers' ``model.generate`` (greedy, its
+dynamic KV cache).  With ``--backend cupy`` (``--cuda-graphs auto``, the default) backends.torchlib.decode: a static
+KV cache of prompt + max_new_tokens columns, the prompt prefilled eagerly, then the one-token decode step captured
+once as a CUDA graph and replayed per token (eager, with one line on stderr saying why, when it cannot be captured).
+Both decode greedily with the same end-token and padding rules, and give the same tokens in the CPU tests
+(tests/torchlib/test_decode.py); in bf16 the static cache's masked columns may round the attention differently, so
+a near-tie can break the other way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -91,31 +100,105 @@ def wrap(template: str, prompt: str, tokenizer, record: dict | None = None) -> s
 
 # --- generating ---------------------------------------------------------------------------------------------------
 
+DECODERS = ("generate", "static", "graph")  # transformers' generate; static KV cache eager; static + CUDA graph
+
+
+def decoder_of(c) -> str:
+    """The decoder a generate config asks for (module docstring): 'graph' for --backend cupy unless --cuda-graphs
+    off, else 'generate' (the CPU path, unchanged)."""
+    return "graph" if c.backend == "cupy" and c.cuda_graphs != "off" else "generate"
+
+
+def _say_once():
+    """A ``say`` for the decoder: each distinct line once on stderr (a prompt file decodes many batches)."""
+    said: set[str] = set()
+
+    def say(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            print(f"qlora: {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _left_padded(tokenizer, prompts: list[str], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    T = max(len(i) for i in ids)
+    input_ids = torch.tensor([[pad_id] * (T - len(i)) + list(i) for i in ids], device=device)  # (B, T)
+    mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids], device=device)  # (B, T)
+    return input_ids, mask
+
+
+def _static_tokens(model, input_ids, mask, *, max_new_tokens, eos, pad_id, decoder, say, on_token=None):
+    """(B, <= max_new_tokens) new tokens from backends.torchlib.decode (decoder 'static' or 'graph')."""
+    from backends.torchlib.decode import greedy_decode
+
+    out = greedy_decode(model, input_ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                        pad_token_id=pad_id, capture=decoder == "graph", say=say, on_token=on_token)  # fmt: skip
+    return out.tokens
+
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, progress: bool):
+def answer(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+    decoder: str = "generate",
+):
     """[(answer text, n_tokens)] by greedy decoding (left-padded batches, KV cache); the bar counts prompts.
-    n_tokens: the tokens generated before the end token (at most max_new_tokens)."""
+    n_tokens: the tokens generated before the end token (at most max_new_tokens).  ``decoder``: one of DECODERS
+    (module docstring); every one gives the same tokens."""
     from .evaluate import model_device, pad_id_of, progress_bar
 
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     was_training = model.training
     model.eval()
     device, pad_id, eos = model_device(model), pad_id_of(tokenizer), tokenizer.eos_token_id
+    say = _say_once()
     out: list[tuple[str, int]] = []
     with progress_bar(len(prompts), progress, "generate", unit="prompt") as bar:
         for k in range(0, len(prompts), batch_size):
-            ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[k : k + batch_size]]
-            T = max(len(i) for i in ids)
-            input_ids = torch.tensor([[pad_id] * (T - len(i)) + list(i) for i in ids], device=device)  # (B, T)
-            mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids], device=device)  # (B, T)
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad_id, eos_token_id=eos, use_cache=True)  # fmt: skip
-            for row in gen[:, T:].tolist():  # (B, <= max_new_tokens)
+            input_ids, mask = _left_padded(tokenizer, prompts[k : k + batch_size], pad_id, device)  # (B, T) each
+            T = input_ids.shape[1]
+            if decoder == "generate":
+                gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad_id, eos_token_id=eos,
+                                     use_cache=True)[:, T:]  # fmt: skip
+            else:
+                gen = _static_tokens(model, input_ids, mask, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
+                                     decoder=decoder, say=say)  # fmt: skip
+            for row in gen.tolist():  # (B, <= max_new_tokens)
                 n = row.index(eos) if eos in row else len(row)
                 out.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
-            bar.update(len(ids))
+            bar.update(len(input_ids))
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def generate_texts(c, model, tokenizer, prompts: list[str]) -> list[str]:
+    """--prompt's answers, each the decoded continuation without special tokens; the bar counts tokens.  The
+    'generate' decoder is evaluate.generate (the CPU path, unchanged); the others decode the same tokens here."""
+    from .evaluate import generate, model_device, pad_id_of, progress_bar
+
+    decoder = decoder_of(c)
+    if decoder == "generate":
+        return generate(model, tokenizer, prompts, max_new_tokens=c.max_new_tokens, progress=c.progress)
+    was_training = model.training
+    model.eval()
+    pad_id = pad_id_of(tokenizer)
+    input_ids, mask = _left_padded(tokenizer, prompts, pad_id, model_device(model))  # (B, T) each
+    with progress_bar(c.max_new_tokens, c.progress, "generate", unit="token") as bar:
+        gen = _static_tokens(model, input_ids, mask, max_new_tokens=c.max_new_tokens, eos=tokenizer.eos_token_id,
+                             pad_id=pad_id, decoder=decoder, say=_say_once(),
+                             on_token=lambda n: bar.update(1))  # fmt: skip
+    model.train(was_training)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in gen.tolist()]
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
@@ -151,7 +234,7 @@ def answer_file(c, model, tokenizer, template: str, items: list[dict]) -> list[d
     """The rows of answers.jsonl for the prompt file's ``items`` (read_prompts), in file order."""
     texts = [wrap(template, it["prompt"], tokenizer, it["record"]) for it in items]
     answers = answer(model, tokenizer, texts, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
-                     progress=c.progress)  # fmt: skip
+                     progress=c.progress, decoder=decoder_of(c))  # fmt: skip
     rows = []
     for it, (text, n) in zip(items, answers, strict=True):
         row = {"id": it["id"]} if "id" in it else {}

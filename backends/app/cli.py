@@ -115,7 +115,7 @@ def cmd_quantize(c: QuantizeConfig) -> int:
 def cmd_generate(c: GenerateConfig) -> int:
     """--prompt TEXT (repeatable): the answers printed; --prompts FILE.jsonl --out answers.jsonl: one JSON line per
     prompt, written whole (answers.py).  Every input is checked before the model loads."""
-    from .answers import answer_file, precheck_out, read_prompts, run_template, wrap, write_jsonl
+    from .answers import answer_file, generate_texts, precheck_out, read_prompts, run_template, wrap, write_jsonl
 
     if bool(c.prompt) == bool(c.prompts):
         raise UsageError("give --prompt TEXT (repeatable) or --prompts FILE.jsonl, one of the two")
@@ -134,10 +134,8 @@ def cmd_generate(c: GenerateConfig) -> int:
         write_jsonl(c.out, rows)
         print(f"wrote {c.out} ({len(rows)} answers, template {template}, {sum(r['n_tokens'] for r in rows)} tokens)")
         return 0
-    from .evaluate import generate
-
     prompts = [wrap(template, p, tokenizer) for p in c.prompt]
-    texts = generate(model, tokenizer, prompts, max_new_tokens=c.max_new_tokens, progress=c.progress)  # a token bar
+    texts = generate_texts(c, model, tokenizer, prompts)  # a token bar; --backend cupy: the captured decode
     for p, text in zip(c.prompt, texts, strict=True):
         print(f"### prompt: {p}\n{text.strip()}\n")
     return 0

@@ -283,6 +283,12 @@ class GenerateConfig:
     )
     raw: bool = opt(False, "do not wrap the prompt at all (= --template none)")
     backend: str = opt("numpy", "dequantization backend", choices=BACKENDS)
+    cuda_graphs: str = opt(
+        "auto",
+        "--backend cupy: decode with a static KV cache, the one-token step replayed as a CUDA graph (auto: when it "
+        "can be captured, else eager with one line saying why; off: transformers' generate, as on the CPU)",
+        choices=("auto", "off"),
+    )
     progress: bool = opt(True, "show a tqdm progress bar on stderr (tokens generated; with --prompts: prompts)")
 
 
