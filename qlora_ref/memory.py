@@ -1,4 +1,5 @@
-"""The paper's memory ledger: what QLoRA finetuning keeps on one GPU, term by term (specs/memory.md, MEM-1 .. MEM-12).
+"""The paper's memory ledger: what QLoRA finetuning keeps on one GPU, term by term (specs/memory.md, MEM-1 .. MEM-12;
+DoRA's terms MEM-15).
 
     bits_per_param(64, double_quant=False) = 4 + 32/64              = 4.5       (MEM-1)
     bits_per_param(64, double_quant=True)  = 4 + 8/64 + 32/(64*256) = 4.127     (MEM-1; saves 0.373 bits/param)
@@ -15,6 +16,9 @@ the way the Guanaco scripts train it (bitsandbytes' Linear4bit + PEFT's LoRA lay
     activations        what autograd saves, all layers or checkpoints + one recomputed layer          (MEM-7, MEM-8)
     loss_head          logits and the cross-entropy's float32 log-probabilities and their gradient    (MEM-9)
     dequant_scratch    16-bit copies of the largest weight, dequantized for a matmul                  (MEM-10)
+
+With ``use_dora`` (DoRA, specs/dora.md) each adapted linear adds its magnitude m (out,): in lora_params,
+lora_grads and optimizer like A and B, and the row norms n (out,) its backward keeps, in activations (MEM-15).
 
 Bytes are exact for the stored tensors (MEM-2 .. MEM-6) and a documented model for the transient ones (MEM-7 ..
 MEM-10).  GB here is 10^9 bytes, the paper's unit; `fits(gb)` compares against gb * 10^9 (stricter than GiB).
@@ -102,6 +106,7 @@ class Recipe:
     lora_dropout: float = 0.0  # PEFT's lora_dropout (MEM-7)
     attention: str = "sdpa"  # "sdpa" (logsumexp state) or "eager" (float32 probs)
     dequant_buffers: int | None = None  # dequantized weights alive at once; None: the layer's own count (MEM-10)
+    use_dora: bool = False  # DoRA layers (specs/dora.md): a trainable magnitude per output feature (MEM-15)
 
     def __post_init__(self) -> None:
         _check_positive_int(seq_len=self.seq_len, batch=self.batch, r=self.r, blocksize=self.blocksize)
@@ -117,6 +122,8 @@ class Recipe:
             raise ValueError(f"dequant_buffers must be a non-negative integer or None, got {n!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}")
 
     @property
     def tokens(self) -> int:
@@ -133,6 +140,12 @@ class Recipe:
         return BYTES[self.lora_dtype]
 
     @property
+    def norm_dtype_bytes(self) -> int:
+        """f = bytes of DoRA's norm n: the wider of compute_dtype and lora_dtype (torch.promote_types; two different
+        16-bit types promote to float32), as DoRALinear's weight_norm computes it (MEM-15)."""
+        return self.compute_bytes if self.compute_dtype == self.lora_dtype else 4
+
+    @property
     def paged(self) -> bool:
         return self.optimizer.startswith("paged")
 
@@ -142,7 +155,7 @@ class Recipe:
             model=shape.name, r=self.r, seq_len=self.seq_len, batch=self.batch, checkpointing=self.checkpointing,
             double_quant=self.double_quant, blocksize=self.blocksize, lora_dtype=self.lora_dtype,
             optimizer=self.optimizer, compute_dtype=self.compute_dtype, lora_dropout=self.lora_dropout,
-            attention=self.attention,
+            attention=self.attention, use_dora=self.use_dora,
         )  # fmt: skip
 
 
@@ -167,26 +180,39 @@ def norm_bytes(shape: ModelShape, recipe: Recipe) -> int:
     return BYTES[recipe.norm_dtype] * shape.n_norm
 
 
+def dora_magnitude_count(shape: ModelShape) -> int:
+    """D = L * sum of the 7 linears' out features = L (3h + 2 kv + 2i): one magnitude value per output feature of
+    every adapted linear (MEM-15; PEFT's lora_magnitude_vector, (out,) each)."""
+    return shape.layers * sum(fout for _, _, fout in shape.linears())
+
+
+def trainable_count(shape: ModelShape, recipe: Recipe) -> int:
+    """P, plus D with DoRA: every adapter value AdamW updates (MEM-4, MEM-15)."""
+    return shape.n_lora(recipe.r) + (dora_magnitude_count(shape) if recipe.use_dora else 0)
+
+
 def lora_param_bytes(shape: ModelShape, recipe: Recipe) -> int:
-    """l * P (MEM-4); the gradients are as many, in the same dtype (MEM-5)."""
-    return recipe.lora_bytes * shape.n_lora(recipe.r)
+    """l * P, or l * (P + D) with DoRA (MEM-4, MEM-15); the gradients are as many, in the same dtype (MEM-5)."""
+    return recipe.lora_bytes * trainable_count(shape, recipe)
 
 
 def optimizer_bytes(shape: ModelShape, recipe: Recipe) -> int:
     """AdamW's m and v (MEM-6).
 
-    32-bit: 8 P (float32 m and v, whatever the parameter dtype).
+    32-bit: 8 P (float32 m and v, whatever the parameter dtype); 8 (P + D) with DoRA (MEM-15).
     8-bit:  per adapter tensor of k values, 2k + 8 ceil(k/256) (codes + two float32 absmax per 256) when k >= 4096,
-            else 8k (bitsandbytes' min_8bit_size).
+            else 8k (bitsandbytes' min_8bit_size); with DoRA the magnitude m (out,) is one more tensor per linear.
     """
     if recipe.optimizer.endswith("32bit"):
-        return 8 * shape.n_lora(recipe.r)
+        return 8 * trainable_count(shape, recipe)
 
     def state(k: int) -> int:
         return 2 * k + 8 * -(-k // OPTIMIZER_BLOCKSIZE_8BIT) if k >= MIN_8BIT_SIZE else 8 * k
 
     r = recipe.r
     one_block = sum(state(r * fin) + state(fout * r) for _, fin, fout in shape.linears())  # A [r, in], B [out, r]
+    if recipe.use_dora:
+        one_block += sum(state(fout) for _, _, fout in shape.linears())  # m [out]
     return shape.layers * one_block
 
 
@@ -226,6 +252,19 @@ def lora_input_bytes(shape: ModelShape, recipe: Recipe) -> int:
     else:
         per_value = 0
     return per_value * recipe.tokens * sum(fin for _, fin, _ in shape.linears())
+
+
+def dora_norm_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """What a DoRA layer's backward keeps beyond LoRA's x and u, per decoder block (MEM-15):
+
+    f * sum of the 7 linears' out features     the row norms n = ||W_hat + s B A||_row (out,) each, f bytes
+                                               (the wider of compute and LoRA dtype); 0 without DoRA
+
+    z = xd W_hat^T + s u B^T (N, out) is recomputed in backward from x and u (DORA-5), not kept.
+    """
+    if not recipe.use_dora:
+        return 0
+    return recipe.norm_dtype_bytes * sum(fout for _, _, fout in shape.linears())
 
 
 def checkpoint_bytes(shape: ModelShape, recipe: Recipe) -> int:
@@ -304,8 +343,8 @@ class Ledger:
 
 
 def components(shape: ModelShape, recipe: Recipe) -> dict[str, int]:
-    """The paper's terms, in bytes, in the ledger's order (MEM-2 .. MEM-10)."""
-    block = block_bytes(shape, recipe) + lora_input_bytes(shape, recipe)
+    """The paper's terms, in bytes, in the ledger's order (MEM-2 .. MEM-10; DoRA's MEM-15 inside them)."""
+    block = block_bytes(shape, recipe) + lora_input_bytes(shape, recipe) + dora_norm_bytes(shape, recipe)
     return {
         "base_4bit": base_4bit_bytes(shape, recipe),
         "embeddings": embedding_bytes(shape, recipe),
@@ -332,7 +371,8 @@ def estimate(shape: ModelShape, recipe: Recipe) -> Ledger:
 
 __all__ = [
     "GB", "Ledger", "ModelShape", "PRESETS", "Recipe", "activation_bytes", "base_4bit_bytes", "bits_per_param",
-    "block_bytes", "checkpoint_bytes", "components", "dequant_scratch_bytes", "embedding_bytes", "estimate",
-    "llama_7b", "llama_13b", "llama_33b", "llama_65b", "lora_input_bytes", "lora_param_bytes", "loss_head_bytes",
-    "norm_bytes", "optimizer_bytes", "quantized_bytes", "shape_from_dict",
+    "block_bytes", "checkpoint_bytes", "components", "dequant_scratch_bytes", "dora_magnitude_count",
+    "dora_norm_bytes", "embedding_bytes", "estimate", "llama_7b", "llama_13b", "llama_33b", "llama_65b",
+    "lora_input_bytes", "lora_param_bytes", "loss_head_bytes", "norm_bytes", "optimizer_bytes", "quantized_bytes",
+    "shape_from_dict", "trainable_count",
 ]  # fmt: skip

@@ -255,6 +255,9 @@ class MemoryConfig:
     step_in_backward: bool = opt(False, "optimizer steps inside backward (MEM-13)")
     offload_checkpoints: bool = opt(False, "checkpointed block inputs in host memory")
     embeddings_on_host: bool = opt(False, "input embedding table in host memory")
+    use_dora: bool = opt(
+        False, "DoRA layers: a magnitude per output feature, its norms and temporaries (MEM-15, MEM-16)"
+    )
     nproc: int = opt(
         1, "GPUs (ranks), --batch sequences each: the ledger of one of them (DIST-7, specs/distributed.md)"
     )

@@ -40,11 +40,14 @@ def cmd_memory(c: MemoryConfig) -> int:
     recipe = memory.Recipe(
         seq_len=c.seq_len, batch=c.batch, r=c.r, checkpointing=c.checkpointing, double_quant=c.double_quant,
         blocksize=c.blocksize, optimizer=c.optimizer, compute_dtype=c.compute_dtype, lora_dtype=c.lora_dtype,
-        lora_dropout=c.lora_dropout,
+        lora_dropout=c.lora_dropout, use_dora=c.use_dora,
     )  # fmt: skip
     overhead = CUDA_OVERHEAD_BYTES if c.overhead_gb is None else int(c.overhead_gb * memory.GB)
     runtime = Runtime(layer=c.layer, step_in_backward=c.step_in_backward, offload_checkpoints=c.offload_checkpoints,
                       embeddings_on_host=c.embeddings_on_host, overhead_bytes=overhead)  # fmt: skip
+    if c.use_dora and c.layer == "peft":
+        raise UsageError("--use-dora counts DoRALinear's tensors (MEM-15, MEM-16); PEFT's DoRA layer is not modelled: "
+                         "drop --layer peft")  # fmt: skip
     if c.shard and c.nproc == 1:
         raise UsageError("--shard splits the model over --nproc N GPUs; give N >= 2")
     if c.nproc > 1 and c.step_in_backward:
@@ -53,6 +56,8 @@ def cmd_memory(c: MemoryConfig) -> int:
     ledger = per_rank_estimate(shape, recipe, runtime, world=c.nproc, shard=c.shard) if per_rank else \
         estimate(shape, recipe, runtime)  # fmt: skip
     lines = [f"{shape.name}: {shape.n_params / 1e9:.2f}B parameters, {shape.n_lora(c.r) / 1e6:.1f}M LoRA parameters"]
+    if c.use_dora:
+        lines[0] += f" + {memory.dora_magnitude_count(shape) / 1e6:.2f}M DoRA magnitudes"
     if per_rank:
         how = "FSDP2 sharding (on paper, DIST-7)" if c.shard else "DDP, every GPU a replica (DIST-7)"
         lines.append(f"per GPU of {c.nproc}, {how}, batch {c.batch} per GPU ({c.batch * c.nproc} in all):")

@@ -1,5 +1,5 @@
 """This implementation's memory ledger: the paper's (qlora_ref.memory) re-composed for how this code trains
-(specs/memory.md MEM-13, MEM-14: implementation terms, not the spec's).
+(specs/memory.md MEM-13, MEM-14, MEM-16: implementation terms, not the spec's).
 
     estimate(shape, Recipe(seq_len=512, batch=1), Runtime(layer="qlora-ref", step_in_backward=True))
 
@@ -16,6 +16,9 @@ The spec's terms stay the spec's; what changes, term by term:
     embeddings_on_host   synthetic.HostEmbedding (untied models only): the input table stays in pinned host memory,
                          embeddings = bytes(embed_dtype) * V h (the LM head alone)
     overhead_bytes       the CUDA context, lazily loaded kernels and driver mappings: a measured constant (MEM-14)
+    recipe.use_dora      DoRALinear (dora.py): the spec's DoRA terms (MEM-15) plus dora_scratch, the temporaries of
+                         one DoRA layer's forward or backward at their peak (MEM-16); PEFT's DoRA layer keeps other
+                         tensors and is not modelled (layer="peft" with use_dora is refused)
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 
 from qlora_ref import memory as spec
 from qlora_ref.memory import BYTES, GB, Ledger, ModelShape, Recipe
+
+from .dora import DEFAULT_BLOCK_ELEMENTS
 
 LAYERS = ("peft", "qlora-ref")
 # MEM-14: device memory a CUDA training process holds beyond its tensors, measured on an H100 80GB (torch 2.11 +
@@ -59,7 +64,7 @@ class Runtime:
 
 def activation_bytes(shape: ModelShape, recipe: Recipe, runtime: Runtime) -> int:
     """MEM-8 with our layer's block (no per-input copies) and the checkpoints where they live."""
-    block = spec.block_bytes(shape, recipe)
+    block = spec.block_bytes(shape, recipe) + spec.dora_norm_bytes(shape, recipe)
     if runtime.layer == "peft":
         block += spec.lora_input_bytes(shape, recipe)
     checkpoints = 0 if runtime.offload_checkpoints else spec.checkpoint_bytes(shape, recipe)
@@ -82,12 +87,62 @@ def embedding_bytes(shape: ModelShape, recipe: Recipe, runtime: Runtime) -> int:
     return BYTES[recipe.embed_dtype] * shape.vocab * shape.hidden
 
 
+# --- MEM-16: DoRALinear's temporaries ---------------------------------------------------------------------------
+# T = tokens, f = bytes of n (recipe.norm_dtype_bytes), c = bytes(compute), l = bytes(lora); D = 1 when the compute
+# dtype is narrower than f (dY, W_hat rows and the first GEMM are cast to f: one more copy), L = 1 when the LoRA
+# dtype is (gy is cast to it), P = 1 with dropout.  Counted from DoRAFunction (dora.py) line by line; every count is
+# the tensors alive at once at that function's peak, tested against a measurement of the live tensors.
+
+
+def dora_layer_scratch(tokens: int, fin: int, fout: int, *, compute_dtype: str, lora_dtype: str, dropout: float,
+                       block_rows: int | None = None) -> dict[str, int]:  # fmt: skip
+    """Peak bytes of one DoRALinear's temporaries, by phase (MEM-16); the incoming gradient dY is not counted (MEM-8's
+    in-flight gradients), nor the (T, in) and (T, r) temporaries LoRA's layer has too.
+
+    norm_blocks  weight_norm, rows = block_rows (default max(1, 2^20 // in)) at a time: the previous block's V
+                 stays alive while the next is formed: (D + 3) f rows in (2 or more full blocks; (D + 2) f rows in
+                 for a single block, rows + (D + 2) last for two)
+    forward      (3 + P) f T out: the two GEMM terms and z, then with dropout z, g z, the base term and their sum
+    backward     max((D + 3) f, (D + 2 + P) f + L l + D c) T out: dY cast to f (D), z's two terms and z; then dY,
+                 z and gy kept to the end with gy cast to the LoRA dtype (L) and to the compute dtype (D), and with
+                 dropout gy - dY
+    """
+    c, lb = BYTES[compute_dtype], BYTES[lora_dtype]
+    f = c if compute_dtype == lora_dtype else 4
+    D, L, P = int(c != f), int(lb != f), int(dropout > 0)
+    rows = block_rows or max(1, DEFAULT_BLOCK_ELEMENTS // fin)
+    nblocks = -(-fout // rows)
+    first = min(rows, fout)
+    peak_rows = (D + 2) * first
+    if nblocks >= 2:
+        pair = rows if nblocks >= 3 else fout - rows  # the block formed while the previous V is still alive
+        peak_rows = max(peak_rows, rows + (D + 2) * pair)
+    return {
+        "norm_blocks": f * peak_rows * fin,
+        "forward": (3 + P) * f * tokens * fout,
+        "backward": max((D + 3) * f, (D + 2 + P) * f + L * lb + D * c) * tokens * fout,
+    }
+
+
+def dora_scratch_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """MEM-16: the largest of dora_layer_scratch over one block's seven linears (one layer runs at a time)."""
+    if not recipe.use_dora:
+        return 0
+    kw = dict(compute_dtype=recipe.compute_dtype, lora_dtype=recipe.lora_dtype, dropout=recipe.lora_dropout)
+    return max(max(dora_layer_scratch(recipe.tokens, fin, fout, **kw).values()) for _, fin, fout in shape.linears())
+
+
 def estimate(shape: ModelShape, recipe: Recipe, runtime: Runtime | None = None) -> Ledger:
-    """The ledger `qlora memory` prints: the paper's terms with this implementation's (MEM-13, MEM-14)."""
+    """The ledger `qlora memory` prints: the paper's terms with this implementation's (MEM-13, MEM-14, MEM-16)."""
     runtime = Runtime() if runtime is None else runtime
     if not isinstance(runtime, Runtime):
         raise TypeError(f"runtime must be a backends.torchlib.ledger.Runtime, got {type(runtime).__name__}")
-    paper = spec.estimate(shape, recipe)
+    paper = spec.estimate(shape, recipe)  # checks shape and recipe first
+    if recipe.use_dora and runtime.layer == "peft":
+        raise ValueError(
+            "use_dora with layer='peft': PEFT's DoRA layer keeps other tensors than DoRALinear (its base and LoRA "
+            "outputs, (T, out) each, for the magnitude's gradient) and is not modelled; use layer='qlora-ref'"
+        )
     buffers = spec.PEFT_DEQUANT_BUFFERS if runtime.layer == "peft" else OUR_DEQUANT_BUFFERS
     parts = {
         **paper.components,
@@ -96,12 +151,14 @@ def estimate(shape: ModelShape, recipe: Recipe, runtime: Runtime | None = None) 
         "activations": activation_bytes(shape, recipe, runtime),
         "dequant_scratch": spec.dequant_scratch_bytes(shape, recipe, buffers=buffers),
     }
+    if recipe.use_dora:
+        parts["dora_scratch"] = dora_scratch_bytes(shape, recipe)
     if runtime.overhead_bytes:
         parts["overhead"] = runtime.overhead_bytes
     return Ledger(parts, pageable=paper.pageable, config={**paper.config, **runtime.config()})
 
 
-__all__ = ["CUDA_OVERHEAD_BYTES", "GB", "LAYERS", "Runtime", "estimate"]
+__all__ = ["CUDA_OVERHEAD_BYTES", "GB", "LAYERS", "Runtime", "dora_layer_scratch", "dora_scratch_bytes", "estimate"]
 
 
 # --- the ledger per rank (DIST-7: on paper) ------------------------------------------------------------------------
