@@ -252,6 +252,9 @@ def run_model(model_name: str, shape, path: str | None, variants: list[str], s: 
                 if v == "ours-graph" and B in statics:
                     row["tokens_match_static"] = bool(torch.equal(tokens.cpu(), statics[B]))
                 rows.append(row)
+                print(f"{model_name} B={B} {v}: {row['ms_per_token']:.3f} ms/token, {row['tokens_per_s']:.1f} tokens/s"
+                      f"{'' if 'captured' not in row else ', captured' if row['captured'] else ', eager'}",
+                      file=sys.stderr, flush=True)  # fmt: skip
         del model
         gc.collect()
         if s.device == "cuda":
@@ -308,10 +311,13 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--smollm2", default=None, help="SmolLM2 model dir or .gguf: also benchmark it")
     ap.add_argument("--new", type=int, default=None, help=f"new tokens per row (default {NEW})")
+    ap.add_argument("--reps", type=int, default=None, help=f"timed calls per row (default {REPS})")
+    ap.add_argument("--warmup", type=int, default=None, help=f"untimed calls first (default {WARMUP})")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny random LLaMA, seconds: checks the plumbing")
     ap.add_argument("--out", default=str(RESULTS), help="folder for bench_decode[_smoke].{json,png}")
     args = ap.parse_args(argv)
-    s = dataclasses.replace(SMOKE if args.smoke else Setup(), **({"new": args.new} if args.new else {}))
+    given = {k: v for k, v in (("new", args.new), ("reps", args.reps), ("warmup", args.warmup)) if v}
+    s = dataclasses.replace(SMOKE if args.smoke else Setup(), **given)
     if s.new < 2:
         ap.error("--new must be >= 2 (ms per token is a difference of two lengths)")
     variants = [v for v in args.variants.split(",") if v]
