@@ -364,7 +364,8 @@ def test_gpu_dora_temporaries_match_the_ledger():
     bw, _ = peak_above_start(lambda: y.backward(dy))
     assert want["forward"] <= fw <= want["forward"] + slack, (fw, want, slack)
     # Measured on an H200 (2026-12-02): the backward's allocator peak is one float32 (T, out) tensor above MEM-16's
-    # count (336,134,656 B vs 268,435,456 B here), an allocation no line of DoRAFunction.backward makes (specs/memory.md
-    # MEM-16 says so); the bound allows exactly that one tensor more.
+    # count (336,134,656 B vs 268,435,456 B here): CUDA's sum over dim 0 of the (T, out) product dY * z allocates two
+    # (T, out) float32 buffers of its own while it runs (traced op by op; specs/memory.md MEM-16 says so); the bound
+    # allows exactly that one tensor more.
     unattributed = 4 * T_ * out_f
     assert want["backward"] <= bw <= want["backward"] + unattributed + slack, (bw, want, slack)
