@@ -54,6 +54,21 @@ def capture_blockers(model) -> list[str]:
     return why
 
 
+def capture(graph, fn, *, pool=None):
+    """``fn()`` recorded into ``graph`` (torch.cuda.graph); returns what fn returns, or raises CaptureError.
+
+    On a refused capture the caller's current stream is put back: torch.cuda.graph's ``__exit__`` skips restoring it
+    when ``capture_end`` raises, which would leave every later launch of the process on the capture's side stream."""
+    caller = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            return fn()
+    except RuntimeError as exc:  # an op the capture refuses (a host sync, an allocation it cannot make, ...)
+        torch.cuda.set_stream(caller)
+        torch.cuda.synchronize()
+        raise CaptureError(f"the capture failed: {' '.join(str(exc).split())[:300]}") from exc
+
+
 def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
@@ -96,14 +111,20 @@ class CapturedStep:
             for p in self.params:
                 p.grad = None  # the capture allocates the gradients in the graph's pool
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+
+            def record():
                 outputs = _as_tuple(loss_fn(**self.static))
                 outputs[0].backward()
+                return outputs
+
+            outputs = capture(self.graph, record, pool=pool)
             # the static outputs, detached: holding their autograd graph would keep the capture's AccumulateGrad
             # nodes (bound to the capture stream) alive into later backwards
             self.outputs = tuple(o.detach() for o in outputs)
             self.loss = self.outputs[0]
-        except RuntimeError as exc:  # capture refused an op (a host sync, an allocation it cannot make, ...)
+        except CaptureError:
+            raise
+        except RuntimeError as exc:  # the warm-up failed (on its side stream, restored by torch.cuda.stream)
             torch.cuda.synchronize()
             raise CaptureError(f"the step could not be captured: {' '.join(str(exc).split())[:300]}") from exc
         missing = [i for i, p in enumerate(self.params) if p.grad is None]

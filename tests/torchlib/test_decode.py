@@ -273,11 +273,13 @@ def test_gpu_a_refused_capture_falls_back_to_eager_steps():
         float(output.float().sum())
 
     hook = model.model.norm.register_forward_hook(read_on_host)
+    stream = torch.cuda.current_stream()
     try:
         lines = []
         got = greedy_decode(model, x, m, max_new_tokens=10, say=lines.append)
     finally:
         hook.remove()
+    assert torch.cuda.current_stream() == stream  # a refused capture leaves the caller's stream current
     assert not got.captured and got.replays == 0 and got.eager_steps == 9
     assert len(lines) == 1 and "capture failed" in lines[0]
     assert torch.equal(got.tokens, want)
