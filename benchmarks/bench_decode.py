@@ -270,16 +270,11 @@ def device_info(s: Setup) -> dict:
 
     import torch
 
-    from benchmarks.common import cpu_name
+    from benchmarks.common import cpu_name, package_versions
 
     info = {"device": torch.cuda.get_device_name(0) if s.device == "cuda" else cpu_name(), "torch": torch.__version__,
             "python": platform.python_version()}  # fmt: skip
-    for mod in ("transformers", "bitsandbytes", "peft", "cupy"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as e:
-            info[mod] = f"unavailable ({type(e).__name__})"
-    return info
+    return {**info, **package_versions(("transformers", "bitsandbytes", "peft", "cupy"))}
 
 
 def plot(doc: dict, path: Path) -> None:

@@ -247,15 +247,10 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
 def device_info() -> dict:
     import torch
 
-    from benchmarks.common import commit
+    from benchmarks.common import commit, package_versions
 
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "commit": commit()}
-    for mod in ("bitsandbytes", "peft", "transformers", "cupy"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as e:
-            info[mod] = f"unavailable ({type(e).__name__})"
-    return info
+    return {**info, **package_versions(("bitsandbytes", "peft", "transformers", "cupy"))}
 
 
 def plot(results: list[dict], path: Path) -> None:

@@ -46,6 +46,17 @@ def cuda_median_ms(step, *, warmup: int, reps: int, per: int = 1) -> float:
     return statistics.median(times)
 
 
+def package_versions(names) -> dict[str, str]:
+    """{name: version} for each importable package, "unavailable (Error)" for one that does not import."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as e:
+            out[name] = f"unavailable ({type(e).__name__})"
+    return out
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

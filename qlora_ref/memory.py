@@ -141,9 +141,8 @@ class Recipe:
 
     @property
     def norm_dtype_bytes(self) -> int:
-        """f = bytes of DoRA's norm n: the wider of compute_dtype and lora_dtype (torch.promote_types; two different
-        16-bit types promote to float32), as DoRALinear's weight_norm computes it (MEM-15)."""
-        return self.compute_bytes if self.compute_dtype == self.lora_dtype else 4
+        """f = bytes of DoRA's norm n (``dora_norm_dtype_bytes``, MEM-15)."""
+        return dora_norm_dtype_bytes(self.compute_dtype, self.lora_dtype)
 
     @property
     def paged(self) -> bool:
@@ -178,6 +177,12 @@ def embedding_bytes(shape: ModelShape, recipe: Recipe) -> int:
 def norm_bytes(shape: ModelShape, recipe: Recipe) -> int:
     """bytes(norm_dtype) * (2L + 1) h (MEM-3)."""
     return BYTES[recipe.norm_dtype] * shape.n_norm
+
+
+def dora_norm_dtype_bytes(compute_dtype: str, lora_dtype: str) -> int:
+    """f = bytes of DoRA's norm n: the wider of compute_dtype and lora_dtype (torch.promote_types; two different
+    16-bit types promote to float32), as DoRALinear's weight_norm computes it (MEM-15)."""
+    return BYTES[compute_dtype] if compute_dtype == lora_dtype else 4
 
 
 def dora_magnitude_count(shape: ModelShape) -> int:
@@ -372,7 +377,7 @@ def estimate(shape: ModelShape, recipe: Recipe) -> Ledger:
 __all__ = [
     "GB", "Ledger", "ModelShape", "PRESETS", "Recipe", "activation_bytes", "base_4bit_bytes", "bits_per_param",
     "block_bytes", "checkpoint_bytes", "components", "dequant_scratch_bytes", "dora_magnitude_count",
-    "dora_norm_bytes", "embedding_bytes", "estimate", "llama_7b", "llama_13b", "llama_33b", "llama_65b",
-    "lora_input_bytes", "lora_param_bytes", "loss_head_bytes", "norm_bytes", "optimizer_bytes", "quantized_bytes",
-    "shape_from_dict", "trainable_count",
+    "dora_norm_bytes", "dora_norm_dtype_bytes", "embedding_bytes", "estimate", "llama_7b", "llama_13b", "llama_33b",
+    "llama_65b", "lora_input_bytes", "lora_param_bytes", "loss_head_bytes", "norm_bytes", "optimizer_bytes",
+    "quantized_bytes", "shape_from_dict", "trainable_count",
 ]  # fmt: skip

@@ -80,6 +80,17 @@ def forward_names(model) -> dict:
     return {"cache": cache, "cache_position": "cache_position" in params, "keep": keep}
 
 
+def cache_kwargs(names: dict, cache, cache_position: torch.Tensor) -> dict:
+    """The forward's cache keywords for this version (``forward_names``): the cache, its column positions where the
+    forward takes them, and the logits of the last position only."""
+    kw = {names["cache"]: cache, "use_cache": True}
+    if names["cache_position"]:
+        kw["cache_position"] = cache_position
+    if names["keep"]:
+        kw[names["keep"]] = 1
+    return kw
+
+
 def static_cache(model, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
     """A transformers StaticCache of ``max_len`` columns for ``batch`` rows.  Only the constructor arguments this
     version names are passed (4.x allocates at construction from batch size, device and dtype; 5.x at the first
@@ -196,12 +207,7 @@ class _StaticStep:
         self.ids.copy_(y[:, None])
 
     def __call__(self) -> None:
-        n = self.names
-        kw = {n["cache"]: self.cache, "use_cache": True}
-        if n["cache_position"]:
-            kw["cache_position"] = self.cache_position
-        if n["keep"]:
-            kw[n["keep"]] = 1
+        kw = cache_kwargs(self.names, self.cache, self.cache_position)
         out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, **kw)
         self.select(out.logits)
         self.pos.add_(1)
@@ -271,11 +277,7 @@ def greedy_decode(
         mask = torch.cat([m, torch.ones((B, N), dtype=m.dtype, device=device)], dim=-1)  # (B, L)
         step = _StaticStep(model, names, cache, mask, pos[:, -1], T, eos, pad)
 
-        kw = {names["cache"]: cache, "use_cache": True}
-        if names["cache_position"]:
-            kw["cache_position"] = torch.arange(T, device=device)
-        if names["keep"]:
-            kw[names["keep"]] = 1
+        kw = cache_kwargs(names, cache, torch.arange(T, device=device))
         out = model(input_ids=x, attention_mask=m, position_ids=pos, **kw)  # the prefill, eager
         step.select(out.logits)
         del out

@@ -108,7 +108,7 @@ def dora_layer_scratch(tokens: int, fin: int, fout: int, *, compute_dtype: str, 
                  dropout gy - dY
     """
     c, lb = BYTES[compute_dtype], BYTES[lora_dtype]
-    f = c if compute_dtype == lora_dtype else 4
+    f = spec.dora_norm_dtype_bytes(compute_dtype, lora_dtype)
     D, L, P = int(c != f), int(lb != f), int(dropout > 0)
     rows = block_rows or max(1, DEFAULT_BLOCK_ELEMENTS // fin)
     nblocks = -(-fout // rows)
