@@ -140,6 +140,13 @@ class NumpyBackend:
         u = np.random.default_rng(seed).random(tuple(shape), dtype=np.float32)  # 2x faster than torch's bernoulli_
         return torch.from_numpy(u >= np.float32(p))
 
+    def dropout_keep_counter(self, shape, p, seed, salt):
+        import torch
+
+        from qlora_ref.lora import dropout_keep_counter
+
+        return torch.from_numpy(dropout_keep_counter(tuple(shape), p, int(seed), salt))
+
     def finite_flag(self) -> NumpyFiniteFlag:
         return NumpyFiniteFlag()
 
@@ -159,3 +166,31 @@ class NumpyBackend:
 
     def clip_grad_norm_(self, grads, max_norm):
         return numpy_adamw.clip_grad_norm_(grads, max_norm)
+
+    def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True):
+        """qlora_ref.matvec.matvec_4bit (MV-1 .. MV-5), optionally written into ``out`` (numpy array or CPU tensor)."""
+        from qlora_ref.dtypes import resolve_dtype
+        from qlora_ref.matvec import matvec_4bit
+
+        arr, bf16 = to_numpy(x, "x")
+        if bf16 and dtype not in (None, "bfloat16"):
+            raise TypeError(f"x is a bfloat16 tensor but dtype={dtype!r} was asked for; cast x first")
+        if out is None:
+            return matvec_4bit(arr, q, dtype=dtype or bf16, out_dtype="bfloat16" if out_dtype is None else out_dtype)
+        contiguous = out.is_contiguous() if is_torch(out) else getattr(getattr(out, "flags", None), "c_contiguous", 1)
+        if not contiguous:
+            raise ValueError("out must be contiguous (y is written as one flat [T, out] buffer)")
+        view, out_bf16 = to_numpy(out, "out")
+        name = "bfloat16" if out_bf16 or view.dtype in (np.uint16, np.int16) else view.dtype.name
+        want = name if out_dtype is None else resolve_dtype(out_dtype, "out_dtype")
+        if name != want:
+            raise TypeError(
+                f"out has dtype {name} but the result is {want}; pass out_dtype={name!r} or an out of {want}"
+            )
+        y = matvec_4bit(arr, q, dtype=dtype or bf16, out_dtype=want)
+        if view.size != y.size:
+            raise ValueError(
+                f"out has {view.size} elements but y is {list(y.shape)} ({y.size}); pass a buffer of y's shape"
+            )
+        view.reshape(-1)[...] = y.reshape(-1).view(view.dtype)
+        return out

@@ -89,6 +89,12 @@ class Backend(Protocol):
         u >= p, u uniform float32 (LORA-3).  numpy: numpy's PCG64(seed); cupy: torch's Philox on the current GPU."""
         ...
 
+    def dropout_keep_counter(self, shape: tuple[int, ...], p: float, seed: Any, salt: int) -> Any:
+        """The keep mask of LORA-8 (a torch bool tensor on this backend's device), a pure function of (seed, salt,
+        index): ``seed`` is a one-element int64 tensor on the device (cupy: read by the kernel, so a CUDA graph can
+        replay it with a new value), ``salt`` a per-layer int.  Both backends give qlora_ref's bits."""
+        ...
+
     def finite_flag(self) -> Any:
         """A zeroed non-finite counter on the backend's device, with clear(), count() and raise_if_nonfinite(what)."""
         ...
@@ -138,4 +144,23 @@ class Backend(Protocol):
     def clip_grad_norm_(self, grads: Sequence[Any], max_norm: float) -> Any:
         """ADAMW-10 in place: every gradient times min(1, max_norm / (||g||_2 + 1e-6)); returns the float32 norm
         before clipping (numpy float32 / a 0-dim value on the device).  NonFiniteError before anything is scaled."""
+        ...
+
+    def matvec_4bit(
+        self,
+        x: Any,
+        q: qlora_ref.Quantized4bit,
+        *,
+        dtype: str | None = None,
+        out_dtype: str | None = None,
+        out: Any = None,
+        check_finite: bool = True,
+    ) -> Any:
+        """qlora_ref.matvec.matvec_4bit: y = round_T(x · Ŵᵀ) for x [T, in] or [in], T = 1..16, float32 or bf16, in
+        the spec's order (MV-1 .. MV-5, MV-9), the same bits on every backend.  out_dtype "bfloat16" or "float32";
+        None: out's dtype if out is given, else bfloat16.  ``out``: the caller's buffer of y's T * out elements
+        (torch tensor or array of the backend, bf16 as torch.bfloat16 or uint16), written and returned.  Without
+        out: a new array [T, out] ([out] for a 1-D x), bf16 as uint16 bits.  No LoRA term here.  ``check_finite=False``:
+        the caller vouches that x is finite (cupy then reads nothing back, so the call can be captured; numpy's spec
+        checks anyway)."""
         ...

@@ -59,6 +59,16 @@ EXTRA_SOURCES = (
     "tests/torchlib/test_graph.py",
     "tests/backends/test_bound_ops.py",
     "tests/peers/test_gpu_offset.py",
+    "backends/torchlib/dropout.py",
+    "backends/torchlib/decode.py",
+    "backends/torchlib/dora.py",
+    "backends/torchlib/loftq.py",
+    "backends/app/gpu_step.py",
+    "tests/torchlib/test_gpu_step.py",
+    "tests/torchlib/test_decode.py",
+    "tests/torchlib/test_dora_loftq_gpu.py",
+    "tests/backends/test_matvec_gpu.py",
+    "tests/torchlib/test_layer_decode.py",
 )
 REPORT = REPO / "tests" / "GPU_REPORT.json"
 

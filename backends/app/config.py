@@ -138,6 +138,12 @@ class TrainConfig:
     nproc: int = opt(
         1, "data parallel ranks (torchrun, DDP; DIST-8): --batch-size is the global micro-batch, split over them"
     )
+    cuda_graphs: str = opt(
+        "auto",
+        "GPU: run each micro-batch's forward + backward as a CUDA graph, one per padded batch shape "
+        "(auto: when it can be captured, else eager with one line saying why; off: eager)",
+        choices=("auto", "off"),
+    )
 
 
 # The embedded default (`qlora finetune` with no arguments).  Where it departs from the Guanaco defaults above,

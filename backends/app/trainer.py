@@ -14,6 +14,10 @@ written beside the live one and swapped in with renames, so a crash leaves the p
 (KeyboardInterrupt) during ``fit`` saves one before it stops, so an interrupted run can always be resumed.
 The held-out scores themselves (eval loss, exact match) are computed in evaluate.py.
 
+On a GPU (``--backend cupy``, one process) the micro-batches run in gpu_step.py: dropout masks from a seed in device
+memory, and with ``--cuda-graphs auto`` each forward + backward replayed as a CUDA graph; the same loss and
+gradients as its eager step, bit for bit.
+
 Data parallel (``qlora finetune --nproc N``, parallel.py; DIST-8 in specs/distributed.md): inside torchrun's process
 group the loss module is DDP-wrapped; every rank draws the same global micro-batches, counts the step's N response
 tokens from them, and backpropagates its share's loss sum times world / N, so DDP's mean over the ranks is the
@@ -55,6 +59,7 @@ from .evaluate import (
     to_device,
     tokenize_scored,
 )
+from .gpu_step import GpuMicroSteps
 from .parallel import global_sum, share
 from .rng import rng_preserved, rng_state, seed_everything, set_rng_state  # noqa: F401  (re-exported)
 
@@ -118,6 +123,8 @@ class Trainer:
             raise ValueError(f"--batch-size {t.batch_size} (global) does not split over {self.world} ranks")
         # the loss as a module DDP's forward runs (it arms the gradient all-reduce); one process: called bare
         self.loss_module = ResponseLoss(model) if self.world == 1 else D.wrap_ddp(ResponseLoss(model))
+        # the GPU's micro-steps: StepSeed dropout, CUDA graphs (gpu_step.py); the CPU path is the loop below
+        self.gpu = GpuMicroSteps(model, self.params, cfg) if self.device.type == "cuda" else None
         self.optimizer = optimizer or make_optimizer(list(self.params.values()), cfg)
         self.stream = BatchStream(train_set, t.batch_size, seed=t.seed, group_by_length=cfg.data.group_by_length)
         self.step = 0
@@ -134,12 +141,17 @@ class Trainer:
         cfg = self.cfg.train
         self.loss_module.train()
         micro = [self.stream.next_batch() for _ in range(cfg.grad_accum)]  # the global micro-batches, every rank
-        pad_to = self.cfg.data.pad_to_multiple_of
+        pad_to = self.gpu.pad_to(self.cfg.data.pad_to_multiple_of) if self.gpu else self.cfg.data.pad_to_multiple_of
         whole = [collate(b, self.pad_id, pad_to) for b in micro]
         n_tok = sum(n_response_tokens(b) for b in whole)  # N_tok of the whole step, on every rank alike
         tokens = sum(int(b["attention_mask"].sum()) for b in whole)
         total = 0.0  # this rank's loss sum
-        for i, examples in enumerate(micro):
+        gpu_micro = self.gpu is not None and self.world == 1
+        if gpu_micro:
+            total = self.gpu.run(whole, n_tok)
+        for i, examples in enumerate([] if gpu_micro else micro):
+            if self.gpu is not None and self.gpu.seeds is not None:  # data parallel on GPUs: eager, same masks
+                self.gpu.seeds.renew()
             mine, weight = share(examples, self.rank, self.world) if self.world > 1 else (examples, 1.0)
             b = whole[i] if self.world == 1 else collate(mine, self.pad_id, pad_to)
             last = i == len(micro) - 1

@@ -8,6 +8,8 @@
     finite.py     the non-finite check, at once or deferred into a FiniteFlag
     adamw.py      the AdamW step over many tensors in one launch, and gradient clipping
     paged.py      the optimizer states' arena: CUDA managed memory paged between device and host
+    matvec.py     the 4-bit decode matvec y = x · dequantize(q)^T for 1..16 tokens, in the spec's order (MV-4)
+    dropout.py    the counter-based dropout keep mask, its seed read from device memory (capturable)
 
 Get it through `backends.get_backend("cupy")`, which checks for CuPy and a GPU first.  Importing this package does
 not import CuPy (CI imports `build` to compile the kernels with nvcc on a machine without a GPU).
@@ -64,6 +66,11 @@ class CupyBackend:
         g.manual_seed(seed)
         return torch.rand(tuple(shape), generator=g, device="cuda") >= p
 
+    def dropout_keep_counter(self, shape, p, seed, salt):
+        from .dropout import dropout_keep_counter
+
+        return dropout_keep_counter(shape, p, seed, salt)
+
     def finite_flag(self):
         return self.ops.FiniteFlag()
 
@@ -78,6 +85,11 @@ class CupyBackend:
 
     def clip_grad_norm_(self, grads, max_norm):
         return self.adamw.clip_grad_norm_(grads, max_norm)
+
+    def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True):
+        from . import matvec  # kernels/matvec_4bit.cu: the spec's order, the same bits
+
+        return matvec.matvec_4bit(x, q, dtype=dtype, out_dtype=out_dtype, out=out, check_finite=check_finite)
 
 
 __all__ = ["CupyBackend"]

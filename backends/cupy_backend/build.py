@@ -31,6 +31,7 @@ QT = {"nf4": 0, "int4": 0, "fp4": 1}  # 0: sorted table (code = count), 1: FP4 s
 DEQUANT_CHUNKS = (2, 4, 8)  # variants of dequantize_4bit_v2: units (16 output bytes each) in flight per thread
 DEQUANT_CHUNKS_DEFAULT = 2  # best in benchmarks/bench_quant.py on an H100 (all variants give the same bits: tested)
 FINITE_CHUNKS = 4  # 16-byte vectors in flight per thread in check_finite_v2
+MATVEC_TOKENS = (1, 2, 4, 8, 16)  # variants of matvec_4bit_v2: T rounded up to one of these (accumulators per thread)
 
 
 def _names() -> dict[str, tuple[str, ...]]:
@@ -61,6 +62,11 @@ def _names() -> dict[str, tuple[str, ...]]:
             [f"check_finite_v1<{t}>" for t in ctypes] + [f"check_finite_v2<{t}, {FINITE_CHUNKS}>" for t in ctypes]
         ),
         "adamw.cu": ("adamw32_v1", "adamw32_v2", "adamw8_v1", "adamw8_v2"),  # dtype is per tensor, at run time
+        "matvec_4bit.cu": tuple(  # x and y dtypes are flags read at run time (staging and the final store only)
+            [f"matvec_4bit_v1<{dq}>" for dq in ("false", "true")]
+            + [f"matvec_4bit_v2<{dq}, {tp}>" for dq, tp in itertools.product(("false", "true"), MATVEC_TOKENS)]
+        ),
+        "dropout.cu": ("dropout_keep_counter_v1",),  # LORA-8
     }
 
 

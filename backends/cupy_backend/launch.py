@@ -6,6 +6,9 @@ integers), so the configurations can be read and tested anywhere.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 from . import build
 
 THREADS = 256
@@ -93,3 +96,96 @@ def check_finite_v2_config(n: int, itemsize: int) -> Config:
     """FINITE_CHUNKS 16-byte vectors per thread, plus one slot for the scalar tail."""
     nvec = n // (16 // itemsize)
     return (ceil_div(nvec + 1, THREADS * build.FINITE_CHUNKS),), (THREADS,)
+
+
+# --- dropout.cu -------------------------------------------------------------------------------------------------------
+
+
+def dropout_keep_counter_v1_config(n: int) -> Config:
+    """One thread per entry, grid-stride beyond 65,536 CTAs (the bits do not depend on the grid)."""
+    return (max(1, min(ceil_div(n, THREADS), 65536)),), (THREADS,)
+
+
+# --- matvec_4bit.cu ---------------------------------------------------------------------------------------------------
+
+
+class MatvecConfig(NamedTuple):
+    """A matvec_4bit_v2 launch: (grid, block) and the kernel's layout arguments (kernels/matvec_4bit.cu header)."""
+
+    grid: tuple[int]
+    block: tuple[int]
+    tokens: int  # TP: the template's token count, T rounded up to one of build.MATVEC_TOKENS
+    lanes: int  # P: segments of one row in flight (lanes per row), a power of two <= 32
+    window: int  # PW: block positions per staged x tile, 32 / 64 / 128, <= blocksize
+    period: int  # rows o and o + period have the same phase (o * in) % blocksize; a CTA holds rows of one phase
+    classes: int  # phase classes with rows, min(period, out): CTA b is class b % classes, group b // classes
+    shared_bytes: int  # dynamic shared memory
+
+
+MATVEC_SHARED_MAX = 48 * 1024  # no opt-in attribute needed
+MATVEC_TILE_FLOATS = 8192  # P * PW * TP: the x tile, 32 KiB
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def matvec_4bit_v1_config(tokens: int, out_f: int) -> Config:
+    """One thread per output (t, o)."""
+    return (ceil_div(tokens * out_f, THREADS),), (THREADS,)
+
+
+def matvec_4bit_v2_shared_floats(threads: int, tokens: int, lanes: int, window: int) -> int:
+    """Floats of shared memory: table 16 + code2 256 + yacc (rows * TP, rounded to 4) + max(tile, part)."""
+    rows = threads // lanes
+    tile = lanes * (window * tokens + 4)
+    part = rows * (lanes + 1) * tokens
+    return 272 + ceil_div(rows * tokens, 4) * 4 + max(tile, part)
+
+
+def matvec_4bit_v2_layout(
+    out_f: int, in_f: int, blocksize: int, tokens: int, lanes: int, window: int, threads: int
+) -> MatvecConfig:
+    """The launch of explicit knobs (lanes P, window PW, threads NT): every such launch gives the same bits (tested).
+
+    ValueError for knobs the kernel cannot run: P a power of two <= 32 dividing NT, NT a multiple of 32 in 32..256,
+    PW one of 32 / 64 / 128 and <= blocksize, shared memory <= 48 KiB."""
+    tp = next((t for t in build.MATVEC_TOKENS if t >= tokens), None)
+    shared = 4 * matvec_4bit_v2_shared_floats(threads, tp or 16, lanes, window) if lanes > 0 and threads > 0 else 0
+    if (
+        tp is None
+        or lanes not in (1, 2, 4, 8, 16, 32)
+        or threads not in (32, 64, 96, 128, 160, 192, 224, 256)
+        or threads % lanes
+        or window not in (32, 64, 128)
+        or window > blocksize
+        or shared > MATVEC_SHARED_MAX
+    ):
+        raise ValueError(
+            f"no matvec_4bit_v2 launch for tokens={tokens}, lanes={lanes}, window={window}, threads={threads} at "
+            f"blocksize {blocksize} (shared {shared} B of {MATVEC_SHARED_MAX}); see launch.matvec_4bit_v2_layout"
+        )
+    period = blocksize // math.gcd(in_f, blocksize)
+    classes = min(period, out_f)
+    grid = classes * ceil_div(ceil_div(out_f, period), threads // lanes)  # class 0 has the most rows
+    return MatvecConfig((grid,), (threads,), tp, lanes, window, period, classes, shared)
+
+
+def matvec_4bit_v2_config(out_f: int, in_f: int, blocksize: int, tokens: int, sm_count: int) -> MatvecConfig:
+    """P lanes per row: enough threads for ~1024 per multiprocessor, at least 8 (P <= 8 distinct lanes read the x tile
+    in one shared-memory wavefront), no more than the row's segments; PW the widest window whose tile fits; 256
+    threads per CTA, fewer while the shared memory passes 48 KiB or the grid has under two CTAs per multiprocessor."""
+    tp = next(t for t in build.MATVEC_TOKENS if t >= tokens)
+    g = math.gcd(in_f, blocksize)
+    c_max = ceil_div(in_f + blocksize - g, blocksize)  # segments of a row of the largest phase, blocksize - g
+    lanes = max(8, _pow2_at_least(ceil_div(sm_count * 1024, out_f)))
+    lanes = min(lanes, 32, _pow2_at_least(c_max), max(1, MATVEC_TILE_FLOATS // (32 * tp)))
+    window = next((w for w in (128, 64) if w <= blocksize and lanes * w * tp <= MATVEC_TILE_FLOATS), 32)
+    threads = THREADS
+    period = blocksize // g
+    while threads > 64 and (
+        4 * matvec_4bit_v2_shared_floats(threads, tp, lanes, window) > MATVEC_SHARED_MAX
+        or min(period, out_f) * ceil_div(ceil_div(out_f, period), threads // lanes) < 2 * sm_count
+    ):
+        threads //= 2
+    return matvec_4bit_v2_layout(out_f, in_f, blocksize, tokens, lanes, window, threads)

@@ -216,17 +216,13 @@ class _StaticStep:
 
 def _capture(step: _StaticStep) -> tuple[torch.cuda.CUDAGraph | None, str | None]:
     """(graph, None), or (None, why) when the runtime refuses the capture; the capture itself runs nothing."""
+    from .graph import CaptureError, capture
+
     graph = torch.cuda.CUDAGraph()
-    caller = torch.cuda.current_stream()
     try:
-        with torch.cuda.graph(graph):
-            step()
-    except RuntimeError as exc:  # an op the capture refuses (a host read, an allocation it cannot make, ...)
-        # torch.cuda.graph's __exit__ skips restoring the stream when capture_end raises: put the caller's back, or
-        # every later launch of the process would run on the capture's side stream
-        torch.cuda.set_stream(caller)
-        torch.cuda.synchronize()
-        return None, f"the capture failed: {' '.join(str(exc).split())[:300]}"
+        capture(graph, step)  # puts the caller's stream back when the runtime refuses
+    except CaptureError as exc:  # an op the capture refuses (a host read, an allocation it cannot make, ...)
+        return None, str(exc)
     return graph, None
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import QLoRALinear, as_torch_dtype, draw_dropout_seed, round_f64
+from .layer import QLoRALinear, as_torch_dtype, round_f64
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 20  # rows per norm step: max(1, this // in) (4 MiB of float32 V at a time)
 
@@ -142,7 +142,7 @@ class DoRALinear(QLoRALinear):
             raise ValueError(f"input is on {x.device} but this layer's 4-bit weight is on {self.device}")
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
-        seed = draw_dropout_seed() if self.training and self.dropout > 0.0 else None
+        seed = self.call_seed()
         y = DoRAFunction.apply(x, self.lora_A, self.lora_B, self.lora_magnitude_vector, self, seed)
         return y.to(in_dtype)
 

@@ -19,7 +19,12 @@ import torch
 
 def lora_forward(x2, W, lora_A, lora_B, bias, scaling: float, noise):
     """(y, u): y = x W^T + b + s u B^T in the compute dtype, u = drop(x) A^T in the LoRA dtype.  x2 (M, in)."""
-    y = torch.mm(x2, W.t())  # (M, out)
+    return add_lora(torch.mm(x2, W.t()), x2, lora_A, lora_B, bias, scaling, noise)  # (M, out)
+
+
+def add_lora(y, x2, lora_A, lora_B, bias, scaling: float, noise):
+    """(y, u): y += b + s u B^T in place, u = drop(x) A^T; y (M, out) holds the base product x W^T (a GEMM, or the
+    decode path's 4-bit matvec)."""
     if bias is not None:
         y.add_(bias)
     xl = x2.to(lora_A.dtype)  # no copy when LoRA runs in the compute dtype

@@ -12,14 +12,19 @@ Replaying costs one launch of host time instead of one per op (~20 µs each in e
 The rules a captured region must keep, checked here where they can be:
 - static shapes: every batch has the example's shapes and dtypes (bucket or pad sequence lengths; one CapturedStep per
   bucket); a batch of another shape is refused with the shapes named.
-- no host synchronisation and no host-side randomness: QLoRA dropout draws its mask seed on the host, so a model with
-  dropout > 0 in training is refused (use dropout 0, or the eager step).  Gradient checkpointing must not save RNG
-  states (``preserve_rng_state=False``; there is no dropout to replay).
+- no host synchronisation and no host-side randomness: an eager QLoRA layer draws its dropout seed on the host, so a
+  model with dropout > 0 is refused unless its layers read a StepSeed (dropout.py, LORA-8: the mask from a seed in
+  device memory, renewed before each replay).  Gradient checkpointing must not save RNG states
+  (``preserve_rng_state=False``; under a StepSeed the masks do not depend on any RNG state).
 - gradients land in static tensors the capture allocated: after each replay ``p.grad`` is that tensor again (an
   optimizer's ``zero_grad(set_to_none=True)`` in between is harmless), overwritten, not accumulated: accumulate
   micro-batches outside (``accumulate_into``) or capture a step of the whole batch.
 The optimizer step and clipping stay outside the graph: PagedAdamW is one fused launch whose step scalars (bias
 corrections) change every step, and its non-finite check reads one status word per step.
+
+``StepGraphs`` keeps one CapturedStep per batch shape (bucketed lengths), captured the first time a shape is seen, all
+sharing one memory pool (they never run at once; each replay's outputs are read before the next replay), up to
+``max_graphs``; a shape it cannot capture runs eager (``None`` from the call), and the reason is said once.
 """
 
 from __future__ import annotations
@@ -38,15 +43,45 @@ def capture_blockers(model) -> list[str]:
     from .layer import QLoRALinear
 
     why = []
-    if model.training and any(m.dropout > 0 for m in model.modules() if isinstance(m, QLoRALinear)):
-        why.append("LoRA dropout > 0 draws its mask seed on the host each call (set dropout 0 to capture)")
+    host_seeded = [m for m in model.modules() if isinstance(m, QLoRALinear) and m.dropout > 0 and m.step_seed is None]
+    if model.training and host_seeded:
+        why.append(
+            "LoRA dropout > 0 draws its mask seed on the host each call "
+            "(use_step_seed(model) draws it from device memory; or set dropout 0)"
+        )
     if not torch.cuda.is_available():
         why.append("no CUDA device (CUDA graphs are a GPU feature; the CPU step is eager)")
     return why
 
 
+def capture(graph, fn, *, pool=None):
+    """``fn()`` recorded into ``graph`` (torch.cuda.graph); returns what fn returns, or raises CaptureError.
+
+    On a refused capture the caller's current stream is put back: torch.cuda.graph's ``__exit__`` skips restoring it
+    when ``capture_end`` raises, which would leave every later launch of the process on the capture's side stream."""
+    caller = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            return fn()
+    except RuntimeError as exc:  # an op the capture refuses (a host sync, an allocation it cannot make, ...)
+        torch.cuda.set_stream(caller)
+        torch.cuda.synchronize()
+        raise CaptureError(f"the capture failed: {' '.join(str(exc).split())[:300]}") from exc
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def batch_shapes(batch: dict[str, torch.Tensor]) -> dict:
+    return {k: (tuple(v.shape), v.dtype) for k, v in batch.items()}
+
+
 class CapturedStep:
-    """forward + backward of ``loss_fn(**batch)`` as one CUDA graph for one static batch shape (module docstring)."""
+    """forward + backward of ``loss_fn(**batch)`` as one CUDA graph for one static batch shape (module docstring).
+
+    ``loss_fn`` returns the loss to backpropagate, or a tuple whose first element is it; every element is a static
+    output (``outputs``), overwritten by each replay.  ``pool``: a memory pool shared with other captures."""
 
     def __init__(
         self,
@@ -55,6 +90,7 @@ class CapturedStep:
         example: dict[str, torch.Tensor],
         *,
         warmup: int = 3,
+        pool=None,
     ):
         if not params:
             raise ValueError("CapturedStep needs the trainable parameters (their .grad are the graph's outputs)")
@@ -62,7 +98,7 @@ class CapturedStep:
             raise ValueError("every tensor of the example batch must be a CUDA tensor (the capture reads them)")
         self.params = list(params)
         self.static = {k: v.detach().clone() for k, v in example.items()}  # the graph's inputs, fixed addresses
-        self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in self.static.items()}
+        self.shapes = batch_shapes(self.static)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
@@ -70,15 +106,25 @@ class CapturedStep:
                 for _ in range(warmup):
                     for p in self.params:
                         p.grad = None
-                    loss_fn(**self.static).backward()
+                    _as_tuple(loss_fn(**self.static))[0].backward()
             torch.cuda.current_stream().wait_stream(side)
             for p in self.params:
                 p.grad = None  # the capture allocates the gradients in the graph's pool
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.loss = loss_fn(**self.static)
-                self.loss.backward()
-        except RuntimeError as exc:  # capture refused an op (a host sync, an allocation it cannot make, ...)
+
+            def record():
+                outputs = _as_tuple(loss_fn(**self.static))
+                outputs[0].backward()
+                return outputs
+
+            outputs = capture(self.graph, record, pool=pool)
+            # the static outputs, detached: holding their autograd graph would keep the capture's AccumulateGrad
+            # nodes (bound to the capture stream) alive into later backwards
+            self.outputs = tuple(o.detach() for o in outputs)
+            self.loss = self.outputs[0]
+        except CaptureError:
+            raise
+        except RuntimeError as exc:  # the warm-up failed (on its side stream, restored by torch.cuda.stream)
             torch.cuda.synchronize()
             raise CaptureError(f"the step could not be captured: {' '.join(str(exc).split())[:300]}") from exc
         missing = [i for i, p in enumerate(self.params) if p.grad is None]
@@ -88,7 +134,7 @@ class CapturedStep:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Replay on ``batch`` (same keys, shapes and dtypes as the example); returns the static loss tensor."""
-        got = {k: (tuple(v.shape), v.dtype) for k, v in batch.items()}
+        got = batch_shapes(batch)
         if got != self.shapes:
             raise ValueError(f"the captured step takes batches shaped {self.shapes}, got {got}; pad or bucket to it")
         for k, v in batch.items():
@@ -101,3 +147,46 @@ class CapturedStep:
     def accumulate_into(self, acc: list[torch.Tensor]) -> None:
         """acc_i += grad_i for every parameter (micro-batch accumulation outside the graph, one fused launch)."""
         torch._foreach_add_(acc, self.grads)
+
+
+class StepGraphs:
+    """One CapturedStep per batch shape, captured when the shape is first seen (module docstring).
+
+    ``graphs(batch)`` replays the step for batch's shape and returns its outputs (a tuple), or None when the shape
+    is not captured (over ``max_graphs``, or its capture failed): the caller runs that batch eagerly.  ``say`` gets
+    one line per reason a shape runs eager."""
+
+    def __init__(self, loss_fn, params, *, max_graphs: int = 16, warmup: int = 3, say=None):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.loss_fn, self.params, self.max_graphs, self.warmup = loss_fn, list(params), max_graphs, warmup
+        self.say = say or (lambda line: None)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.steps: dict[tuple, CapturedStep] = {}
+        self.refused: dict[tuple, str] = {}
+        self.replays = 0
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple | None:
+        key = tuple(sorted((k, shape, str(dt)) for k, (shape, dt) in batch_shapes(batch).items()))
+        step = self.steps.get(key)
+        if step is None:
+            if key in self.refused:
+                return None
+            if len(self.steps) >= self.max_graphs:
+                why = f"more than {self.max_graphs} batch shapes (pad lengths to fewer buckets)"
+                if why not in self.refused.values():
+                    self.say(f"the training step runs eager for new batch shapes: {why}")
+                self.refused[key] = why
+                return None
+            try:
+                step = CapturedStep(self.loss_fn, self.params, batch, warmup=self.warmup, pool=self.pool)
+            except CaptureError as exc:
+                self.refused[key] = str(exc)
+                self.say(f"the training step runs eager for batch shape {dict(batch_shapes(batch))}: {exc}")
+                for p in self.params:
+                    p.grad = None
+                return None
+            self.steps[key] = step
+        step(batch)
+        self.replays += 1
+        return step.outputs

@@ -47,7 +47,7 @@ from backends import get_backend, placement
 from backends.numpy_lut import dequantize_4bit_cpu  # noqa: F401  (re-exported: the numpy backend owns it)
 
 from . import ops
-from .functional import lora_backward, lora_forward
+from .functional import add_lora, lora_backward, lora_forward
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -112,6 +112,10 @@ def dropout_noise(shape, p: float, seed: int, backend, dtype) -> torch.Tensor:
 def draw_dropout_seed() -> int:
     """The seed of one dropout mask, from torch's global CPU generator (so checkpoint recompute draws it again)."""
     return int(torch.randint(0, 2**62, (1,)).item())
+
+
+MATVEC_TOKENS = 16  # qlora_ref.matvec.MAX_TOKENS: the decode kernel's range
+STEP_SEED = -2  # a call's seed meaning "LORA-8's mask from the layer's StepSeed" (dropout.py); -1: no dropout
 
 
 def round_f64(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -213,6 +217,10 @@ class QLoRALinear(nn.Module):
         self.register_buffer("bias", bias)
         self.reset_lora_parameters(init)
         self.handle = ops.register(self)  # names this layer to the custom operators (torch.compile path)
+        # decode: x W_hat^T by the backend's 4-bit matvec for 1..16 tokens without gradients (MV-1; cupy)
+        self.matvec = self.backend.name == "cupy" and self.compute_dtype in (torch.bfloat16, torch.float32)
+        self.step_seed = None  # a dropout.StepSeed: masks from device memory (LORA-8), capturable; None: host seeds
+        self.seed_salt = 0  # this layer's salt under a StepSeed (use_step_seed sets it from the module's name)
         self._bound = None  # (scratch buffer, W_hat view into it, the backend's bound dequantize launch)
 
     @classmethod
@@ -284,8 +292,19 @@ class QLoRALinear(nn.Module):
         self.backend.dequantize_4bit(self.q, dtype=DTYPE_NAMES[out.dtype], out=out)
         return out.to(dt)
 
+    def call_seed(self) -> int | None:
+        """The dropout seed of one training call: None (no dropout), STEP_SEED (the StepSeed in device memory, the
+        same for the forward, a checkpoint's recompute and the backward) or a fresh host seed (draw_dropout_seed)."""
+        if not (self.training and self.dropout > 0.0):
+            return None
+        return STEP_SEED if self.step_seed is not None else draw_dropout_seed()
+
     def noise(self, shape, seed: int, dtype) -> torch.Tensor:
-        """The dropout factor keep / (1 - p) of this layer's call with ``seed`` (LORA-3), redrawn in backward."""
+        """The dropout factor keep / (1 - p) of this layer's call with ``seed`` (LORA-3), redrawn in backward;
+        ``seed == STEP_SEED``: LORA-8's mask from the step seed and this layer's salt."""
+        if seed == STEP_SEED:
+            keep = self.backend.dropout_keep_counter(shape, self.dropout, self.step_seed.tensor, self.seed_salt)
+            return keep.to(dtype).mul_(float(np.float32(1.0) / np.float32(1.0 - self.dropout)))
         return dropout_noise(shape, self.dropout, seed, self.backend, dtype)
 
     def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -304,7 +323,14 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"input is on {x.device} but this layer's 4-bit weight is on {self.device}")
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
-        seed = draw_dropout_seed() if self.training and self.dropout > 0.0 else None
+        if (
+            self.matvec
+            and x.numel() <= MATVEC_TOKENS * self.in_features
+            and not self._needs_grad(x)
+            and not torch.compiler.is_compiling()
+        ):
+            return self._decode(x).to(in_dtype)
+        seed = self.call_seed()
         if torch.compiler.is_compiling():  # the custom operators: no graph break at this layer
             x2 = x.reshape(-1, self.in_features)
             s = -1 if seed is None else seed
@@ -313,6 +339,20 @@ class QLoRALinear(nn.Module):
         else:
             y = QLoRAFunction.apply(x, self.lora_A, self.lora_B, self, seed)
         return y.to(in_dtype)
+
+    def _needs_grad(self, x) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding, 1..16 tokens, no gradient: y = matvec_4bit(x, q) + b + s (x A^T) B^T.  The matvec reads the packed
+        4-bit weight once (MV-1 .. MV-5: float32 sums in block order, one rounding), instead of writing W_hat and
+        reading it back in a GEMM; its sums are in another order than the GEMM's, so the two paths agree to MV-8's
+        bound, not bit for bit.  No host synchronisation or host-side allocation: a decode step can be captured."""
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.empty(x2.shape[0], self.out_features, dtype=self.compute_dtype, device=x.device)
+        self.backend.matvec_4bit(x2, self.q, out=y, check_finite=False)
+        y, _ = add_lora(y, x2, self.lora_A, self.lora_B, self.bias, self.scaling, None)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

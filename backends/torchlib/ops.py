@@ -5,9 +5,9 @@
 
 ``handle`` names the layer (``register``): the frozen 4-bit weight is the layer's, not an operator input, so the
 compiler sees only activations and LoRA parameters (fake implementations give their shapes and dtypes), while the
-implementation dequantizes through the layer's bound backend launch.  ``seed`` < 0 means no dropout.  The two are
-joined by ``torch.library.register_autograd``.  Eager code takes the cheaper ``layer.QLoRAFunction`` path; both call
-the same two functions in functional.py.
+implementation dequantizes through the layer's bound backend launch.  ``seed``: -1 no dropout, -2 the layer's step
+seed (LORA-8), else a host seed.  The two are joined by ``torch.library.register_autograd``.  Eager code takes the
+cheaper ``layer.QLoRAFunction`` path; both call the same two functions in functional.py.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def linear(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layer = layer_of(handle)
-    noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed >= 0 else None
+    noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed != -1 else None
     return lora_forward(x2, layer.dequantized(), lora_A, lora_B, bias, scaling, noise)
 
 
@@ -68,7 +68,7 @@ def linear_backward(
     need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layer = layer_of(handle)
-    noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed >= 0 else None
+    noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed != -1 else None
     dX, dA, dB = lora_backward(dY2, x2, u, layer.dequantized, lora_A, lora_B, scaling, noise, need_dx)
     return (dX if dX is not None else x2.new_empty(0)), dA, dB
 

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_DECODER
 
 from backends.torchlib import PagedAdamW, prepare_model, qlora_layers, trainable_parameters
-from backends.torchlib.graph import CapturedStep, capture_blockers
+from backends.torchlib.graph import CapturedStep, CaptureError, capture_blockers
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,3 +77,21 @@ def test_gpu_captured_steps_equal_eager_bit_for_bit():
             assert torch.equal(g, w), f"step {i} gradient"
     with pytest.raises(ValueError, match="shaped"):
         step({"ids": batches[0][:, :8]})
+
+
+@pytest.mark.gpu
+def test_gpu_refused_capture_raises_and_puts_the_stream_back():
+    """A host read inside the step: CaptureError, and the caller's stream is current again (torch.cuda.graph alone
+    would leave the capture's side stream current when its capture_end raises)."""
+    model = _model(backend="cupy")
+    ids = torch.randint(0, 128, (2, 8)).cuda()
+
+    def loss_fn(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        float(loss)  # a host synchronisation: the capture must refuse it
+        return loss
+
+    stream = torch.cuda.current_stream()
+    with pytest.raises(CaptureError, match="could not be captured|capture failed"):
+        CapturedStep(loss_fn, trainable_parameters(model), {"ids": ids}, warmup=0)
+    assert torch.cuda.current_stream() == stream
