@@ -113,3 +113,25 @@ def assert_one_line_error(code, err, *needles):
     assert len(lines) == 1 and lines[0].startswith("qlora"), lines
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def assert_process_unharmed_by_refused_capture(stream, rng_before) -> None:
+    """After a refused CUDA-graph capture the process is as it was (backends/torchlib/graph.py
+    `_recover_from_refused_capture`): the caller's stream is current, the CUDA generator draws what it would have
+    drawn (``rng_before``: the first 8 values of ``torch.rand(8, device="cuda")`` from the generator state saved
+    before the refusal, restored with ``torch.cuda.set_rng_state``), and the allocator frees a block used on another
+    stream (no capture left registered as under way, which would defer that free forever)."""
+    import torch
+
+    assert torch.cuda.current_stream() == stream, "the capture's side stream is still current"
+    assert torch.equal(torch.rand(8, device="cuda"), rng_before), "the CUDA generator moved or still thinks it captures"
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    reserved = torch.cuda.memory_reserved()
+    side = torch.cuda.Stream()
+    block = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # 64 MiB: its own segment
+    block.record_stream(side)
+    del block
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == reserved, "a block used on another stream was never freed"

@@ -1,11 +1,12 @@
-"""Compile the kernels in ``kernels/*.cu``: one ``cupy.RawModule`` per file, built once per process and cached.
+"""Compile the kernels in ``kernels/*.cu``: one module per file, compiled by NVRTC once, cached on disk (`cache_dir`).
 
 Compile options are explicit and the same for every file (STYLE habit 5):
 
 - ``-std=c++17``;
 - ``--fmad=false``: no multiply-add contraction, so every product and sum is rounded on its own as in the spec;
 - ``--prec-div=true``, ``--prec-sqrt=true``, ``--ftz=false``: IEEE division and square root, denormals kept
-  (these are NVRTC's defaults; writing them down keeps them from changing under us).  No fast math.
+  (these are NVRTC's defaults; writing them down keeps them from changing under us).  No fast math.  NVRTC gets
+  exactly these (`_compile`): CuPy's own compile path would append ``-ftz=true``.
 
 Template variants are named up front (``name_expressions``) and looked up by the same string, e.g.
 ``quantize_4bit_v2<__nv_bfloat16, 0, 64>``.  ``NAME_EXPRESSIONS`` is also what ``.ci/compile-kernels`` instantiates
@@ -17,8 +18,12 @@ Importing this module does not import CuPy: the registry and CI use it on machin
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -87,24 +92,73 @@ def source(filename: str) -> str:
     return text.replace('#include "common.cuh"', common)
 
 
+def cache_dir() -> Path:
+    """Where compiled kernels are kept between processes: $QLORA_KERNEL_CACHE, else ~/.cache/qlora-ref/kernels."""
+    return Path(os.environ.get("QLORA_KERNEL_CACHE") or Path.home() / ".cache" / "qlora-ref" / "kernels")
+
+
+def cache_key(filename: str, text: str, options: tuple, arch: str, nvrtc_version, names: tuple[str, ...]) -> str:
+    """sha256 over everything that changes the compiled code: file, its inlined text, options, arch, NVRTC, names."""
+    h = hashlib.sha256()
+    for part in (filename, text, "\0".join(options), arch, repr(tuple(nvrtc_version)), "\0".join(names)):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:32]
+
+
+def _compile(filename: str) -> tuple[Path, dict[str, str]]:
+    """(cubin path, name expression -> mangled name): compiled by NVRTC with exactly OPTIONS, or read from the cache.
+
+    Not through ``cupy.RawModule(code=...)``: CuPy appends ``-ftz=true`` to every option list it compiles
+    (cupy/cuda/compiler.py ``_compile_with_cache_cuda``), and NVRTC takes the last of two, so our ``--ftz=false``
+    would silently be flush-to-zero: subnormal products and sums flushed, unlike the spec (MV-3, MV-8's gradual
+    underflow; found by tests/backends/test_matvec_gpu.py on an H200).
+    """
+    import cupy
+    from cupy._core.core import assemble_cupy_compiler_options  # CuPy's include paths, as RawModule adds them
+    from cupy.cuda import compiler
+    from cupy_backends.cuda.libs import nvrtc
+
+    names = NAME_EXPRESSIONS[filename]
+    text = source(filename)
+    options = tuple(assemble_cupy_compiler_options(OPTIONS))
+    if any(o.lstrip("-") == "ftz=true" for o in options):
+        raise RuntimeError(f"kernel options {options} ask for flush-to-zero; the spec keeps denormals")
+    arch = cupy.cuda.Device().compute_capability
+    key = cache_key(filename, text, options, arch, nvrtc.getVersion(), names)
+    cubin, table = cache_dir() / f"{filename}-sm{arch}-{key}.cubin", cache_dir() / f"{filename}-sm{arch}-{key}.json"
+    if cubin.is_file() and table.is_file():
+        return cubin, json.loads(table.read_text())
+    binary, mapping = compiler.compile_using_nvrtc(text, options, arch, filename, names)
+    binary = binary.encode() if isinstance(binary, str) else binary  # PTX where NVRTC cannot emit this arch's cubin
+    mangled = {name: mapping[name] for name in names}
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    for path, data in ((cubin, binary), (table, json.dumps(mangled).encode())):  # whole files only (os.replace)
+        with tempfile.NamedTemporaryFile(dir=cache_dir(), delete=False) as f:
+            f.write(data)
+        os.replace(f.name, path)
+    return cubin, mangled
+
+
 @functools.cache
 def module(filename: str):
-    """The compiled ``cupy.RawModule`` of ``kernels/<filename>`` (compiled on first use, then cached)."""
+    """(``cupy.RawModule``, name expression -> mangled name) of ``kernels/<filename>``, compiled on first use."""
     import cupy
 
     if filename not in NAME_EXPRESSIONS:
         raise ValueError(
             f"unknown kernel file {filename!r}: register its name expressions first; known: {sorted(NAME_EXPRESSIONS)}"
         )
-    mod = cupy.RawModule(code=source(filename), options=OPTIONS, name_expressions=NAME_EXPRESSIONS[filename])
-    mod.compile()
-    return mod
+    cubin, mangled = _compile(filename)
+    return cupy.RawModule(path=str(cubin)), mangled
 
 
 @functools.cache
 def kernel(filename: str, name: str):
     """The ``cupy.RawKernel`` for one name expression of one file."""
-    return module(filename).get_function(name)
+    mod, mangled = module(filename)
+    if name not in mangled:
+        raise ValueError(f"{name!r} is not a name expression of {filename}; known: {list(mangled)}")
+    return mod.get_function(mangled[name])
 
 
 def instantiation_unit(filename: str) -> str:

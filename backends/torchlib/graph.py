@@ -57,16 +57,45 @@ def capture_blockers(model) -> list[str]:
 def capture(graph, fn, *, pool=None):
     """``fn()`` recorded into ``graph`` (torch.cuda.graph); returns what fn returns, or raises CaptureError.
 
-    On a refused capture the caller's current stream is put back: torch.cuda.graph's ``__exit__`` skips restoring it
-    when ``capture_end`` raises, which would leave every later launch of the process on the capture's side stream."""
+    A refused capture leaves the process as it was before (`_recover_from_refused_capture`): torch.cuda.graph's
+    ``__exit__`` raises from ``capture_end`` part way through its bookkeeping, and what it skips would otherwise break
+    every later launch of the process."""
     caller = torch.cuda.current_stream()
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool  # named here: a refusal must end its routing
     try:
         with torch.cuda.graph(graph, pool=pool):
             return fn()
     except RuntimeError as exc:  # an op the capture refuses (a host sync, an allocation it cannot make, ...)
-        torch.cuda.set_stream(caller)
-        torch.cuda.synchronize()
+        _recover_from_refused_capture(pool, caller)
         raise CaptureError(f"the capture failed: {' '.join(str(exc).split())[:300]}") from exc
+
+
+def _recover_from_refused_capture(pool, caller) -> None:
+    """Undo what a ``capture_end`` that raised left half done (read in torch's CUDAGraph.cpp; checked on the GPU by
+    tests/torchlib/test_graph.py, each in the state a later caller sees):
+
+    - the current stream: ``__exit__`` restores the caller's stream only after ``capture_end`` returns;
+    - the caching allocator: where ``cudaStreamEndCapture``'s error is raised before ``endAllocateToPool``, the graph's
+      pool stays registered as "capture under way", and while any is, the allocator defers every free of a block used
+      on another stream (``record_stream``) until no capture runs: those blocks are never reused or released;
+    - the CUDA generator: the capture epilogue never runs, so it still believes it is capturing and refuses every
+      later random op ("Offset increment outside graph capture"); one tiny capture that ends cleanly runs the
+      prologue/epilogue pair again, leaving the seed and offset where the refused capture found them.
+    Each step is harmless where torch already did it itself (the allocator call then raises and is ignored).
+    """
+    torch.cuda.set_stream(caller)
+    torch.cuda.synchronize()
+    device = torch.cuda.current_device()
+    try:  # (the refused graph's own pool() raises: it names only a successful capture's pool)
+        torch._C._cuda_endAllocateToPool(device, pool)
+    except (AttributeError, RuntimeError):  # torch ended it before raising, or names it otherwise
+        pass
+    scratch = torch.zeros(1, device="cuda")
+    clean = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(clean):
+        scratch.add_(1)
+    del clean
+    torch.cuda.synchronize()
 
 
 def _as_tuple(out) -> tuple:

@@ -237,6 +237,22 @@ def test_gpu_same_bits_as_spec(cupy_mv, kernel, case):
 
 
 @gpu
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("kernel", ["v2", "v1"])
+def test_gpu_subnormal_products_are_kept(cupy_mv, kernel, out_dtype):
+    """MV-3's float32 product keeps gradual underflow: x = -3.1e-11 times w = 3.5e-31 is the subnormal -1.08e-41
+    (bits 0x80001e1c), and its sign survives into the bf16 -0 of y (found by hypothesis on an H200, when CuPy's own
+    compile path appended -ftz=true to the kernels' options and flushed it to -0, so y came out +0)."""
+    case = dict(out_f=1, in_f=1, T=5, blocksize=32, quant_type="nf4", double_quant=False, x_dtype="float32",
+                out_dtype=out_dtype, w_scale=1e-30, x_exp=(-40, 30), seed=1)  # fmt: skip
+    x, q, dtype = build(case)
+    want = matvec_4bit(x, q, dtype=dtype, out_dtype=out_dtype)
+    assert int(bits(want)[4, 0]) == (0x8000 if out_dtype == "bfloat16" else 0x80001E1C)  # the spec keeps it
+    got = cupy_mv.matvec_4bit(to_gpu(x), q, dtype=dtype, out_dtype=out_dtype, kernel=kernel)
+    assert_same_bits(got, want, x, q, dtype, out_dtype, f"kernel={kernel}, case {case}")
+
+
+@gpu
 @given(case=cases(max_out=24), data=st.data())
 def test_gpu_every_launch_layout_same_bits(cupy_mv, case, data):
     """STYLE 8: lanes per row, window, threads per CTA (any layout the kernel accepts) give the same bits."""

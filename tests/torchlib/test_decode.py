@@ -19,7 +19,7 @@ import types
 
 import pytest
 import torch
-from conftest import TINY_DECODER
+from conftest import TINY_DECODER, assert_process_unharmed_by_refused_capture
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backends.torchlib import prepare_model, qlora_layers
@@ -274,12 +274,15 @@ def test_gpu_a_refused_capture_falls_back_to_eager_steps():
 
     hook = model.model.norm.register_forward_hook(read_on_host)
     stream = torch.cuda.current_stream()
+    rng = torch.cuda.get_rng_state()
+    rand = torch.rand(8, device="cuda")
+    torch.cuda.set_rng_state(rng)
     try:
         lines = []
         got = greedy_decode(model, x, m, max_new_tokens=10, say=lines.append)
     finally:
         hook.remove()
-    assert torch.cuda.current_stream() == stream  # a refused capture leaves the caller's stream current
+    assert_process_unharmed_by_refused_capture(stream, rand)
     assert not got.captured and got.replays == 0 and got.eager_steps == 9
     assert len(lines) == 1 and "capture failed" in lines[0]
     assert torch.equal(got.tokens, want)

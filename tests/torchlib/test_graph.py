@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_DECODER
+from conftest import TINY_DECODER, assert_process_unharmed_by_refused_capture
 
 from backends.torchlib import PagedAdamW, prepare_model, qlora_layers, trainable_parameters
 from backends.torchlib.graph import CapturedStep, CaptureError, capture_blockers
@@ -80,9 +80,10 @@ def test_gpu_captured_steps_equal_eager_bit_for_bit():
 
 
 @pytest.mark.gpu
-def test_gpu_refused_capture_raises_and_puts_the_stream_back():
-    """A host read inside the step: CaptureError, and the caller's stream is current again (torch.cuda.graph alone
-    would leave the capture's side stream current when its capture_end raises)."""
+def test_gpu_refused_capture_raises_and_leaves_the_process_unharmed():
+    """A host read inside the step: CaptureError, and the process is as before: the caller's stream current, the
+    CUDA generator usable and where it was, the allocator freeing cross-stream blocks (torch.cuda.graph alone leaves
+    all three broken when its capture_end raises; the paged optimizer's and the layer's GPU tests failed after it)."""
     model = _model(backend="cupy")
     ids = torch.randint(0, 128, (2, 8)).cuda()
 
@@ -92,6 +93,9 @@ def test_gpu_refused_capture_raises_and_puts_the_stream_back():
         return loss
 
     stream = torch.cuda.current_stream()
+    rng = torch.cuda.get_rng_state()
+    want = torch.rand(8, device="cuda")
+    torch.cuda.set_rng_state(rng)
     with pytest.raises(CaptureError, match="could not be captured|capture failed"):
         CapturedStep(loss_fn, trainable_parameters(model), {"ids": ids}, warmup=0)
-    assert torch.cuda.current_stream() == stream
+    assert_process_unharmed_by_refused_capture(stream, want)
