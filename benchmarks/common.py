@@ -22,9 +22,12 @@ def commit() -> str:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         )
-        return out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    # A tree that differs from HEAD (a device copy travels beside a stale .git) is not HEAD: say so.
+    return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def cuda_median_ms(step, *, warmup: int, reps: int, per: int = 1) -> float:

@@ -66,12 +66,19 @@ class ModelConfig:
     rslora: bool = opt(False, "rank-stabilised LoRA: s = alpha / sqrt(r)")
     gradient_checkpointing: str = opt(
         "auto",
-        "recompute each decoder layer in backward instead of storing it: 'auto' = on for --backend cupy (activation "
-        "memory), off on the CPU (a quarter less compute, and a CPU's memory holds a small model's activations)",
+        "recompute each decoder layer in backward instead of storing it: 'auto' = off on the CPU (a quarter less "
+        "compute; a CPU's memory holds a small model's activations), and with --backend cupy off exactly when the "
+        "memory ledger puts a micro-batch's stored activations under half the GPU's free memory, else on",
         choices=("auto", "on", "off"),
     )
     compute_dtype: str = opt(
         "auto", "'auto' = bfloat16 on the GPU, float32 on the CPU", choices=("auto", "float32", "bfloat16")
+    )
+    lora_dtype: str = opt(
+        "float32",
+        "dtype of LoRA's A and B (their gradients too); bfloat16 = the Guanaco scripts' --bf16 (fewer casts and "
+        "kernels on the GPU; each AdamW update is rounded to bf16)",
+        choices=("float32", "bfloat16"),
     )
     use_dora: bool = opt(False, "DoRA: a trainable magnitude per output feature beside A and B (specs/dora.md)")
     init: str = opt(

@@ -60,7 +60,7 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
     from .data import model_max_length
     from .datasets import Datasets
     from .evaluate import plot_loss_curve
-    from .model import load_prepared, resolve_model_path
+    from .model import load_prepared, resolve_model_path, settle_checkpointing
     from .recipes import resolve_recipe
     from .trainer import Trainer, seed_everything
 
@@ -94,6 +94,9 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
         seed_everything(t.seed)
         model = load_prepared(cfg.model, model_path)
         datasets.check_fits(model_max_length(model))
+        decided = settle_checkpointing(model, cfg.model, **ledger_inputs(model, cfg, datasets))
+        if decided:
+            log(decided)
         config = resolved_config(cfg, model_path, model, datasets, recipe)
         if main:
             write_json(run.path("config.json"), config)
@@ -158,6 +161,20 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
 
 
 # --- the pieces the script above names ---------------------------------------------------------------------------
+
+
+def ledger_inputs(model, cfg: RunConfig, datasets) -> dict:
+    """What settle_checkpointing weighs: the micro-batch, its longest padded sequence, the device's free memory (0 on
+    the CPU, where nothing is decided)."""
+    import torch
+
+    from .gpu_step import BUCKET
+
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    pad = cfg.data.pad_to_multiple_of if cfg.data.pad_to_multiple_of > 1 else BUCKET
+    longest = max((len(t) for t in datasets.train), default=1)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    return dict(batch=cfg.train.batch_size, seq_len=-(-longest // pad) * pad, free_bytes=free)
 
 
 LOFTQ_BASE = "base-4bit"

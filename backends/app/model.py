@@ -26,10 +26,51 @@ def compute_dtype_of(m: ModelConfig) -> str | None:
 
 
 def checkpointing_of(m: ModelConfig) -> bool:
-    """--gradient-checkpointing: 'on' / 'off', or 'auto' = on exactly when the base is on the GPU (--backend cupy).
-    (A config.json written before the flag took 'auto' holds a bool, which means what it says.)"""
+    """--gradient-checkpointing: 'on' / 'off', or 'auto' = on at load exactly when the base is on the GPU (--backend
+    cupy), where ``settle_checkpointing`` then decides from the memory ledger.  (A config.json written before the
+    flag took 'auto' holds a bool, which means what it says.)"""
     v = m.gradient_checkpointing
     return v if isinstance(v, bool) else {"on": True, "off": False}.get(v, m.backend == "cupy")
+
+
+# 'auto' on the GPU stores every layer's activations when they take at most this share of the free device memory;
+# the rest is left for the step's transients (the LM head's logit chunks, attention, the dequantized weight).
+STORED_ACTIVATIONS_SHARE = 0.5
+
+
+def recomputes(model) -> bool:
+    """Whether the model recomputes its layers in backward (transformers 5 renamed gradient to activation
+    checkpointing and deprecated the old name)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def settle_checkpointing(model, m: ModelConfig, *, batch: int, seq_len: int, free_bytes: int) -> str | None:
+    """--gradient-checkpointing auto on the GPU: turn the recompute off when the memory ledger (MEM-8, our layer's
+    terms: backends/torchlib/ledger.py) says that storing a micro-batch's activations (``batch`` sequences of
+    ``seq_len`` tokens, the longest the run has) takes at most STORED_ACTIVATIONS_SHARE of ``free_bytes``.
+    Recomputing is a third of a step's kernels; storing changes no value (the dropout masks come from seeds,
+    LORA-8).  Returns the line that says what was decided; None when there was nothing to decide."""
+    if m.gradient_checkpointing != "auto" or not recomputes(model):
+        return None
+    from backends.torchlib.ledger import Runtime, activation_bytes
+    from qlora_ref import memory
+
+    q = model.qlora_config
+    shape = memory.shape_from_dict(model.config.to_dict())
+    recipe = memory.Recipe(seq_len=seq_len, batch=batch, r=q.r, checkpointing=False, double_quant=q.double_quant,
+                           blocksize=q.blocksize, compute_dtype=q.compute_dtype, lora_dtype=q.lora_dtype,
+                           lora_dropout=q.dropout, use_dora=q.use_dora)  # fmt: skip
+    need = activation_bytes(shape, recipe, Runtime())
+    gb = f"{need / memory.GB:.2f} GB stored activations ({batch} x {seq_len} tokens)"
+    gb += f" of {free_bytes / memory.GB:.1f} GB free"
+    if need > STORED_ACTIVATIONS_SHARE * free_bytes:
+        return f"gradient checkpointing on: {gb}"
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    q.gradient_checkpointing = False
+    return f"gradient checkpointing off: {gb}"
 
 
 def load_prepared(m: ModelConfig, path: str, **overrides):
@@ -47,6 +88,7 @@ def load_prepared(m: ModelConfig, path: str, **overrides):
         rslora=m.rslora,
         gradient_checkpointing=checkpointing_of(m),
         compute_dtype=compute_dtype_of(m),
+        lora_dtype=m.lora_dtype,
         use_dora=m.use_dora,
         init=m.init,
         loftq_iters=m.loftq_iters,
