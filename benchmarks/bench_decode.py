@@ -63,13 +63,18 @@ class Setup:
 SMOKE = Setup(device="cpu", backend="numpy", dtype="float32", r=4, prompt=8, new=4, batches=(1, 2), warmup=1, reps=2)
 
 
-def shapes(smoke: bool) -> dict:
+MODELS = ("llama7b", "llama7b-4")
+
+
+def shapes(smoke: bool, models=MODELS) -> dict:
+    """The random models by name: llama7b (LLaMA-7B, all 32 layers), llama7b-4 (its first 4); tiny in --smoke."""
     from qlora_ref.memory import llama_7b
     from qlora_ref.shapes import ModelShape
 
     if smoke:
         return {"tiny": ModelShape("tiny", hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2, vocab=128)}
-    return {"llama7b-4": dataclasses.replace(llama_7b, name="llama-7b x4 layers", layers=4)}
+    known = {"llama7b": llama_7b, "llama7b-4": dataclasses.replace(llama_7b, name="llama-7b x4 layers", layers=4)}
+    return {m: known[m] for m in models}
 
 
 # --- the models ---------------------------------------------------------------------------------------------------
@@ -97,8 +102,8 @@ def dense_model(shape, path: str | None, s: Setup):
 
 
 def to_bnb(model, s: Setup):
-    """Every decoder nn.Linear -> bitsandbytes Linear4bit (NF4, double quant, compute in s.dtype), quantized on
-    the way to s.device (Params4bit quantizes when moved)."""
+    """Every decoder nn.Linear -> bitsandbytes Linear4bit (NF4, double quant, compute in s.dtype), quantized where
+    the weight is when moved to s.device (Params4bit quantizes on its first move to a device)."""
     import bitsandbytes as bnb
     import torch
 
@@ -110,8 +115,9 @@ def to_bnb(model, s: Setup):
             if type(child) is torch.nn.Linear:
                 lin = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                         compute_dtype=dt, compress_statistics=True, quant_type="nf4")  # fmt: skip
-                lin.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                               compress_statistics=True)  # fmt: skip
+                lin.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
+                )  # fmt: skip (quantized on the device)
                 setattr(module, name, lin.to(s.device))
     return model
 
@@ -265,6 +271,22 @@ def run_model(model_name: str, shape, path: str | None, variants: list[str], s: 
     return rows
 
 
+def headlines(rows: list[dict]) -> dict:
+    """decode_7b_*: the full LLaMA-7B shape at batch 1, ours captured vs transformers + bitsandbytes generate and vs
+    the bf16 model under the same static cache and capture (tokens/s ratios = ms per token ratios)."""
+
+    def ms(variant):
+        return next((r["ms_per_token"] for r in rows if r.get("model") == "llama7b" and r.get("batch") == 1
+                     and r.get("variant") == variant and "ms_per_token" in r), None)  # fmt: skip
+
+    ours = ms("ours-graph")
+    out = {}
+    for key, peer in (("decode_7b_speedup_vs_bnb", "bnb-generate"), ("decode_7b_speedup_vs_bf16_graph", "bf16-graph")):
+        theirs = ms(peer)
+        out[key] = theirs / ours if ours and theirs else None
+    return out
+
+
 def device_info(s: Setup) -> dict:
     import platform
 
@@ -308,11 +330,22 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=None, help=f"new tokens per row (default {NEW})")
     ap.add_argument("--reps", type=int, default=None, help=f"timed calls per row (default {REPS})")
     ap.add_argument("--warmup", type=int, default=None, help=f"untimed calls first (default {WARMUP})")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"random models to decode ({', '.join(MODELS)})")
+    ap.add_argument("--part", default="decode,kernel", help="decode (whole models), kernel (the 4-bit matvec alone)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny random LLaMA, seconds: checks the plumbing")
     ap.add_argument("--out", default=str(RESULTS), help="folder for bench_decode[_smoke].{json,png}")
     args = ap.parse_args(argv)
     given = {k: v for k, v in (("new", args.new), ("reps", args.reps), ("warmup", args.warmup)) if v}
+    if args.batches:
+        given["batches"] = tuple(int(b) for b in args.batches.split(","))
     s = dataclasses.replace(SMOKE if args.smoke else Setup(), **given)
+    parts = {p for p in args.part.split(",") if p}
+    if parts - {"decode", "kernel"}:
+        ap.error(f"unknown --part {sorted(parts - {'decode', 'kernel'})}; choose decode, kernel")
+    models = [m for m in args.models.split(",") if m]
+    if set(models) - set(MODELS):
+        ap.error(f"unknown --models {sorted(set(models) - set(MODELS))}; choose from {', '.join(MODELS)}")
     if s.new < 2:
         ap.error("--new must be >= 2 (ms per token is a difference of two lengths)")
     variants = [v for v in args.variants.split(",") if v]
@@ -321,13 +354,21 @@ def main(argv=None) -> int:
         ap.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
 
     rows = []
-    for name, shape in shapes(args.smoke).items():
-        rows += run_model(name, shape, None, variants, s)
-    if args.smollm2:
-        rows += run_model("smollm2", None, args.smollm2, variants, s)
     doc = {"info": device_info(s), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "setup": dataclasses.asdict(s), "rows": rows}  # fmt: skip
+           "setup": dataclasses.asdict(s)}  # fmt: skip
     doc["device"] = doc["info"]["device"]
+    if "kernel" in parts and not args.smoke:
+        from benchmarks.decode_kernels import run_kernels
+
+        doc["kernel"] = run_kernels()
+        doc["gemv_11008x4096_t1_graph_us"] = doc["kernel"]["gemv_11008x4096_t1_graph_us"]
+    if "decode" in parts:
+        for name, shape in shapes(args.smoke, models).items():
+            rows += run_model(name, shape, None, variants, s)
+        if args.smollm2:
+            rows += run_model("smollm2", None, args.smollm2, variants, s)
+    doc["rows"] = rows
+    doc.update(headlines(rows))
 
     print(f"greedy decode on {doc['device']} ({s.prompt} prompt tokens, {s.new} new, commit {doc['commit']})")
     print(f"{'model':<10}{'B':>3} {'variant':<15}{'tokens/s':>10}{'ms/token':>10}{'host ms/tok':>12}  captured")
@@ -340,9 +381,12 @@ def main(argv=None) -> int:
         match = "" if "tokens_match_static" not in r else f"; tokens == static: {r['tokens_match_static']}"
         nums = f"{r['tokens_per_s']:>10,.1f}{r['ms_per_token']:>10.3f}{r['host_ms_per_token']:>12.3f}"
         print(f"{head}{nums}  {cap[:70]}{match}")
+    for k, v in doc.items():
+        if k.startswith(("gemv_", "decode_")):
+            print(f"{k}: {v if v is None else round(v, 3)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "bench_decode_smoke" if args.smoke else "bench_decode"
+    name = "bench_decode_smoke" if args.smoke else f"bench_decode_{doc['device'].replace(' ', '_')}"
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     plot(doc, out / f"{name}.png")
     print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")
