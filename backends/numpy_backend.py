@@ -167,10 +167,14 @@ class NumpyBackend:
     def clip_grad_norm_(self, grads, max_norm):
         return numpy_adamw.clip_grad_norm_(grads, max_norm)
 
-    def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True):
-        """qlora_ref.matvec.matvec_4bit (MV-1 .. MV-5), optionally written into ``out`` (numpy array or CPU tensor)."""
+    def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True, order="spec"):
+        """qlora_ref.matvec.matvec_4bit (MV-1 .. MV-5), optionally written into ``out`` (numpy array or CPU tensor);
+        the spec's order whatever ``order`` says (it is one of the orders "any" allows)."""
         from qlora_ref.dtypes import resolve_dtype
-        from qlora_ref.matvec import matvec_4bit
+        from qlora_ref.matvec import ORDERS, matvec_4bit
+
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
         arr, bf16 = to_numpy(x, "x")
         if bf16 and dtype not in (None, "bfloat16"):

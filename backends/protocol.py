@@ -155,10 +155,13 @@ class Backend(Protocol):
         out_dtype: str | None = None,
         out: Any = None,
         check_finite: bool = True,
+        order: str = "spec",
     ) -> Any:
         """qlora_ref.matvec.matvec_4bit: y = round_T(x · Ŵᵀ) for x [T, in] or [in], T = 1..16, float32 or bf16, in
-        the spec's order (MV-1 .. MV-5, MV-9), the same bits on every backend.  out_dtype "bfloat16" or "float32";
-        None: out's dtype if out is given, else bfloat16.  ``out``: the caller's buffer of y's T * out elements
+        the spec's order (MV-1 .. MV-5, MV-9), the same bits on every backend; ``order="any"`` lets the backend sum
+        in another order within MV-8's any-order bound (cupy: a faster kernel; numpy: still the spec's order).
+        out_dtype "bfloat16" or "float32"; None: out's dtype if out is given, else bfloat16.  ``out``: the
+        caller's buffer of y's T * out elements
         (torch tensor or array of the backend, bf16 as torch.bfloat16 or uint16), written and returned.  Without
         out: a new array [T, out] ([out] for a 1-D x), bf16 as uint16 bits.  No LoRA term here.  ``check_finite=False``:
         the caller vouches that x is finite (cupy then reads nothing back, so the call can be captured; numpy's spec

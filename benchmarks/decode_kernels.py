@@ -1,7 +1,10 @@
 """The 4-bit matvec of decoding, one kernel call at a time: ours vs bitsandbytes vs bf16 cuBLAS vs the copy ceiling.
 
 Per weight shape (out, in) and token count T (x [T, in] bf16 -> y [T, out] bf16; NF4, blocksize 64, double quant):
-    ours    backends' cupy ``matvec_4bit`` (kernels/matvec_4bit.cu v2: the spec's order, MV-1 .. MV-5), into y
+    ours           the cupy backend's ``matvec_4bit(order="any")`` (kernels/matvec_4bit.cu v3, MV-8), into y: what
+                   QLoRALinear decodes with up to layer.MATVEC_TOKENS rows
+    ours_spec      the same in the spec's order (v2: MV-1 .. MV-5, the spec's bits)
+    ours_deq_gemm  dequantize_4bit into a scratch bf16 weight + torch.mm: the layer's path for more rows
     bnb     ``bitsandbytes.matmul_4bit(x, W.t(), quant_state)``: its GEMV kernel for one token, dequantize + GEMM
             for more (what ``Linear4bit`` runs in inference)
     bf16    ``torch.mm(x, W.t(), out=y)`` with W in bf16 (cuBLAS): the 16-bit layer it replaces
@@ -65,13 +68,22 @@ def bench_shape(torch, be, bnb, cfg: KernelConfig, shape, l2: int, tbs: float) -
     ours_q = [be.quantize_4bit(w, blocksize=cfg.blocksize) for w in weights]
     bnb_q = [bnb.functional.quantize_4bit(w, blocksize=cfg.blocksize, compress_statistics=True, quant_type="nf4")
              for w in weights] if bnb is not None else None  # fmt: skip
+    scratch = torch.empty(shape, dtype=torch.bfloat16, device="cuda")  # the layer's dequantize buffer
     rows = []
     for T in cfg.tokens:
         xs = [torch.randn(T, in_f, generator=g, device="cuda").to(torch.bfloat16) for _ in range(sets)]
         ys = [torch.empty(T, out_f, dtype=torch.bfloat16, device="cuda") for _ in range(sets)]
         calls = {
             "ours": [
+                lambda i=i, xs=xs, ys=ys: be.matvec_4bit(xs[i], ours_q[i], out=ys[i], check_finite=False, order="any")
+                for i in range(sets)
+            ],
+            "ours_spec": [
                 lambda i=i, xs=xs, ys=ys: be.matvec_4bit(xs[i], ours_q[i], out=ys[i], check_finite=False)
+                for i in range(sets)
+            ],
+            "ours_deq_gemm": [
+                lambda i=i, xs=xs, ys=ys: torch.mm(xs[i], be.dequantize_4bit(ours_q[i], out=scratch).t(), out=ys[i])
                 for i in range(sets)
             ],
             "bf16": [lambda i=i, xs=xs, ys=ys: torch.mm(xs[i], weights[i].t(), out=ys[i]) for i in range(sets)],
@@ -92,6 +104,7 @@ def bench_shape(torch, be, bnb, cfg: KernelConfig, shape, l2: int, tbs: float) -
             row[f"speedup_vs_{peer}_graph"] = theirs / ours if ours and theirs else None
         rows.append(row)
         print(f"  {out_f}x{in_f} T={T:<2} ours {_f(row['ours_graph_us'])} graph / {_f(row['ours_eager_us'])} eager us"
+              f"  (spec order {_f(row['ours_spec_graph_us'])}, dequantize + GEMM {_f(row['ours_deq_gemm_graph_us'])})"
               f"  bnb {_f(row.get('bnb_graph_us'))} / {_f(row.get('bnb_eager_us'))}"
               f"  bf16 {_f(row['bf16_graph_us'])} / {_f(row['bf16_eager_us'])}"
               f"  floor {floor_us:.1f}  {_f(row['pct_copy'])}% of copy", file=sys.stderr, flush=True)  # fmt: skip

@@ -43,6 +43,7 @@ from .quantized import Quantized4bit, dequantize_4bit
 
 MAX_TOKENS = 16  # the decode kernel's range: more tokens go through dequantize + GEMM
 OUT_DTYPES = ("bfloat16", "float32")
+ORDERS = ("spec", "any")  # a backend's summation order: the spec's (MV-4, the same bits) or any (MV-8, any_order)
 MERGED_DTYPES = ("bfloat16", "float16", "float32")
 U32 = 2.0**-24  # float32 unit roundoff
 U64 = 2.0**-53

@@ -135,3 +135,24 @@ def assert_process_unharmed_by_refused_capture(stream, rng_before) -> None:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     assert torch.cuda.memory_reserved() == reserved, "a block used on another stream was never freed"
+
+
+def tiny_prepared_llama(backend="numpy", *, dropout=0.0, checkpointing=False, seed=0):
+    """A tiny random LLaMA (TINY_DECODER) prepared for QLoRA (r 4, alpha 8) with random LoRA weights, in train mode;
+    checkpointing as a capturable step runs it (non-reentrant, no RNG state: the masks come from seeds)."""
+    import torch
+    import transformers
+
+    from backends.torchlib import prepare_model, qlora_layers
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
+    prepare_model(model, backend=backend, r=4, alpha=8, dropout=dropout, gradient_checkpointing=False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
+        )
+    torch.manual_seed(seed + 1)
+    for m in qlora_layers(model).values():
+        m.reset_lora_parameters("random")
+    return model.train()

@@ -86,10 +86,16 @@ class CupyBackend:
     def clip_grad_norm_(self, grads, max_norm):
         return self.adamw.clip_grad_norm_(grads, max_norm)
 
-    def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True):
-        from . import matvec  # kernels/matvec_4bit.cu: the spec's order, the same bits
+    def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True, order="spec"):
+        from qlora_ref.matvec import ORDERS
 
-        return matvec.matvec_4bit(x, q, dtype=dtype, out_dtype=out_dtype, out=out, check_finite=check_finite)
+        from . import matvec  # kernels/matvec_4bit.cu: v2 the spec's order and bits, v3 any order (MV-8)
+
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        kernel = "v2" if order == "spec" else "v3"
+        return matvec.matvec_4bit(x, q, dtype=dtype, out_dtype=out_dtype, out=out, check_finite=check_finite,
+                                  kernel=kernel)  # fmt: skip
 
 
 __all__ = ["CupyBackend"]

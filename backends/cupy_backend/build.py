@@ -37,6 +37,7 @@ DEQUANT_CHUNKS = (2, 4, 8)  # variants of dequantize_4bit_v2: units (16 output b
 DEQUANT_CHUNKS_DEFAULT = 2  # best in benchmarks/bench_quant.py on an H100 (all variants give the same bits: tested)
 FINITE_CHUNKS = 4  # 16-byte vectors in flight per thread in check_finite_v2
 MATVEC_TOKENS = (1, 2, 4, 8, 16)  # variants of matvec_4bit_v2: T rounded up to one of these (accumulators per thread)
+MATVEC_V3_CHUNKS = {1: 4, 2: 4, 4: 2, 8: 1, 16: 1}  # matvec_4bit_v3: TP -> KU, 32-weight chunks in flight per row
 
 
 def _names() -> dict[str, tuple[str, ...]]:
@@ -70,6 +71,10 @@ def _names() -> dict[str, tuple[str, ...]]:
         "matvec_4bit.cu": tuple(  # x and y dtypes are flags read at run time (staging and the final store only)
             [f"matvec_4bit_v1<{dq}>" for dq in ("false", "true")]
             + [f"matvec_4bit_v2<{dq}, {tp}>" for dq, tp in itertools.product(("false", "true"), MATVEC_TOKENS)]
+            + [
+                f"matvec_4bit_v3<{dq}, {tp}, {MATVEC_V3_CHUNKS[tp]}>"
+                for dq, tp in itertools.product(("false", "true"), MATVEC_TOKENS)
+            ]
         ),
         "dropout.cu": ("dropout_keep_counter_v1",),  # LORA-8
     }

@@ -130,6 +130,26 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def matvec_kernel(kernel: str, in_f: int, blocksize: int, packed_aligned: bool, x_aligned: bool) -> str:
+    """The matvec kernel that runs when ``kernel`` is asked for: v3 (any order) needs whole 32-weight chunks in one
+    quant block (in % 32 == 0, blocksize >= 32) and 16-byte aligned codes and x, else v2; v2 needs aligned codes,
+    else v1 (the same bits as v2)."""
+    if kernel == "v3" and in_f % 32 == 0 and blocksize >= 32 and packed_aligned and x_aligned:
+        return "v3"
+    if kernel in ("v2", "v3") and packed_aligned:
+        return "v2"
+    return "v1"
+
+
+MATVEC_V3_ROWS = 4  # kernels/matvec_4bit.cu MV3_ROWS: rows per warp
+MATVEC_V3_THREADS = 128  # 4 warps, 16 rows per CTA (the kernel's __launch_bounds__)
+
+
+def matvec_4bit_v3_config(out_f: int) -> Config:
+    """Four rows per warp, four warps per CTA; every lane of a warp reads its rows' chunks (the grid covers out)."""
+    return (ceil_div(out_f, MATVEC_V3_ROWS * (MATVEC_V3_THREADS // 32)),), (MATVEC_V3_THREADS,)
+
+
 def matvec_4bit_v1_config(tokens: int, out_f: int) -> Config:
     """One thread per output (t, o)."""
     return (ceil_div(tokens * out_f, THREADS),), (THREADS,)

@@ -29,10 +29,10 @@ from . import offset as device_info
 from .finite import FiniteFlag
 from .finite import check_finite as _check_finite
 from .inputs import input_view
-from .quantized import DeviceQuantized4bit, codebook, signed_dynamic_map
+from .quantized import DeviceQuantized4bit, state_args
 
 KERNEL_FILE = "matvec_4bit.cu"
-KERNELS = ("v1", "v2")
+KERNELS = ("v1", "v2", "v3")
 MAX_IN = 2**30  # the kernel's column index is a 32-bit int with room for a block of padding
 
 __all__ = ["matvec_4bit"]
@@ -109,7 +109,9 @@ def matvec_4bit(
     2-D [out, in] Quantized4bit (DeviceQuantized4bit; a host one is copied).  out_dtype: "bfloat16" or "float32";
     None: out's dtype if out is given, else "bfloat16".  Returns y [T, out] ([out] for a 1-D x), a new CuPy array
     (bf16 as uint16 bits), or ``out`` after writing y there.  kernel: "v2" (fast) or "v1" (one thread per output,
-    the second oracle; also taken when q's packed bytes are not 16-byte aligned).  config: a v2 launch of explicit
+    the second oracle; also taken when q's packed bytes are not 16-byte aligned): the spec's order and bits; "v3"
+    (a warp per four rows, FMA and a lane tree: any order, within MV-8's ``any_order`` bound, not the spec's bits)
+    where it can run (`launch.matvec_kernel`), else v2.  config: a v2 launch of explicit
     knobs (`launch.matvec_4bit_v2_layout`; every one gives the same bits), else `launch.matvec_4bit_v2_config`'s.
     """
     if not isinstance(q, qlora_ref.Quantized4bit) or len(q.shape) != 2:
@@ -158,27 +160,24 @@ def matvec_4bit(
             y_arg = result
         else:
             y_arg = _out_arg(out, y_shape, out_dtype)
-        _launch(qd, xv.arg, x_dtype, y_arg, out_dtype, T, kernel, config)
+        _launch(qd, xv, x_dtype, y_arg, out_dtype, T, kernel, config)
     return out if out is not None else result
 
 
-def _launch(qd: DeviceQuantized4bit, x_arg, x_dtype: str, y_arg, out_dtype: str, T: int, kernel: str, config) -> None:
+def _launch(qd: DeviceQuantized4bit, xv, x_dtype: str, y_arg, out_dtype: str, T: int, kernel: str, config) -> None:
     out_f, in_f = qd.shape
-    cb = codebook(qd.quant_type)
     dq = qd.double_quant
-    dummy_f32, dummy_u8 = cb.table, cb.perm  # pointers the kernel does not read in this mode
-    state = (
-        cb.table,
-        dummy_f32 if dq else qd.absmax,
-        qd.absmax_q if dq else dummy_u8,
-        signed_dynamic_map() if dq else dummy_f32,
-        qd.nested_absmax if dq else dummy_f32,
-        np.float32(qd.offset if dq else 0.0),
-    )
-    flags = (x_arg, np.int32(x_dtype == "bfloat16"), y_arg, np.int32(out_dtype == "bfloat16"))
+    state = state_args(qd)
+    flags = (xv.arg, np.int32(x_dtype == "bfloat16"), y_arg, np.int32(out_dtype == "bfloat16"))
     log2_bs = np.int32(qd.blocksize.bit_length() - 1)
     dqs = "true" if dq else "false"
-    if kernel == "v2" and qd.packed.data.ptr % 16 == 0:
+    kernel = launch.matvec_kernel(kernel, in_f, qd.blocksize, qd.packed.data.ptr % 16 == 0, xv.aligned)
+    if kernel == "v3":
+        tp = next(t for t in build.MATVEC_TOKENS if t >= T)
+        grid, block = launch.matvec_4bit_v3_config(out_f)
+        k = build.kernel(KERNEL_FILE, f"matvec_4bit_v3<{dqs}, {tp}, {build.MATVEC_V3_CHUNKS[tp]}>")
+        k(grid, block, (qd.packed, np.int32(out_f), np.int32(in_f), np.int32(T), log2_bs) + state + flags)
+    elif kernel == "v2":
         c = config or launch.matvec_4bit_v2_config(
             out_f, in_f, qd.blocksize, T, device_info.current_device()["sm_count"]
         )

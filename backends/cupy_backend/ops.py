@@ -43,7 +43,7 @@ from .inputs import (
     uint8_array,
 )
 from .launch import ceil_div
-from .quantized import DeviceQuantized4bit, codebook, signed_dynamic_map
+from .quantized import DeviceQuantized4bit, codebook, signed_dynamic_map, state_args
 
 on_stream = on_torch_stream  # run on torch's current stream when a torch CUDA tensor is among the arguments
 
@@ -160,21 +160,8 @@ def _dequantize_launch(qd: DeviceQuantized4bit, out_arg, out_ptr: int, dtype: st
     """(RawKernel, grid, block, args) of one dequantize_4bit launch writing ``out_arg`` (kernels/dequantize_4bit.cu):
     v2 where the packed bytes and out are 16-byte aligned, else v1."""
     n = qd.n
-    cb = codebook(qd.quant_type)
     dq = qd.double_quant
-    dummy_f32, dummy_u8 = cb.table, cb.perm  # pointers the kernel does not read in this mode
-    args = (
-        qd.packed,
-        np.int64(n),
-        np.int32(qd.blocksize.bit_length() - 1),
-        cb.table,
-        dummy_f32 if dq else qd.absmax,
-        qd.absmax_q if dq else dummy_u8,
-        signed_dynamic_map() if dq else dummy_f32,
-        qd.nested_absmax if dq else dummy_f32,
-        np.float32(qd.offset if dq else 0.0),
-        out_arg,
-    )
+    args = (qd.packed, np.int64(n), np.int32(qd.blocksize.bit_length() - 1), *state_args(qd), out_arg)
     ctype, dqs = build.CTYPES[dtype], "true" if dq else "false"
     if kernel == "v2" and qd.packed.data.ptr % 16 == 0 and out_ptr % 16 == 0:
         grid, block = launch.dequantize_4bit_v2_config(n, chunks, 4 if dtype == "float32" else 2)

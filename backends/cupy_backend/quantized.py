@@ -169,3 +169,20 @@ class DeviceQuantized4bit(qlora_ref.Quantized4bit):
 
 
 # --- operations -----------------------------------------------------------------------------------------------------
+
+
+def state_args(qd: DeviceQuantized4bit) -> tuple:
+    """The 4-bit state as the dequantize and matvec kernels take it (kernels/common.cuh's absmax decode):
+    (table, absmax, absmax_q, code2, nested_absmax, offset), with a pointer the kernel does not read in the slots of
+    the other absmax mode (plain float32 absmax, or double quantization's codes + code2 + nested absmax + offset)."""
+    cb = codebook(qd.quant_type)
+    dq = qd.double_quant
+    dummy_f32, dummy_u8 = cb.table, cb.perm
+    return (
+        cb.table,
+        dummy_f32 if dq else qd.absmax,
+        qd.absmax_q if dq else dummy_u8,
+        signed_dynamic_map() if dq else dummy_f32,
+        qd.nested_absmax if dq else dummy_f32,
+        np.float32(qd.offset if dq else 0.0),
+    )

@@ -82,6 +82,9 @@ def _recover_from_refused_capture(pool, caller) -> None:
       later random op ("Offset increment outside graph capture"); one tiny capture that ends cleanly runs the
       prologue/epilogue pair again, leaving the seed and offset where the refused capture found them.
     Each step is harmless where torch already did it itself (the allocator call then raises and is ignored).
+    Not undone: the blocks the refused capture allocated stay in its private pool until the process ends (torch
+    releases a pool only through a successful graph's destructor; releasing it by hand risks a double release), so
+    a refused capture costs its own activations' memory once.
     """
     torch.cuda.set_stream(caller)
     torch.cuda.synchronize()

@@ -114,7 +114,10 @@ def draw_dropout_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-MATVEC_TOKENS = 16  # qlora_ref.matvec.MAX_TOKENS: the decode kernel's range
+# Decoding up to this many rows goes through the 4-bit matvec (any order, MV-8: matvec_4bit_v3 on cupy), more
+# through dequantize + GEMM: the matvec reads the 4-bit bytes once, but its FMAs grow with the rows while a GEMM's
+# tensor cores do not (benchmarks/decode_kernels.py, H200: the spec-order kernel at 16 rows ran 10x cuBLAS).
+MATVEC_TOKENS = 4
 STEP_SEED = -2  # a call's seed meaning "LORA-8's mask from the layer's StepSeed" (dropout.py); -1: no dropout
 
 
@@ -344,13 +347,13 @@ class QLoRALinear(nn.Module):
         return torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoding, 1..16 tokens, no gradient: y = matvec_4bit(x, q) + b + s (x A^T) B^T.  The matvec reads the packed
-        4-bit weight once (MV-1 .. MV-5: float32 sums in block order, one rounding), instead of writing W_hat and
-        reading it back in a GEMM; its sums are in another order than the GEMM's, so the two paths agree to MV-8's
-        bound, not bit for bit.  No host synchronisation or host-side allocation: a decode step can be captured."""
+        """Decoding, 1..MATVEC_TOKENS rows, no gradient: y = matvec_4bit(x, q) + b + s (x A^T) B^T.  The matvec reads
+        the packed 4-bit weight once (float32 sums, one rounding; any order, within MV-8's any-order bound), instead
+        of writing W_hat and reading it back in a GEMM; the two paths agree to MV-8's bound, not bit for bit.  No
+        host synchronisation or host-side allocation: a decode step can be captured."""
         x2 = x.reshape(-1, self.in_features)
         y = torch.empty(x2.shape[0], self.out_features, dtype=self.compute_dtype, device=x.device)
-        self.backend.matvec_4bit(x2, self.q, out=y, check_finite=False)
+        self.backend.matvec_4bit(x2, self.q, out=y, check_finite=False, order="any")
         y, _ = add_lora(y, x2, self.lora_A, self.lora_B, self.bias, self.scaling, None)
         return y.view(*x.shape[:-1], self.out_features)
 

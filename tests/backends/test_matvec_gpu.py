@@ -161,6 +161,31 @@ def test_kernel_names_are_registered():
         assert f"matvec_4bit_v1<{dq}>" in names
         for tp in kernel_build.MATVEC_TOKENS:
             assert f"matvec_4bit_v2<{dq}, {tp}>" in names
+            assert f"matvec_4bit_v3<{dq}, {tp}, {kernel_build.MATVEC_V3_CHUNKS[tp]}>" in names
+
+
+@pytest.mark.parametrize(
+    ("kernel", "in_f", "blocksize", "packed_aligned", "x_aligned", "runs"),
+    [
+        ("v3", 4096, 64, True, True, "v3"),
+        ("v3", 4096, 32, True, True, "v3"),
+        ("v3", 4104, 64, True, True, "v2"),  # in % 32 != 0: a chunk would straddle rows
+        ("v3", 4096, 64, True, False, "v2"),  # x off 16 bytes
+        ("v3", 4096, 64, False, True, "v1"),  # codes off 16 bytes
+        ("v2", 4096, 64, True, True, "v2"),
+        ("v2", 4096, 64, False, True, "v1"),
+        ("v1", 4096, 64, True, True, "v1"),
+    ],
+)
+def test_the_kernel_that_runs(kernel, in_f, blocksize, packed_aligned, x_aligned, runs):
+    assert launch.matvec_kernel(kernel, in_f, blocksize, packed_aligned, x_aligned) == runs
+
+
+def test_v3_grid_covers_every_row():
+    for out_f in (1, 15, 16, 17, 4096, 11008):
+        (grid,), (threads,) = launch.matvec_4bit_v3_config(out_f)
+        rows = grid * (threads // 32) * launch.MATVEC_V3_ROWS
+        assert out_f <= rows < out_f + (threads // 32) * launch.MATVEC_V3_ROWS
 
 
 # --- the numpy backend's method (runs anywhere) ----------------------------------------------------------------------
@@ -201,6 +226,9 @@ def test_numpy_backend_torch_forms_and_errors():
         be.matvec_4bit(np.ones((17, 70), np.float32), q)
     with pytest.raises(TypeError, match="float16"):
         be.matvec_4bit(x32.astype(np.float16), q)
+    np.testing.assert_array_equal(be.matvec_4bit(x32, q, order="any"), matvec_4bit(x32, q))  # the spec's order is one
+    with pytest.raises(ValueError, match="order must be one of"):
+        be.matvec_4bit(x32, q, order="fast")
 
 
 # --- the GPU kernel --------------------------------------------------------------------------------------------------
@@ -234,6 +262,58 @@ def test_gpu_same_bits_as_spec(cupy_mv, kernel, case):
     )
     assert tuple(got.shape) == want.shape and got.dtype == want.dtype
     assert_same_bits(got, want, x, q, dtype, case["out_dtype"], f"kernel={kernel}, case {case}; build(case)")
+
+
+def assert_within_any_order_bound(got, x, q, dtype, out_dtype, repro: str) -> None:
+    """MV-8 with any_order=True: |y - y64| <= the bound of any summation tree (k = in), element by element."""
+    y = bits(got)
+    y = y if out_dtype == "bfloat16" else y.view(np.float32)
+    y64, _ = matvec_f64(x, q, dtype=dtype)
+    bound = matvec_bound(x, q, y, dtype=dtype, out_dtype=out_dtype, any_order=True)
+    yf = bf16_to_f32(y) if out_dtype == "bfloat16" else y
+    err = np.abs(yf.astype(np.float64) - y64)
+    if not (err <= bound).all():
+        bad = np.argwhere(err > bound)
+        e = AssertionError(
+            f"{len(bad)} of {err.size} past the any-order bound, worst {float((err / bound).max()):.3g}x"
+        )
+        e.add_note(f"reproduce: {repro}")
+        raise e
+
+
+@gpu
+@given(case=cases())
+def test_gpu_v3_within_the_any_order_bound(cupy_mv, case):
+    """matvec_4bit_v3 (FMA, a lane tree: not the spec's order) is within MV-8's any-order bound on every case; where
+    it cannot run (in % 32 != 0) v2 serves the call with the spec's bits."""
+    from backends.cupy_backend.quantized import DeviceQuantized4bit
+
+    x, q, dtype = build(case)
+    got = cupy_mv.matvec_4bit(
+        to_gpu(x), DeviceQuantized4bit.from_host(q), dtype=dtype, out_dtype=case["out_dtype"], kernel="v3"
+    )
+    repro = f"kernel=v3, case {case}; build(case)"
+    if case["in_f"] % 32:
+        want = matvec_4bit(x, q, dtype=dtype, out_dtype=case["out_dtype"])
+        assert_same_bits(got, want, x, q, dtype, case["out_dtype"], repro)
+    else:
+        assert_within_any_order_bound(got, x, q, dtype, case["out_dtype"], repro)
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 2, 4, 7, 16])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1027, 11008), (96, 576)], ids=["4096x4096", "1027x11008", "96x576"])
+def test_gpu_v3_llama_shapes_and_the_backend_order(cupy_mv, T, double_quant, shape):
+    """The serving shapes (rows not a multiple of the 16 a CTA holds, too) through the backend's order="any": within
+    MV-8's any-order bound, and not the spec's bits everywhere (so v3, not v2, ran: FMA keeps low bits)."""
+    rng = np.random.default_rng(T)
+    q = qlora_ref.quantize_4bit((rng.standard_normal(shape) * 0.02).astype(np.float32), double_quant=double_quant)
+    x = rng.standard_normal((T, shape[1])).astype(np.float32)
+    got = get_backend("cupy").matvec_4bit(to_gpu(x), q, out_dtype="float32", order="any", check_finite=False)
+    assert_within_any_order_bound(got, x, q, None, "float32", f"shape={shape} T={T} dq={double_quant}")
+    want = matvec_4bit(x, q, out_dtype="float32")
+    assert not np.array_equal(bits(got), bits(want))
 
 
 @gpu

@@ -13,12 +13,12 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DECODER
+from conftest import tiny_prepared_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends import get_backend
-from backends.torchlib import prepare_model, qlora_layers, trainable_parameters
+from backends.torchlib import qlora_layers, trainable_parameters
 from backends.torchlib.dropout import StepSeed, use_step_seed
 from backends.torchlib.graph import capture_blockers
 from backends.torchlib.layer import STEP_SEED
@@ -28,17 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _model(backend="numpy", dropout=0.2, checkpointing=False, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
-    prepare_model(model, backend=backend, r=4, alpha=8, dropout=dropout, gradient_checkpointing=False)
-    if checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
-        )
-    torch.manual_seed(seed + 1)
-    for m in qlora_layers(model).values():
-        m.reset_lora_parameters("random")
-    return model.train()
+    return tiny_prepared_llama(backend, dropout=dropout, checkpointing=checkpointing, seed=seed)
 
 
 def test_numpy_backend_mask_is_the_spec():

@@ -10,26 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_DECODER, assert_process_unharmed_by_refused_capture
+from conftest import assert_process_unharmed_by_refused_capture, tiny_prepared_llama
 
-from backends.torchlib import PagedAdamW, prepare_model, qlora_layers, trainable_parameters
+from backends.torchlib import PagedAdamW, trainable_parameters
 from backends.torchlib.graph import CapturedStep, CaptureError, capture_blockers
 
 transformers = pytest.importorskip("transformers")
 
 
 def _model(backend="numpy", dropout=0.0, seed=0):
-    cfg = transformers.LlamaConfig(**TINY_DECODER)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg)
-    prepare_model(model, backend=backend, r=4, alpha=8, dropout=dropout, gradient_checkpointing=False)
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
-    )
-    torch.manual_seed(seed + 1)
-    for m in qlora_layers(model).values():
-        m.reset_lora_parameters("random")
-    return model.train()
+    return tiny_prepared_llama(backend, dropout=dropout, checkpointing=True, seed=seed)
 
 
 def test_blockers_name_dropout():

@@ -1,6 +1,7 @@
-"""QLoRALinear's decode path: 1..16 tokens without gradients go through the backend's 4-bit matvec (MV-1 .. MV-5).
+"""QLoRALinear's decode path: 1..MATVEC_TOKENS rows without gradients go through the backend's 4-bit matvec in any
+order (MV-8; cupy: matvec_4bit_v3).
 
-CPU: the path is taken exactly when it should be (no gradient needed, at most 16 rows, not under torch.compile) and
+CPU: the path is taken exactly when it should be (no gradient needed, at most 4 rows, not under torch.compile) and
 gives the dequantize + GEMM path's result within float32 summation error (the numpy backend's matvec is the spec).
 GPU: the CuPy layer takes it by default and agrees with its own GEMM path within a bf16 rounding of each side.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.torchlib.layer import QLoRALinear
+from backends.torchlib.layer import MATVEC_TOKENS, QLoRALinear
 
 
 def _layer(backend="numpy", out_f=96, in_f=160, seed=0, **kw):
@@ -30,6 +31,7 @@ class _Counting:
 
     def matvec_4bit(self, *a, **kw):
         self.calls += 1
+        self.orders = getattr(self, "orders", []) + [kw.get("order", "spec")]
         return self.backend.matvec_4bit(*a, **kw)
 
 
@@ -37,20 +39,21 @@ def test_decode_path_is_taken_only_without_gradients_and_for_few_tokens():
     layer = _layer()
     assert layer.matvec is False  # numpy: the pair-LUT dequantize + GEMM stays the CPU path
     layer.matvec, layer.backend = True, _Counting(layer.backend)
-    x = torch.randn(2, 3, 160)
+    assert MATVEC_TOKENS == 4
+    x = torch.randn(2, 2, 160)
     with torch.no_grad():
         layer(x)
-    assert layer.backend.calls == 1
+    assert layer.backend.calls == 1 and layer.backend.orders == ["any"]  # the layer lets the backend pick an order
     layer(x)  # gradients wanted (the LoRA parameters require them): the autograd path
     assert layer.backend.calls == 1
     with torch.no_grad():
-        layer(torch.randn(17, 160))  # more than 16 rows: dequantize + GEMM
+        layer(torch.randn(MATVEC_TOKENS + 1, 160))  # more rows: dequantize + GEMM
     assert layer.backend.calls == 1
 
 
 def test_decode_path_equals_the_gemm_path_within_float32_error():
     layer = _layer()
-    x = torch.randn(5, 160)
+    x = torch.randn(MATVEC_TOKENS, 160)
     with torch.no_grad():
         want = layer(x)
         layer.matvec = True
@@ -64,9 +67,11 @@ def test_decode_path_equals_the_gemm_path_within_float32_error():
 def test_gpu_decode_path_agrees_with_the_gemm_path():
     layer = _layer("cupy", out_f=256, in_f=576)
     assert layer.matvec is True and layer.compute_dtype == torch.bfloat16
-    x = torch.randn(8, 576, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(MATVEC_TOKENS, 576, device="cuda", dtype=torch.bfloat16)
+    layer.backend = _Counting(layer.backend)
     with torch.no_grad():
         got = layer(x).float()
+        assert layer.backend.calls == 1 and layer.backend.orders == ["any"]  # the cupy kernel of any order (v3)
         layer.matvec = False
         want = layer(x).float()
     # both round a float32 sum to bf16 once (2^-8 relative each) after float32 sums in different orders

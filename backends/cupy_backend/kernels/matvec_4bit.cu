@@ -38,6 +38,14 @@
 //           i = r*TP + t adds part[r][0..P-1][t] into yacc[i] in q order, so round by round y32 is the spec's chain.
 //     end: thread i rounds yacc[i] once and writes y[t, o].
 //   Launch config and (P, PW, period, NT, shared bytes): backends/cupy_backend/launch.py matvec_4bit_v2_config.
+//   matvec_4bit_v3<DQ, TP, KU>  any order (MV-8 with any_order=True: FMA and a lane tree, at most in roundings per
+//                            term), for the decode layer: in % 32 == 0, blocksize >= 32, packed and x 16-byte
+//                            aligned (so a chunk of 32 weights = one uint4 of codes lies in one quant block).
+//     warp -> MV3_ROWS = 4 rows o (one x load serves all four); lane l takes the row's chunks c = l, l + 32, ...
+//           (32 lanes read 512 contiguous bytes per row), KU chunks' codes and absmax loaded before any is used;
+//     per 8 columns: w = the spec's float32 decode (BW-7 / DQ-3, as v1/v2), acc[r][t] = fma(x[t, j], w, acc[r][t]);
+//     end: a butterfly over the lanes (__shfl_xor_sync), lane 0 rounds y[t, o] once (MV-5).
+//   Launch: backends/cupy_backend/launch.py matvec_4bit_v3_config.
 // Build: -std=c++17 --fmad=false (and __fmul_rn / __fadd_rn spelled out).
 #include "common.cuh"
 
@@ -230,5 +238,136 @@ __global__ void __launch_bounds__(256, 3) matvec_4bit_v2(const u8* __restrict__ 
         const int rr = i / TP, t = i % TP;
         const i64 orow = (i64)cls + (i64)period * ((i64)grp * ROWS + rr);
         if (orow < out_f && t < T) mv_store_y(y, y_bf16, (i64)t * out_f + orow, yacc[i]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int MV3_ROWS = 4;  // rows per warp
+
+// 8 float32 values of x[t, col .. col + 7] (bf16 bits or float32; 16-byte aligned), widened exactly.
+__device__ __forceinline__ void mv3_load_x8(const void* __restrict__ x, int x_bf16, i64 idx, float (&v)[8]) {
+    if (x_bf16) {
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(x) + idx));
+        const u32 c[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = __uint_as_float((e & 1) ? (c[e >> 1] & 0xffff0000u) : (c[e >> 1] << 16));
+    } else {
+        const float4 a = __ldg(reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x) + idx));
+        const float4 b = __ldg(reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x) + idx) + 1);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+}
+
+// The codes and absmax state of KU chunk slots from slot m0 of the warp's rows (zeros where the chunk or the row
+// does not exist): issued together, used after.
+template <bool DQ, int KU>
+__device__ __forceinline__ void mv3_load(const u8* __restrict__ packed, const float* __restrict__ absmax,
+                                         const u8* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
+                                         i64 o0, int out_f, int in_f, int log2_bs, int nchunk, int lane, int m0,
+                                         uint4 (&pk)[KU][MV3_ROWS], u32 (&aq)[KU][MV3_ROWS],
+                                         float (&an)[KU][MV3_ROWS]) {
+#pragma unroll
+    for (int k = 0; k < KU; k++) {
+        const int c = (m0 + k) * 32 + lane;
+#pragma unroll
+        for (int r = 0; r < MV3_ROWS; r++) {
+            const i64 o = o0 + r;
+            const bool ok = c < nchunk && o < out_f;
+            const i64 b = ok ? ((o * in_f + 32 * (i64)c) >> log2_bs) : 0;
+            pk[k][r] = ok ? __ldg(reinterpret_cast<const uint4*>(packed + o * (in_f >> 1) + 16 * (i64)c))
+                          : make_uint4(0u, 0u, 0u, 0u);
+            if (DQ) {
+                aq[k][r] = ok ? (u32)__ldg(absmax_q + b) : 0u;
+                an[k][r] = ok ? __ldg(nested_absmax + (b >> 8)) : 0.0f;
+            } else {
+                aq[k][r] = 0u;
+                an[k][r] = ok ? __ldg(absmax + b) : 0.0f;
+            }
+        }
+    }
+}
+
+template <bool DQ, int TP, int KU>
+__global__ void __launch_bounds__(128) matvec_4bit_v3(const u8* __restrict__ packed, int out_f, int in_f, int T,
+                                                      int log2_bs, const float* __restrict__ table,
+                                                      const float* __restrict__ absmax,
+                                                      const u8* __restrict__ absmax_q,
+                                                      const float* __restrict__ code2,
+                                                      const float* __restrict__ nested_absmax, float offset,
+                                                      const void* __restrict__ x, int x_bf16, void* __restrict__ y,
+                                                      int y_bf16) {
+    __shared__ float s_table[16];
+    __shared__ float s_code2[256];
+    const int lane = threadIdx.x & 31;
+    const i64 o0 = ((i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MV3_ROWS;  // the warp's first row
+    const int nchunk = in_f >> 5;                           // 32-column chunks per row
+    const int per_lane = (nchunk + 31) >> 5;                // chunk slots per lane (the last may be empty)
+
+    uint4 pk[KU][MV3_ROWS];
+    u32 aq[KU][MV3_ROWS];   // absmax code (DQ), read from s_code2 once the tables are staged
+    float an[KU][MV3_ROWS];  // the nested absmax (DQ) or the float32 absmax
+    mv3_load<DQ, KU>(packed, absmax, absmax_q, nested_absmax, o0, out_f, in_f, log2_bs, nchunk, lane, 0, pk, aq, an);
+    // (the first codes are in flight while the tables are staged)
+    for (int i = threadIdx.x; i < 16; i += blockDim.x) s_table[i] = table[i];
+    if (DQ) for (int i = threadIdx.x; i < 256; i += blockDim.x) s_code2[i] = code2[i];
+    __syncthreads();
+
+    float acc[MV3_ROWS][TP];
+#pragma unroll
+    for (int r = 0; r < MV3_ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < TP; t++) acc[r][t] = 0.0f;
+
+    for (int m0 = 0; m0 < per_lane; m0 += KU) {
+        if (m0 > 0)
+            mv3_load<DQ, KU>(packed, absmax, absmax_q, nested_absmax, o0, out_f, in_f, log2_bs, nchunk, lane, m0, pk,
+                             aq, an);
+#pragma unroll
+        for (int k = 0; k < KU; k++) {
+            const int c = (m0 + k) * 32 + lane;
+            if (c >= nchunk) continue;  // the lane's codes are zeros here; nothing to add
+            float am[MV3_ROWS];
+#pragma unroll
+            for (int r = 0; r < MV3_ROWS; r++)  // mv_absmax_f32's two roundings (DQ-3), on the prefetched state
+                am[r] = DQ ? __fadd_rn(fmul_ftz(s_code2[aq[k][r]], an[k][r]), offset) : an[k][r];
+#pragma unroll
+            for (int wi = 0; wi < 4; wi++) {  // 8 columns (one 32-bit word of codes per row) at a time
+                float w[MV3_ROWS][8];
+#pragma unroll
+                for (int r = 0; r < MV3_ROWS; r++) {
+                    const u32 word = wi == 0 ? pk[k][r].x : wi == 1 ? pk[k][r].y : wi == 2 ? pk[k][r].z : pk[k][r].w;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        const int shift = 8 * (e >> 1) + ((e & 1) ? 0 : 4);  // even position: high nibble (PK-1)
+                        w[r][e] = fmul_ftz(s_table[(word >> shift) & 15u], am[r]);
+                    }
+                }
+                const i64 col = 32 * (i64)c + 8 * wi;
+#pragma unroll
+                for (int t = 0; t < TP; t++) {
+                    if (t >= T) break;
+                    float xv[8];
+                    mv3_load_x8(x, x_bf16, (i64)t * in_f + col, xv);
+#pragma unroll
+                    for (int r = 0; r < MV3_ROWS; r++)
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[r][t] = __fmaf_rn(xv[e], w[r][e], acc[r][t]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MV3_ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < TP; t++)
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1)
+                acc[r][t] = __fadd_rn(acc[r][t], __shfl_xor_sync(0xffffffffu, acc[r][t], off));
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < MV3_ROWS; r++)
+#pragma unroll
+            for (int t = 0; t < TP; t++)
+                if (o0 + r < out_f && t < T) mv_store_y(y, y_bf16, (i64)t * out_f + o0 + r, acc[r][t]);
     }
 }
