@@ -503,7 +503,7 @@ def test_gpu_bad_inputs(cupy_mv):
     with pytest.raises(TypeError, match="out must be a CuPy array"):
         mv(x, q, out=np.empty((2, 3), np.uint16))
     with pytest.raises(ValueError, match="kernel"):
-        mv(x, q, kernel="v3")
+        mv(x, q, kernel="v4")
     other = launch.matvec_4bit_v2_layout(3, 40, 64, 4, 8, 32, 64)
     with pytest.raises(ValueError, match="does not fit"):
         mv(x, q, config=other)  # built for 4 tokens, called with 2
