@@ -300,6 +300,8 @@ def device_info(s: Setup) -> dict:
 
 
 def plot(doc: dict, path: Path) -> None:
+    """Left: ms per decode step by model and batch; right (with --part kernel): us per 4-bit matvec call under graph
+    replay by shape and token count, against bitsandbytes, bf16 cuBLAS and the copy-bandwidth floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,15 +310,31 @@ def plot(doc: dict, path: Path) -> None:
     rows = [r for r in doc["rows"] if "ms_per_token" in r]
     groups = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups) + 2), 4.2))
-    w = 0.8 / max(1, len(variants))
-    for j, v in enumerate(variants):
-        vals = [next((r["ms_per_token"] for r in rows if r["variant"] == v and (r["model"], r["batch"]) == gr), 0.0)
-                for gr in groups]  # fmt: skip
-        ax.bar([i + j * w for i in range(len(groups))], vals, w, label=v)
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(groups))], [f"{m}\nbatch {b}" for m, b in groups])
-    ax.set(ylabel="ms per decode step (lower is better)", title=f"greedy decode on {doc['info']['device']}")
-    ax.legend(fontsize=8)
+    kernel = doc.get("kernel", {}).get("rows", [])
+    panels = [p for p, have in (("decode", rows), ("kernel", kernel)) if have] or ["decode"]
+    widths = {"decode": max(6, 2.2 * len(groups) + 2), "kernel": max(6, 0.9 * len(kernel) + 2)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths[p] for p in panels), 4.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "decode":
+            w = 0.8 / max(1, len(variants))
+            for j, v in enumerate(variants):
+                vals = [next((r["ms_per_token"] for r in rows if r["variant"] == v and (r["model"], r["batch"]) == gr),
+                             0.0) for gr in groups]  # fmt: skip
+                ax.bar([i + j * w for i in range(len(groups))], vals, w, label=v)
+            ax.set_xticks([i + 0.4 - w / 2 for i in range(len(groups))], [f"{m}\nbatch {b}" for m, b in groups])
+            ax.set(ylabel="ms per decode step (lower is better)", title=f"greedy decode on {doc['info']['device']}")
+        else:
+            names = [("ours", "ours (any order, v3)"), ("ours_spec", "ours (spec order, v2)"), ("bnb", "bitsandbytes"),
+                     ("bf16", "bf16 cuBLAS"), ("floor", "4-bit bytes at copy bandwidth")]  # fmt: skip
+            w = 0.8 / len(names)
+            for j, (key, label) in enumerate(names):
+                vals = [r.get("floor_us" if key == "floor" else f"{key}_graph_us") or 0.0 for r in kernel]
+                ax.bar([i + j * w for i in range(len(kernel))], vals, w, label=label)
+            ticks = [f"{r['shape'][0]}x{r['shape'][1]}\nT={r['tokens']}" for r in kernel]
+            ax.set_xticks([i + 0.4 - w / 2 for i in range(len(kernel))], ticks, fontsize=7)
+            ax.set_yscale("log")
+            ax.set(ylabel="us per call, CUDA-graph replay (log)", title="4-bit matvec, one call")
+        ax.legend(fontsize=7)
     fig.suptitle(f"commit {doc.get('commit', '?')}, {doc['setup']['new']} new tokens after {doc['setup']['prompt']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
