@@ -1,13 +1,16 @@
 """The numpy backend: `qlora_ref` behind the backend interface, on the CPU.
 
 Every operation calls the spec, except dequantization into a caller's buffer (``out=`` and `bind_dequantize_4bit`),
-which is the table-driven decoder in backends/numpy_lut.py: the same bits as the spec's (tested), several times faster.
+which is the table-driven decoder in backends/numpy_lut.py: the same bits as the spec's (tested), several times faster;
+a bound launch keeps its first result and copies it after (`DequantCache`: the frozen base's W_hat never changes).
 At the boundary torch CPU tensors become numpy arrays (bf16 tensors as their uint16 bits, the spec's bf16 convention,
 through backends.bridge).
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -20,6 +23,39 @@ from qlora_ref.dtypes import DTYPES, to_float32
 from . import numpy_adamw
 from .bridge import dtype_name, is_torch, torch_to_numpy
 from .numpy_lut import dequantize_4bit_into
+
+
+class DequantCache:
+    """The W_hat values bound launches keep on the CPU (NumpyBackend.bind_dequantize_4bit), within a byte budget for
+    the whole process: min(4 GiB, a quarter of the machine's memory).  A kept copy is given back to the budget when
+    its launch (its layer's binding) is gone."""
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget_bytes = _default_cache_budget() if budget_bytes is None else int(budget_bytes)
+        self.used_bytes = 0
+
+    def keep(self, values: np.ndarray) -> np.ndarray | None:
+        """A copy of ``values`` charged to the budget, or None when it does not fit."""
+        if self.used_bytes + values.nbytes > self.budget_bytes:
+            return None
+        copy = values.copy()
+        self.used_bytes += copy.nbytes
+        weakref.finalize(copy, self._release, copy.nbytes)
+        return copy
+
+    def _release(self, nbytes: int) -> None:
+        self.used_bytes -= nbytes
+
+
+def _default_cache_budget() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    return min(4 << 30, total // 4)
+
+
+DEQUANT_CACHE = DequantCache()
 
 
 def to_numpy(x, what: str = "input") -> tuple[np.ndarray, str | None]:
@@ -110,10 +146,20 @@ class NumpyBackend:
         return out
 
     def bind_dequantize_4bit(self, q, out) -> Callable[[], None]:
+        """The launch that writes W_hat into ``out``.  On the CPU the first launch also keeps its values (the frozen
+        base never changes, so every later W_hat is the same bits): later launches copy them, ~20x cheaper than
+        decoding again, while the process's kept copies stay within ``DequantCache.budget_bytes``."""
         view, name, tensor = _out_view(q, out, None)
+        kept: list[np.ndarray] = []
 
         def launch() -> None:
+            if kept:
+                np.copyto(view, kept[0])
+                return
             dequantize_4bit_into(q, view, name, tensor)
+            copy = DEQUANT_CACHE.keep(view)
+            if copy is not None:
+                kept.append(copy)
 
         return launch
 

@@ -1,0 +1,82 @@
+"""The numpy backend's kept W_hat (numpy_backend.DequantCache): a bound launch decodes once, then copies its values.
+
+The frozen base never changes, so every launch after the first must write the spec's bits again (also after the
+buffer was overwritten in between, as the layers' shared scratch buffer is), the copies stay within the budget, and
+a copy is given back to the budget when its launch is gone.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+import qlora_ref
+from backends import get_backend
+from backends import numpy_backend as nb
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    c = nb.DequantCache(budget_bytes=1 << 30)
+    monkeypatch.setattr(nb, "DEQUANT_CACHE", c)
+    return c
+
+
+def _q(shape=(48, 96), seed=0, **kw):
+    W = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return qlora_ref.quantize_4bit(W, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_every_launch_writes_the_spec_bits(cache, dtype, double_quant):
+    q = _q(double_quant=double_quant)
+    out = torch.empty(q.shape, dtype=dtype)
+    want = torch.empty_like(out)
+    get_backend("numpy").dequantize_4bit(q, out=want)  # the unbound path decodes every time
+    launch = get_backend("numpy").bind_dequantize_4bit(q, out)
+    for fill in (float("nan"), 0.0, 7.0):
+        out.fill_(fill)  # another layer wrote the shared buffer in between
+        launch()
+        assert torch.equal(out.view(torch.int16 if out.element_size() == 2 else torch.int32),
+                           want.view(torch.int16 if want.element_size() == 2 else torch.int32))  # fmt: skip
+    assert cache.used_bytes == q.n * out.element_size()
+
+
+def test_the_budget_bounds_what_is_kept_and_a_gone_launch_gives_it_back(cache):
+    be = get_backend("numpy")
+    q1, q2 = _q(seed=1), _q(seed=2)
+    cache.budget_bytes = q1.n * 4  # room for one float32 W_hat
+    out1, out2 = torch.empty(q1.shape), torch.empty(q2.shape)
+    l1, l2 = be.bind_dequantize_4bit(q1, out1), be.bind_dequantize_4bit(q2, out2)
+    l1()
+    l2()  # no room: decoded each time, still right
+    assert cache.used_bytes == q1.n * 4
+    out2.zero_()
+    l2()
+    assert np.array_equal(out2.numpy(), qlora_ref.dequantize_4bit(q2, "float32").reshape(q2.shape))
+    del l1
+    gc.collect()
+    assert cache.used_bytes == 0
+    l3 = be.bind_dequantize_4bit(q2, out2)
+    l3()
+    assert cache.used_bytes == q2.n * 4
+
+
+def test_a_zero_budget_keeps_nothing(cache):
+    cache.budget_bytes = 0
+    q = _q()
+    out = torch.empty(q.shape)
+    launch = get_backend("numpy").bind_dequantize_4bit(q, out)
+    launch()
+    launch()
+    assert cache.used_bytes == 0
+    assert np.array_equal(out.numpy(), qlora_ref.dequantize_4bit(q, "float32").reshape(q.shape))
+
+
+def test_default_budget_is_a_quarter_of_memory_at_most_4_gib():
+    b = nb.DequantCache().budget_bytes
+    assert 0 <= b <= 4 << 30
