@@ -58,6 +58,33 @@ def _default_cache_budget() -> int:
 DEQUANT_CACHE = DequantCache()
 
 
+class KeepMemo:
+    """Dropout masks drawn in a forward, held until their backward redraws them (then given up), oldest dropped first
+    beyond ``budget_bytes``: a mask is a pure function of (shape, p, seed), so a hit is the draw it replaces."""
+
+    def __init__(self, budget_bytes: int = 512 << 20):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._masks: dict = {}
+
+    def pop(self, key):
+        keep = self._masks.pop(key, None)
+        if keep is not None:
+            self.used_bytes -= keep.numel()
+        return keep
+
+    def put(self, key, keep) -> None:
+        if keep.numel() > self.budget_bytes:
+            return
+        self._masks[key] = keep
+        self.used_bytes += keep.numel()
+        while self.used_bytes > self.budget_bytes:  # dicts keep insertion order: the oldest first
+            self.pop(next(iter(self._masks)))
+
+
+KEEP_MEMO = KeepMemo()
+
+
 def to_numpy(x, what: str = "input") -> tuple[np.ndarray, str | None]:
     """(numpy array, "bfloat16" or None): torch CPU tensors are viewed as numpy, bf16 as uint16 bits."""
     if is_torch(x):
@@ -181,10 +208,17 @@ class NumpyBackend:
         return qlora_ref.unpack_4bit(to_numpy(packed, "packed")[0], n)
 
     def dropout_keep(self, shape, p, seed):
+        """keep = u >= f32(p), u = PCG64(seed)'s float32 uniforms of ``shape`` (LORA-3).  A pure function of its
+        arguments: the backward's redraw of a forward's mask is served from `KEEP_MEMO` when it is still there."""
         import torch
 
-        u = np.random.default_rng(seed).random(tuple(shape), dtype=np.float32)  # 2x faster than torch's bernoulli_
-        return torch.from_numpy(u >= np.float32(p))
+        key = (tuple(int(d) for d in shape), float(p), int(seed))
+        keep = KEEP_MEMO.pop(key)
+        if keep is None:
+            u = np.random.default_rng(seed).random(key[0], dtype=np.float32)  # 2x faster than torch's bernoulli_
+            keep = torch.from_numpy(u >= np.float32(p))
+            KEEP_MEMO.put(key, keep)
+        return keep
 
     def dropout_keep_counter(self, shape, p, seed, salt):
         import torch

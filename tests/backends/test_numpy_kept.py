@@ -1,8 +1,11 @@
-"""The numpy backend's kept W_hat (numpy_backend.DequantCache): a bound launch decodes once, then copies its values.
+"""What the numpy backend keeps to save CPU time, without changing a bit of any result.
 
-The frozen base never changes, so every launch after the first must write the spec's bits again (also after the
-buffer was overwritten in between, as the layers' shared scratch buffer is), the copies stay within the budget, and
-a copy is given back to the budget when its launch is gone.
+- DequantCache: a bound dequantize launch decodes once, then copies its values.  The frozen base never changes, so
+  every launch after the first must write the spec's bits again (also after the buffer was overwritten in between, as
+  the layers' shared scratch buffer is), the copies stay within the budget, and a copy is given back to the budget
+  when its launch is gone.
+- KeepMemo: a forward's dropout mask, served again to the backward's redraw (then dropped): the same bits as a fresh
+  draw, within its budget, oldest dropped first.
 """
 
 from __future__ import annotations
@@ -80,3 +83,42 @@ def test_a_zero_budget_keeps_nothing(cache):
 def test_default_budget_is_a_quarter_of_memory_at_most_4_gib():
     b = nb.DequantCache().budget_bytes
     assert 0 <= b <= 4 << 30
+
+
+# --- KeepMemo ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def memo(monkeypatch):
+    m = nb.KeepMemo(budget_bytes=1 << 20)
+    monkeypatch.setattr(nb, "KEEP_MEMO", m)
+    return m
+
+
+def _fresh(shape, p, seed):
+    return torch.from_numpy(np.random.default_rng(seed).random(shape, dtype=np.float32) >= np.float32(p))
+
+
+def test_a_redraw_is_served_once_with_the_draws_bits(memo):
+    be = get_backend("numpy")
+    first = be.dropout_keep((40, 30), 0.1, 12345)
+    assert torch.equal(first, _fresh((40, 30), 0.1, 12345)) and memo.used_bytes == 1200
+    again = be.dropout_keep((40, 30), 0.1, 12345)  # the backward's redraw: the kept mask, then given up
+    assert again is first and memo.used_bytes == 0
+    third = be.dropout_keep((40, 30), 0.1, 12345)  # a third call (checkpoint recompute) draws afresh: same bits
+    assert third is not first and torch.equal(third, first)
+    other = be.dropout_keep((40, 30), 0.2, 12345)  # p, shape and seed are all the key
+    assert torch.equal(other, _fresh((40, 30), 0.2, 12345))
+
+
+def test_the_oldest_masks_go_first_beyond_the_budget(memo):
+    be = get_backend("numpy")
+    memo.budget_bytes = 2500
+    for seed in range(3):
+        be.dropout_keep((10, 100), 0.5, seed)  # 1000 bytes each: the first no longer fits
+    assert memo.used_bytes == 2000
+    assert memo.pop(((10, 100), 0.5, 0)) is None
+    assert torch.equal(memo.pop(((10, 100), 0.5, 2)), _fresh((10, 100), 0.5, 2))
+    memo.budget_bytes = 0
+    be.dropout_keep((3, 3), 0.5, 9)
+    assert memo.pop(((3, 3), 0.5, 9)) is None
