@@ -240,9 +240,10 @@ def fully_shard_lora(model, mesh=None):
     """FSDP2 over the LoRA parameters: ``fully_shard`` on every QLoRALinear, so lora_A / lora_B become DTensors
     sharded on dim 0 over ``mesh`` (default: all ranks, on the LoRA parameters' device type); returns the model.
 
-    The 4-bit base is not a tensor FSDP can see (specs/distributed.md says what sharding it needs), so every rank
-    keeps it whole; it is checked equal on every rank as under DDP (DIST-1).  Gradients are reduce-scattered
-    (averaged) by FSDP.  Step the sharded parameters with torch.optim.AdamW: PagedAdamW does not take DTensors.
+    The 4-bit base is not a tensor FSDP can see here, so every rank keeps it whole; it is checked equal on every rank
+    as under DDP (DIST-1).  To shard the base too: ``sharded_base.fully_shard_qlora`` (DIST-9).  Gradients are
+    reduce-scattered (averaged) by FSDP.  Step the sharded parameters with torch.optim.AdamW: PagedAdamW does not
+    take DTensors.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -10,6 +10,8 @@ references and compares:
 - DIST-1: a rank whose 4-bit base differs, or a LoRA parameter with a step-in-backward hook, is refused.
 - FSDP2 (``fully_shard`` per QLoRALinear, gloo, torch 2.13): the LoRA parameters sharded over the 2 ranks, step 0's
   loss and reduce-scattered gradient the single-process ones within DIST-3.
+- DIST-9: FSDP2 with the 4-bit base sharded too (``fully_shard_qlora``): half of every base array per rank, the
+  same losses and gradients as FSDP2 over LoRA alone, bit for bit, over 3 AdamW steps.
 - DIST-7: the per-GPU ledger re-composes the single-GPU one, and specs/distributed.md's 70B table is what it computes.
 
 The bound (DIST-3).  Both runs compute the same sums in another order: the global batch's mean loss L = (1/n) sum_t
@@ -160,6 +162,24 @@ def worker(workdir: Path) -> None:
     value = loss.detach().clone()
     torch.distributed.all_reduce(value)
     out["fsdp_loss"] = float(value) / D.world_size()
+    # FSDP2 with the 4-bit base sharded too (DIST-9): the same global batches, torch AdamW on the DTensors, beside
+    # FSDP2 over the LoRA parameters alone
+    from backends.torchlib.sharded_base import fully_shard_qlora
+
+    for key, build in (("lora_only", D.fully_shard_lora), ("base_too", fully_shard_qlora)):
+        m = build(tiny_model())
+        run = out.setdefault("fsdp_adamw", {}).setdefault(key, {})
+        layer = next(iter(qlora_layers(m).values()))
+        if key == "base_too":
+            run["packed_bytes"] = [layer.base_packed.to_local().numel(), int(layer.base_packed.shape[0])]
+            run["absmax_q_bytes"] = [layer.base_absmax_q.to_local().numel(), int(layer.base_absmax_q.shape[0])]
+            try:
+                _ = layer.q
+                run["q_outside"] = ""
+            except RuntimeError as e:
+                run["q_outside"] = str(e)
+        opt = torch.optim.AdamW(trainable_parameters(m), lr=LR)
+        train(m, opt, D.ShardedBatches(Batches()), 3, run)
     if D.is_main():
         (workdir / "ddp.json").write_text(json.dumps(out))
     # every rank past its last collective before the group goes: a CI run once saw rank 0 abort in teardown
@@ -245,6 +265,45 @@ def test_fsdp2_shards_lora_and_averages(runs):
     assert abs(ddp["fsdp_loss"] - ref["losses"][0]) <= bound(ref, 0)
     g, g1 = ddp["fsdp_grad_l1"], ref["grad_l1"][0]
     assert abs(g - g1) <= 2 * gamma(M_TERMS) * KAPPA * g1, (g, g1)
+
+
+def test_fsdp2_shards_the_4bit_base_and_computes_the_same(runs):
+    """DIST-9: with the 4-bit base in FSDP2's parameters too, each rank holds half of every layer's packed codes and
+    absmax codes; outside forward the base is only shards (``q`` refuses clearly); inside, the layer computes from the
+    gathered bytes exactly what FSDP2 over LoRA alone computes: the same losses and gradients, bit for bit, over 3
+    AdamW steps, on the single-process curve within DIST-3."""
+    ref, ddp = runs
+    base, lora = ddp["fsdp_adamw"]["base_too"], ddp["fsdp_adamw"]["lora_only"]
+    local, whole = base["packed_bytes"]
+    assert whole == TINY_DECODER["hidden_size"] ** 2 // 2 and local == whole // 2  # q_proj: 64 x 64 codes
+    local, whole = base["absmax_q_bytes"]
+    assert whole == TINY_DECODER["hidden_size"] ** 2 // 64 and local == whole // 2
+    assert "sharded over the ranks" in base["q_outside"] and "inside forward" in base["q_outside"]
+    assert base["losses"] == lora["losses"] and base["grad_l1"] == lora["grad_l1"]
+    assert base["losses"][2] < base["losses"][0]  # it trains
+    assert abs(base["losses"][0] - ref["losses"][0]) <= bound(ref, 0)
+
+
+def test_fsdp2_base_refusals_in_one_process():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from backends.torchlib.sharded_base import ShardedQLoRALinear, fully_shard_qlora
+
+    with pytest.raises(ValueError, match="param_dtype would cast"):
+        fully_shard_qlora(tiny_model(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="no process group"):
+        fully_shard_qlora(tiny_model())
+    layer = next(iter(qlora_layers(tiny_model()).values()))
+    want = layer.dequantize_weight()
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        y = layer(x)
+    ShardedQLoRALinear.convert(layer)  # unsharded (no FSDP): q is a view of the Parameters, the same bytes
+    assert torch.equal(layer.dequantized(), want) and {n for n, _ in layer.named_parameters()} >= {"base_packed"}
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+    with pytest.raises(TypeError, match="plain QLoRALinear"):
+        ShardedQLoRALinear.convert(layer)
 
 
 def test_ledger_per_rank_and_the_note():
