@@ -3,12 +3,15 @@
 specs/distributed.md ("Sharding (FSDP2)", DIST-9).  ``fully_shard_qlora(model)`` turns every QLoRALinear into a
 ShardedQLoRALinear and calls ``torch.distributed.fsdp.fully_shard`` on it, so each rank keeps 1/N of
 
-    base_packed         uint8[(n + 1) // 2]       the packed 4-bit codes (PK-1)
-    base_absmax         float32[nblocks]          plain absmax, or with double quantization
-    base_absmax_q       uint8[nblocks]            its 8-bit codes
+    base_packed         the packed 4-bit codes (PK-1), uint8[(n + 1) // 2]
+    base_absmax         plain absmax, float32[nblocks]; or with double quantization
+    base_absmax_q       its 8-bit codes, uint8[nblocks]
     base_nested_absmax  float32[ceil(nblocks / 256)]
 
-beside its share of lora_A / lora_B (all requires_grad=False but the LoRA pair).  The rest of the state (shape,
+beside its share of lora_A / lora_B (all requires_grad=False but the LoRA pair).  Each array's bytes are held in a
+float32 Parameter (zero-padded to a whole number of words; the bytes' own count and dtype are metadata): FSDP before
+torch 2.13 makes every sharded parameter ``nn.Parameter(..., requires_grad=True)``, which integer tensors refuse, and
+a copy never changes a float's bits (bitsandbytes' "quant_storage" does the same).  The rest of the state (shape,
 dtype, quant_type, blocksize, offset) is replicated metadata.  FSDP all-gathers a layer's parameters before its
 forward and again before its backward; in between ``layer.q`` is a Quantized4bit over the gathered bytes (numpy or
 CuPy views of FSDP's unsharded tensors, no copy) and the layer dequantizes from it, so a sharded layer computes
@@ -36,7 +39,6 @@ from .prepare import qlora_layers
 
 ARRAYS = ("packed", "absmax", "absmax_q", "nested_absmax")  # the Quantized4bit fields that become Parameters
 _META = ("shape", "dtype", "quant_type", "blocksize", "offset", "nested_blocksize")
-_NUMPY = {torch.uint8: np.uint8, torch.float32: np.float32}
 
 
 class ShardedQLoRALinear(QLoRALinear):
@@ -51,11 +53,13 @@ class ShardedQLoRALinear(QLoRALinear):
             raise ValueError("float64 compute (CPU gradient checks) cannot shard its base; use float32 or bfloat16")
         q = layer.q
         meta = {k: getattr(q, k) for k in _META}
-        tensors = {k: _to_torch(getattr(q, k), layer.device) for k in ARRAYS if getattr(q, k) is not None}
+        arrays = {k: getattr(q, k) for k in ARRAYS if getattr(q, k) is not None}
+        words = {k: _as_words(a, layer.device) for k, a in arrays.items()}
         del layer.__dict__["q"]
         layer.__class__ = cls
         layer._base_meta = meta
-        for k, t in tensors.items():
+        layer._base_bytes = {k: (int(a.nbytes), np.dtype(a.dtype.name)) for k, a in arrays.items()}
+        for k, t in words.items():
             layer.register_parameter(f"base_{k}", nn.Parameter(t, requires_grad=False))
         layer._bound = None
         return layer
@@ -73,7 +77,7 @@ class ShardedQLoRALinear(QLoRALinear):
                     "this layer's 4-bit base is sharded over the ranks (FSDP2): it exists whole only inside forward "
                     "and backward; call the model, or gather it with the module's unshard() first"
                 )
-            fields[k] = None if t is None else _view(t.detach())
+            fields[k] = None if t is None else _view(t.detach(), *self._base_bytes[k])
         if self.device.type == "cuda":
             from backends.cupy_backend.quantized import DeviceQuantized4bit
 
@@ -97,26 +101,34 @@ class ShardedQLoRALinear(QLoRALinear):
         )
 
 
-def _to_torch(arr, device: torch.device) -> torch.Tensor:
-    """A torch copy of a numpy or CuPy array on ``device`` (its own memory: FSDP frees and re-allocates it)."""
+def _as_words(arr, device: torch.device) -> torch.Tensor:
+    """A float32 torch tensor on ``device`` holding ``arr``'s bytes, zero-padded to whole 4-byte words (its own
+    storage: FSDP frees and re-allocates it; from_numpy's storage could not be resized)."""
+    raw = arr.reshape(-1).view("uint8")  # numpy or CuPy: the array's bytes
+    nbytes = int(raw.nbytes)
     if device.type == "cuda":
-        return torch.as_tensor(arr, device=device).clone()
-    return torch.from_numpy(arr).clone()  # torch's own storage: from_numpy's cannot be resized, as FSDP frees it
+        b = torch.as_tensor(raw, device=device)
+    else:
+        b = torch.from_numpy(np.ascontiguousarray(raw))
+    padded = torch.zeros((nbytes + 3) // 4 * 4, dtype=torch.uint8, device=device)
+    padded[:nbytes] = b
+    return padded.view(torch.float32)
 
 
-def _view(t: torch.Tensor):
-    """The array the backend reads: a numpy view of a CPU tensor, a CuPy view of a CUDA one (no copy)."""
+def _view(t: torch.Tensor, nbytes: int, dtype: np.dtype):
+    """The array the backend reads, ``nbytes`` of ``t``'s bytes as ``dtype``: a CuPy view of a CUDA tensor, a numpy
+    view of a CPU one (no copy)."""
+    b = t.view(torch.uint8)[:nbytes]
     if t.device.type == "cuda":
         import cupy
 
-        return cupy.asarray(t)
+        return cupy.asarray(b).view(dtype)
     # Through the address, not Tensor.numpy(): that marks the storage not resizable, and FSDP frees the gathered
     # storage after the call by resizing it to 0.  The view lives only for this call, while FSDP holds the storage.
-    nbytes = t.numel() * t.element_size()
     raw = (
-        np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(t.data_ptr())) if nbytes else np.empty(0, np.uint8)
+        np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(b.data_ptr())) if nbytes else np.empty(0, np.uint8)
     )
-    return raw.view(_NUMPY[t.dtype])
+    return raw.view(dtype)
 
 
 def fully_shard_qlora(model, mesh=None, **fsdp_kwargs):

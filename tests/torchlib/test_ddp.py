@@ -171,8 +171,9 @@ def worker(workdir: Path) -> None:
         run = out.setdefault("fsdp_adamw", {}).setdefault(key, {})
         layer = next(iter(qlora_layers(m).values()))
         if key == "base_too":
-            run["packed_bytes"] = [layer.base_packed.to_local().numel(), int(layer.base_packed.shape[0])]
-            run["absmax_q_bytes"] = [layer.base_absmax_q.to_local().numel(), int(layer.base_absmax_q.shape[0])]
+            for k in ("packed", "absmax_q"):  # bytes held in float32 words
+                t = getattr(layer, f"base_{k}")
+                run[f"{k}_bytes"] = [4 * t.to_local().numel(), 4 * int(t.shape[0]), t.dtype == torch.float32]
             try:
                 _ = layer.q
                 run["q_outside"] = ""
@@ -274,10 +275,10 @@ def test_fsdp2_shards_the_4bit_base_and_computes_the_same(runs):
     AdamW steps, on the single-process curve within DIST-3."""
     ref, ddp = runs
     base, lora = ddp["fsdp_adamw"]["base_too"], ddp["fsdp_adamw"]["lora_only"]
-    local, whole = base["packed_bytes"]
-    assert whole == TINY_DECODER["hidden_size"] ** 2 // 2 and local == whole // 2  # q_proj: 64 x 64 codes
-    local, whole = base["absmax_q_bytes"]
-    assert whole == TINY_DECODER["hidden_size"] ** 2 // 64 and local == whole // 2
+    local, whole, words = base["packed_bytes"]
+    assert words and whole == TINY_DECODER["hidden_size"] ** 2 // 2 and local == whole // 2  # q_proj: 64 x 64 codes
+    local, whole, words = base["absmax_q_bytes"]
+    assert words and whole == TINY_DECODER["hidden_size"] ** 2 // 64 and local == whole // 2
     assert "sharded over the ranks" in base["q_outside"] and "inside forward" in base["q_outside"]
     assert base["losses"] == lora["losses"] and base["grad_l1"] == lora["grad_l1"]
     assert base["losses"][2] < base["losses"][0]  # it trains
@@ -304,6 +305,14 @@ def test_fsdp2_base_refusals_in_one_process():
         assert torch.equal(layer(x), y)
     with pytest.raises(TypeError, match="plain QLoRALinear"):
         ShardedQLoRALinear.convert(layer)
+    from backends.torchlib.layer import QLoRALinear
+
+    for double_quant in (True, False):  # 5 x 67 codes: 168 bytes, 6 absmax blocks of 64: padded words, both modes
+        odd = QLoRALinear.from_linear(torch.nn.Linear(67, 5), r=2, double_quant=double_quant, blocksize=64)
+        want = odd.dequantize_weight()
+        ShardedQLoRALinear.convert(odd)
+        assert odd.base_packed.dtype == torch.float32 and odd.base_packed.numel() == 42
+        assert torch.equal(odd.dequantized(), want) and odd.q.double_quant is double_quant
 
 
 def test_ledger_per_rank_and_the_note():
