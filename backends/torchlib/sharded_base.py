@@ -18,6 +18,9 @@ CuPy views of FSDP's unsharded tensors, no copy) and the layer dequantizes from 
 exactly what the unsharded one does (the same bytes, the same kernels).  Outside forward and backward the base
 exists only as shards and ``q`` says so.
 
+``ShardedPagedAdamW(trainable_parameters(model), lr=...)`` steps each rank's shards of the LoRA DTensors with the
+spec's AdamW (PagedAdamW): the optimizer states are 1/N per rank, paged as PagedAdamW pages them.
+
 Refused at the boundary, because FSDP would corrupt the base silently: a mixed-precision policy that casts
 parameters (a float "quant_storage" cast to bf16 loses the codes; here the codes are uint8 and such a policy is
 refused before anything is wrapped), a base whose bytes or settings differ between ranks (DIST-1), float64 compute.
@@ -165,3 +168,47 @@ def fully_shard_qlora(model, mesh=None, **fsdp_kwargs):
     for layer in layers.values():
         fully_shard(ShardedQLoRALinear.convert(layer), mesh=mesh, **fsdp_kwargs)
     return model
+
+
+class ShardedPagedAdamW:
+    """PagedAdamW over this rank's shards of FSDP2's DTensor parameters: each rank keeps the states of its 1/N of
+    every LoRA tensor (paged as PagedAdamW pages them) and steps them in place.
+
+    AdamW is elementwise (ADAMW-2, ADAMW-3), so stepping the shards is the unsharded step, entry for entry.  The
+    shards are ``p.to_local().detach()`` (views of FSDP's sharded storage, leaf tensors the optimizer can hold); each
+    step hands them their part of the reduce-scattered gradient.  ``state_dict`` is this rank's: a checkpoint of a
+    sharded run resumes with the same number of ranks."""
+
+    def __init__(self, params, **adamw_kwargs):
+        from torch.distributed.tensor import DTensor
+
+        from .optim import PagedAdamW
+
+        self.params = list(params)
+        bad = [i for i, p in enumerate(self.params) if not isinstance(p, DTensor)]
+        if bad:
+            raise TypeError(f"parameters {bad[:5]} are not DTensors: shard the model first (fully_shard_qlora)")
+        self.shards = [p.to_local().detach() for p in self.params]
+        self.optimizer = PagedAdamW(self.shards, **adamw_kwargs)
+        self.param_groups = self.optimizer.param_groups  # over the shards: lr and the rest are set here
+
+    def step(self) -> None:
+        for p, s in zip(self.params, self.shards, strict=True):
+            s.grad = None if p.grad is None else p.grad.to_local()
+        self.optimizer.step()
+        for s in self.shards:
+            s.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.optimizer.state_bytes

@@ -97,7 +97,7 @@ def tiny_model(seed: int = 0, checkpointing: bool = False, backend: str = "numpy
 def train(model, optimizer, batches, steps: int, out: dict) -> None:
     """`steps` steps, appending to out["losses"] the global batch's mean loss (the ranks' means averaged under DDP)
     and to out["grad_l1"] |grad L|_1 over the LoRA parameters (the gradient the optimizer sees: averaged by DDP)."""
-    params = optimizer.param_groups[0]["params"]
+    params = getattr(optimizer, "params", None) or optimizer.param_groups[0]["params"]  # ShardedPagedAdamW: DTensors
     for _ in range(steps):
         ids = torch.stack(batches.next_batch())  # (B, T), this rank's share
         loss = model(input_ids=ids, labels=ids).loss
@@ -164,9 +164,13 @@ def worker(workdir: Path) -> None:
     out["fsdp_loss"] = float(value) / D.world_size()
     # FSDP2 with the 4-bit base sharded too (DIST-9): the same global batches, torch AdamW on the DTensors, beside
     # FSDP2 over the LoRA parameters alone
-    from backends.torchlib.sharded_base import fully_shard_qlora
+    from backends.torchlib.sharded_base import ShardedPagedAdamW, fully_shard_qlora
 
-    for key, build in (("lora_only", D.fully_shard_lora), ("base_too", fully_shard_qlora)):
+    for key, build in (
+        ("lora_only", D.fully_shard_lora),
+        ("base_too", fully_shard_qlora),
+        ("paged", fully_shard_qlora),
+    ):
         m = build(tiny_model())
         run = out.setdefault("fsdp_adamw", {}).setdefault(key, {})
         layer = next(iter(qlora_layers(m).values()))
@@ -179,7 +183,11 @@ def worker(workdir: Path) -> None:
                 run["q_outside"] = ""
             except RuntimeError as e:
                 run["q_outside"] = str(e)
-        opt = torch.optim.AdamW(trainable_parameters(m), lr=LR)
+        if key == "paged":  # the spec's AdamW (PagedAdamW) on each rank's shards: half the states per rank
+            opt = ShardedPagedAdamW(trainable_parameters(m), lr=LR)
+            run["state_bytes"] = opt.state_bytes
+        else:
+            opt = torch.optim.AdamW(trainable_parameters(m), lr=LR)
         train(m, opt, D.ShardedBatches(Batches()), 3, run)
     if D.is_main():
         (workdir / "ddp.json").write_text(json.dumps(out))
@@ -285,6 +293,19 @@ def test_fsdp2_shards_the_4bit_base_and_computes_the_same(runs):
     assert abs(base["losses"][0] - ref["losses"][0]) <= bound(ref, 0)
 
 
+def test_paged_adamw_steps_each_ranks_shards_on_the_single_process_curve(runs):
+    """ShardedPagedAdamW: PagedAdamW over each rank's shards of the FSDP2 DTensors (the 4-bit base sharded too) holds
+    half the single-process states per rank and follows the single-process PagedAdamW curve within DIST-3 (AdamW is
+    elementwise: only the reduce-scattered gradient's summation order differs)."""
+    ref, ddp = runs
+    paged = ddp["fsdp_adamw"]["paged"]
+    whole = PagedAdamW(trainable_parameters(tiny_model()), lr=LR).state_bytes
+    assert 0 < paged["state_bytes"] <= whole // 2 + 4096  # alignment padding per tensor at most
+    for k in range(3):
+        assert abs(paged["losses"][k] - ref["losses"][k]) <= bound(ref, k), (k, paged["losses"][k], ref["losses"][k])
+    assert paged["losses"][2] < paged["losses"][0]
+
+
 def test_fsdp2_base_refusals_in_one_process():
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -305,6 +326,10 @@ def test_fsdp2_base_refusals_in_one_process():
         assert torch.equal(layer(x), y)
     with pytest.raises(TypeError, match="plain QLoRALinear"):
         ShardedQLoRALinear.convert(layer)
+    from backends.torchlib.sharded_base import ShardedPagedAdamW
+
+    with pytest.raises(TypeError, match="not DTensors"):
+        ShardedPagedAdamW(trainable_parameters(tiny_model()), lr=LR)
     from backends.torchlib.layer import QLoRALinear
 
     for double_quant in (True, False):  # 5 x 67 codes: 168 bytes, 6 absmax blocks of 64: padded words, both modes
