@@ -156,7 +156,7 @@ class TrainConfig:
 # The embedded default (`qlora finetune` with no arguments).  Where it departs from the Guanaco defaults above,
 # and why: lr 1e-3, because the run is 25 steps (a PEFT trial of this task, 30 steps x 8 examples: 94% exact match at
 # 1e-3, 52% at 2e-4); micro-batch 8 x 2 accumulation = the paper's effective batch 16; 25 steps = 400 examples.
-# Measured on this 2-core CPU (2026-12-02, warm caches): 2 min 54 s and 3 min 07 s wall, exact match 0.0% -> 82.8%.
+# Measured on this 2-core CPU (2026-12-02, warm caches): 2 min 54 s, 3 min 07 s, 2 min 59 s; exact match 0.0% -> 82.8%.
 TASK_PRESET = dict(lr=1e-3, batch_size=8, grad_accum=2, max_steps=25, task_train=400, task_eval=64, eval_batches=0)
 
 
