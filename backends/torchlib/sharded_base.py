@@ -22,8 +22,8 @@ exists only as shards and ``q`` says so.
 spec's AdamW (PagedAdamW): the optimizer states are 1/N per rank, paged as PagedAdamW pages them.
 
 Refused at the boundary, because FSDP would corrupt the base silently: a mixed-precision policy that casts
-parameters (a float "quant_storage" cast to bf16 loses the codes; here the codes are uint8 and such a policy is
-refused before anything is wrapped), a base whose bytes or settings differ between ranks (DIST-1), float64 compute.
+parameters (the float32 words holding the codes, cast to bf16, would lose them: refused before anything is wrapped),
+a base whose bytes or settings differ between ranks (DIST-1), float64 compute.
 """
 
 from __future__ import annotations
