@@ -317,3 +317,33 @@ def test_resume_generate_eval_and_adapter_mismatch_on_a_tiny_model(tiny_hf_dir, 
                         "--output-dir", str(tmp_path / "long"), "--max-steps", "1"], capsys)  # fmt: skip
     assert_one_line_error(code, err, "longer than the model")
     assert not (tmp_path / "long").exists() and not (tmp_path / "long.partial").exists()
+
+
+@pytest.mark.parametrize("payload", [b"\x00\x01garbage", None], ids=["random-bytes", "truncated"])
+def test_a_corrupt_adapter_file_is_one_line(payload, tiny_hf_dir, tmp_path, capsys):
+    """A truncated or random adapter_model.safetensors ends in one line naming the file's trouble, exit 2."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "peft_type": "LORA"})
+    )
+    if payload is None:  # a real safetensors header cut short
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(64)}, str(tmp_path / "whole.safetensors"))
+        payload = (tmp_path / "whole.safetensors").read_bytes()[:40]
+    (adapter / "adapter_model.safetensors").write_bytes(payload)
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_hf_dir),
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "1",
+    ]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err)

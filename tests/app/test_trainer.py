@@ -204,3 +204,25 @@ def test_task_scores_come_from_one_pass(tokenizer, tmp_path, monkeypatch):
     calls.clear()
     trainer.scores()
     assert calls == [4, 12]  # one eval-loss batch of 4, then exact match over the 12 examples in one batch of 16
+
+
+def test_save_minutes_checkpoints_during_the_run(tokenizer, alpaca_slice, tmp_path):
+    """--save-minutes: with --save-every 0 a checkpoint is still written once that many minutes passed since the last
+    one (here: a zero-length interval, so after every step), so a kill loses at most that much of the run."""
+    data = alpaca_slice[:16]
+    seen = []
+    cfg = run_config(tmp_path, max_steps=3, save_every=0, save_minutes=1e-9)
+    trainer = Trainer(tiny_model(tokenizer), tokenizer, cfg, data, run_dir=str(tmp_path))
+
+    def on_step(t, rec):
+        state = tmp_path / "checkpoint" / "trainer_state.json"
+        seen.append(json.loads(state.read_text())["step"] if state.exists() else None)
+
+    trainer.fit(on_step=on_step)
+    assert seen == [1, 2, 2]  # after the last step fit() writes the end-of-run checkpoint itself
+    off = run_config(tmp_path / "off", max_steps=2, save_every=0, save_minutes=0)
+    seen.clear()
+    Trainer(tiny_model(tokenizer), tokenizer, off, data, run_dir=str(tmp_path / "off")).fit(
+        on_step=lambda t, rec: seen.append((tmp_path / "off" / "checkpoint").exists())
+    )
+    assert seen == [False, False]
