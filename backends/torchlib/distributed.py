@@ -320,14 +320,18 @@ def save_checkpoint(model, optimizer, out_dir, state: dict | None = None) -> Pat
     """Rank 0 writes out_dir/{adapter/ (PEFT), optimizer.pt, train_state.json}; every rank waits for it.
 
     The LoRA parameters and the optimizer states are replicas (DIST-2), so rank 0's are the run's and the files do
-    not depend on N; ``state`` (step, the stream's position, ...) must be JSON and is stored with the world size."""
-    from .export import save_peft_adapter
+    not depend on N; under FSDP2 (sharded_base, with ShardedPagedAdamW) every rank gathers them whole first, so the
+    files are the same format and load with any N too; ``state`` (step, the stream's position, ...) must be JSON
+    and is stored with the world size."""
+    from .export import peft_state_dict, save_peft_adapter
 
     out = Path(out_dir)
+    lora = peft_state_dict(unwrap(model))  # every rank: FSDP2-sharded tensors are gathered by a collective
+    opt = optimizer.state_dict()  # likewise (sharded_base.ShardedPagedAdamW gathers its states)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_peft_adapter(unwrap(model), out / ADAPTER_DIR)
-        torch.save(optimizer.state_dict(), out / OPTIMIZER_FILE)
+        save_peft_adapter(unwrap(model), out / ADAPTER_DIR, state_dict=lora)
+        torch.save(opt, out / OPTIMIZER_FILE)
         meta = {"world_size": world_size(), "state": state or {}}
         tmp = out / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1))

@@ -169,11 +169,25 @@ def peft_state_dict(model) -> dict[str, torch.Tensor]:
     plus ``...lora_magnitude_vector``: m (out,) for DoRA layers."""
     out = {}
     for name, m in _layers_or_raise(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu()
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _whole(m.lora_A).cpu()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _whole(m.lora_B).cpu()
         if isinstance(m, DoRALinear):
-            out[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = m.lora_magnitude_vector.detach().cpu()
+            out[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = _whole(m.lora_magnitude_vector).cpu()
     return out
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: an FSDP2-sharded one (a DTensor) all-gathered, a collective every rank calls."""
+    p = p.detach()
+    return p.full_tensor() if _is_dtensor(p) else p
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def peft_adapter_config(model, base_model_name_or_path=None) -> dict:
@@ -206,11 +220,13 @@ def peft_adapter_config(model, base_model_name_or_path=None) -> dict:
     }
 
 
-def save_peft_adapter(model, out_dir, base_model_name_or_path=None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (+ qlora_config.json, our settings) to out_dir."""
+def save_peft_adapter(model, out_dir, base_model_name_or_path=None, *, state_dict=None) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json (+ qlora_config.json, our settings) to out_dir.
+    ``state_dict``: the model's ``peft_state_dict``, when the caller gathered it already (sharded LoRA)."""
     out = Path(out_dir)
     config = peft_adapter_config(model, base_model_name_or_path)
-    write_safetensors(out / ADAPTER_WEIGHTS, peft_state_dict(model), {"format": "pt"})
+    sd = peft_state_dict(model) if state_dict is None else state_dict
+    write_safetensors(out / ADAPTER_WEIGHTS, sd, {"format": "pt"})
     qc = getattr(model, "qlora_config", None)
     if isinstance(qc, QLoRAConfig):
         write_json(out / QLORA_CONFIG, qc.to_dict())
@@ -304,7 +320,12 @@ def load_peft_adapter(model, adapter_dir):
                 t = sd[f"{PEFT_PREFIX}{name}.{part}"]
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"{name}.{part}: adapter has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-                p.copy_(t.to(p.device, p.dtype))
+                t = t.to(p.device, p.dtype)
+                if _is_dtensor(p):  # FSDP2-sharded: each rank keeps its rows (a collective every rank calls)
+                    from torch.distributed.tensor import distribute_tensor
+
+                    t = distribute_tensor(t, p.device_mesh, p.placements)
+                p.copy_(t)
     return model
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import qlora_ref
 
@@ -70,8 +71,6 @@ class ShardedQLoRALinear(QLoRALinear):
     @property
     def q(self) -> qlora_ref.Quantized4bit:
         """The 4-bit state over the all-gathered Parameters (inside forward / backward under FSDP, or unsharded)."""
-        from torch.distributed.tensor import DTensor
-
         fields = {}
         for k in ARRAYS:
             t = getattr(self, f"base_{k}", None)
@@ -176,12 +175,10 @@ class ShardedPagedAdamW:
 
     AdamW is elementwise (ADAMW-2, ADAMW-3), so stepping the shards is the unsharded step, entry for entry.  The
     shards are ``p.to_local().detach()`` (views of FSDP's sharded storage, leaf tensors the optimizer can hold); each
-    step hands them their part of the reduce-scattered gradient.  ``state_dict`` is this rank's: a checkpoint of a
-    sharded run resumes with the same number of ranks."""
+    step hands them their part of the reduce-scattered gradient.  ``state_dict`` / ``load_state_dict`` speak the
+    whole parameters' PagedAdamW format, so distributed.save_checkpoint / load_checkpoint work with any N."""
 
     def __init__(self, params, **adamw_kwargs):
-        from torch.distributed.tensor import DTensor
-
         from .optim import PagedAdamW
 
         self.params = list(params)
@@ -204,10 +201,40 @@ class ShardedPagedAdamW:
             p.grad = None
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        """PagedAdamW's state dict of the whole parameters (a collective every rank calls): each state is the ranks'
+        shards gathered in row order, so a checkpoint does not depend on N (32-bit states; the 8-bit ones are blocked
+        over each shard's own entries and do not concatenate)."""
+        if self.optimizer.state_bits != 32:
+            raise ValueError("a sharded 8-bit optimizer state cannot be gathered whole; checkpoint with state_bits=32")
+        sd = self.optimizer.state_dict()
+        for i, p in enumerate(self.params):
+            st = sd["state"].get(i)
+            if st is None:
+                continue
+            for k in ("m", "v"):
+                local = st[k].to(p.device).view(self.shards[i].shape)
+                full = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                st[k] = full.full_tensor().reshape(-1).cpu()
+        return sd
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        """Load a whole-parameter state dict (``state_dict``'s, or one PagedAdamW wrote for the unsharded model, by
+        any number of ranks): each rank keeps its rows of every state (a collective every rank calls)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        sd = {**state, "state": {i: dict(st) for i, st in state["state"].items()}}
+        for i, p in enumerate(self.params):
+            st = sd["state"].get(i)
+            if st is None:
+                continue
+            for k in ("m", "v"):
+                if st[k].numel() != p.numel():
+                    raise ValueError(
+                        f"state {k} of parameter {i} has {st[k].numel()} entries, the parameter {p.numel()}"
+                    )
+                whole = st[k].to(p.device).view(p.shape)
+                st[k] = distribute_tensor(whole, p.device_mesh, p.placements).to_local().reshape(-1).cpu()
+        self.optimizer.load_state_dict(sd)
 
     @property
     def state_bytes(self) -> int:

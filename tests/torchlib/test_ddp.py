@@ -188,7 +188,18 @@ def worker(workdir: Path) -> None:
             run["state_bytes"] = opt.state_bytes
         else:
             opt = torch.optim.AdamW(trainable_parameters(m), lr=LR)
-        train(m, opt, D.ShardedBatches(Batches()), 3, run)
+        batches = D.ShardedBatches(Batches())
+        train(m, opt, batches, RESUME_AT, run)
+        if key == "paged":  # a checkpoint of the sharded run, in the format any N loads
+            D.save_checkpoint(m, opt, workdir / "ckpt_fsdp", {"batches": batches.state_dict()})
+    # the 1-process checkpoint resumed by the sharded model on 2 ranks
+    m = fully_shard_qlora(tiny_model())
+    opt = ShardedPagedAdamW(trainable_parameters(m), lr=LR)
+    batches = D.ShardedBatches(Batches())
+    batches.load_state_dict(D.load_checkpoint(m, opt, workdir / "ckpt_1rank")["batches"])
+    out["fsdp_resumed"] = {}
+    train(m, opt, batches, STEPS - RESUME_AT, out["fsdp_resumed"])
+    out["workdir"] = str(workdir)
     if D.is_main():
         (workdir / "ddp.json").write_text(json.dumps(out))
     # every rank past its last collective before the group goes: a CI run once saw rank 0 abort in teardown
@@ -301,9 +312,29 @@ def test_paged_adamw_steps_each_ranks_shards_on_the_single_process_curve(runs):
     paged = ddp["fsdp_adamw"]["paged"]
     whole = PagedAdamW(trainable_parameters(tiny_model()), lr=LR).state_bytes
     assert 0 < paged["state_bytes"] <= whole // 2 + 4096  # alignment padding per tensor at most
-    for k in range(3):
+    for k in range(RESUME_AT):
         assert abs(paged["losses"][k] - ref["losses"][k]) <= bound(ref, k), (k, paged["losses"][k], ref["losses"][k])
     assert paged["losses"][2] < paged["losses"][0]
+
+
+def test_sharded_checkpoints_resume_with_another_n(runs, tmp_path):
+    """DIST-6 under DIST-9: the 2-rank sharded run's checkpoint (LoRA and PagedAdamW states gathered whole) resumes
+    in one unsharded process, and the 1-process checkpoint resumes on 2 ranks with the base and states sharded, both
+    on the single-process curve within DIST-3."""
+    ref, ddp = runs
+    workdir = Path(ddp["workdir"])
+    model = tiny_model()
+    opt = PagedAdamW(trainable_parameters(model), lr=LR)
+    batches = Batches()
+    batches.load_state_dict(D.load_checkpoint(model, opt, workdir / "ckpt_fsdp")["batches"])
+    resumed = {}
+    train(model, opt, batches, STEPS - RESUME_AT, resumed)
+    for label, losses in (("1 process from 2 sharded ranks", resumed["losses"]),
+                          ("2 sharded ranks from 1 process", ddp["fsdp_resumed"]["losses"])):  # fmt: skip
+        assert len(losses) == STEPS - RESUME_AT
+        for j, loss in enumerate(losses):
+            k = RESUME_AT + j
+            assert abs(loss - ref["losses"][k]) <= bound(ref, k), (label, k, loss, ref["losses"][k])
 
 
 def test_fsdp2_base_refusals_in_one_process():
