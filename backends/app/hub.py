@@ -12,7 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from backends.torchlib.export import default_file_mode
+from backends.torchlib.files import default_file_mode
 from backends.torchlib.load import model_cache_dir
 
 # --- the embedded default model: SmolLM2-135M-Instruct from PyPI ----------------------------------------------------

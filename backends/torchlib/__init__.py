@@ -13,6 +13,15 @@ optim.py      PagedAdamW: the torch optimizer over the backend's AdamW step (CUD
 clip.py       the spec's global-norm gradient clipping
 graph.py      CapturedStep: forward + backward as one CUDA graph, replayed
 export.py     PEFT adapter, bitsandbytes 4-bit checkpoint, exact merged 16-bit export
+gguf_export.py  the merged model as one GGUF file
+files.py      atomic file writes with the user's normal permissions (every writer above uses them)
+functional.py, ops.py   the QLoRA linear's forward/backward as plain functions, and as torch custom operators
+dropout.py    StepSeed: dropout masks from a seed in device memory (capturable)
+decode.py     greedy decoding with a static KV cache, the step captured as a CUDA graph
+fuse.py       torch.compile of the decoder blocks
+ledger.py     this implementation's memory ledger on top of the spec's
+distributed.py   DDP over the LoRA parameters, FSDP2 of them, checkpoints that load with any number of ranks
+sharded_base.py  FSDP2 of the 4-bit base too, ShardedPagedAdamW
 """
 
 from .clip import clip_grad_norm_

@@ -11,15 +11,13 @@
 3. merged 16-bit         W = T(W_hat + s * (B A)), W_hat = dequantize_4bit(q) in float32, the sum in float64,
                          one rounding T to the export dtype (not re-quantized): model.safetensors + config.json.
 
-Atomic: each file is written to a temporary file in the target directory and moved into place with ``os.replace``;
-config.json is written last, so a directory with a config.json is complete.
+Atomic (files.py): each file is written to a temporary file in the target directory and moved into place with
+``os.replace``; config.json is written last, so a directory with a config.json is complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ import torch
 import qlora_ref
 
 from .dora import DoRALinear
+from .files import write_json, write_safetensors
 from .layer import QLoRALinear, as_torch_dtype
 from .prepare import QLoRAConfig, qlora_layers
 
@@ -35,47 +34,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 QLORA_CONFIG = "qlora_config.json"
 PEFT_PREFIX = "base_model.model."
-
-
-# --- atomic writes -------------------------------------------------------------------------------------------------
-
-
-def default_file_mode(directory: bool = False) -> int:
-    """The mode open() / mkdir() would give a new file (0o666) or directory (0o777) under the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(tmp_path) into a temporary file next to `path`, then os.replace it onto `path` with the user's normal
-    file mode (mkstemp creates 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path, obj) -> None:
-    """json.dumps(obj, indent=2, sort_keys=True) to `path`, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    write_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """safetensors.torch.save_file to `path`, atomically (CPU, contiguous tensors)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ merged Hugging Face model) is written as it is, cast to T.  The file holds:
   / pad ids, whether encoding adds bos / eos, and the chat template.
 
 Atomic: the file is written to a temporary file in the target directory and moved into place with ``os.replace``,
-with the user's normal file mode (`export.write_atomically`); an existing file is replaced only with overwrite=True.
+with the user's normal file mode (`files.write_atomically`); an existing file is replaced only with overwrite=True.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import merged_state_dict, write_atomically
+from .export import merged_state_dict
+from .files import write_atomically
 from .prepare import qlora_layers
 
 GGUF_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

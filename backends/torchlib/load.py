@@ -19,7 +19,7 @@ import torch
 
 from backends import get_backend, placement
 
-from .export import default_file_mode
+from .files import default_file_mode
 from .layer import as_torch_dtype
 from .prepare import prepare_model
 

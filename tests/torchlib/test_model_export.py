@@ -542,7 +542,7 @@ def test_merged_export_against_peft_merge_and_unload(tmp_path):
 
 def test_exports_get_the_users_normal_file_mode(tmp_path):
     """Files written through a temporary file get what open() would give them (umask 022: 0644), not mkstemp's 0600."""
-    from backends.torchlib.export import default_file_mode
+    from backends.torchlib.files import default_file_mode
 
     old = os.umask(0o022)
     try:
