@@ -174,8 +174,9 @@ class NumpyBackend:
 
     def bind_dequantize_4bit(self, q, out) -> Callable[[], None]:
         """The launch that writes W_hat into ``out``.  On the CPU the first launch also keeps its values (the frozen
-        base never changes, so every later W_hat is the same bits): later launches copy them, ~20x cheaper than
-        decoding again, while the process's kept copies stay within ``DequantCache.budget_bytes``."""
+        base never changes, so every later W_hat is the same bits): later launches copy them instead of decoding
+        again (the main job: 4 min 06 s -> 3 min 31 s, README), while the process's kept copies stay within
+        ``DequantCache.budget_bytes``."""
         view, name, tensor = _out_view(q, out, None)
         kept: list[np.ndarray] = []
 

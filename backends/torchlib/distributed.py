@@ -323,12 +323,18 @@ def save_checkpoint(model, optimizer, out_dir, state: dict | None = None) -> Pat
     not depend on N; under FSDP2 (sharded_base, with ShardedPagedAdamW) every rank gathers them whole first, so the
     files are the same format and load with any N too; ``state`` (step, the stream's position, ...) must be JSON
     and is stored with the world size."""
+    from torch.distributed.tensor import DTensor
+
     from .export import peft_state_dict, save_peft_adapter
 
     out = Path(out_dir)
-    lora = peft_state_dict(unwrap(model))  # every rank: FSDP2-sharded tensors are gathered by a collective
-    opt = optimizer.state_dict()  # likewise (sharded_base.ShardedPagedAdamW gathers its states)
+    lora, opt = None, None
+    if any(isinstance(p, DTensor) for p in unwrap(model).parameters()):  # sharded: every rank takes part in the
+        lora = peft_state_dict(unwrap(model))  # gathers (DDP replicas: rank 0 alone copies its own, below)
+        opt = optimizer.state_dict()  # sharded_base.ShardedPagedAdamW gathers its states
     if is_main():
+        lora = peft_state_dict(unwrap(model)) if lora is None else lora
+        opt = optimizer.state_dict() if opt is None else opt
         out.mkdir(parents=True, exist_ok=True)
         save_peft_adapter(unwrap(model), out / ADAPTER_DIR, state_dict=lora)
         torch.save(opt, out / OPTIMIZER_FILE)
