@@ -253,7 +253,12 @@ class MemoryConfig:
     double_quant: bool = opt(True, "double quantization of the absmax constants")
     blocksize: int = opt(64, "4-bit quantization block size")
     compute_dtype: str = opt("bfloat16", "dtype of activations and dequantized weights", choices=tuple(memory.BYTES))
-    lora_dtype: str = opt("bfloat16", "dtype of the LoRA weights", choices=tuple(memory.BYTES))
+    lora_dtype: str = opt(
+        "bfloat16",
+        "dtype of the LoRA weights: bfloat16 is the Guanaco recipe's (qlora.py --bf16); `qlora finetune` trains "
+        "float32 adapters unless given --lora-dtype bfloat16",
+        choices=tuple(memory.BYTES),
+    )
     lora_dropout: float = opt(0.0, "LoRA dropout (a mask and a dropped copy per adapted input)")
     overhead_gb: float | None = opt(
         None, "CUDA context, loaded kernels, driver memory in GB; unset: the constant measured on an H100 (MEM-14)"
