@@ -15,7 +15,8 @@ A prompt file: one JSON object per line; the prompt is the first of ``PROMPT_FIE
 ``--prompt-field``), its id the first of ``ID_FIELDS``.  Every line is checked before the model loads: a missing file,
 a line that is not a JSON object, a record without the prompt field, an empty file end in one line (exit 2) and
 nothing is written.  The answers (one line per prompt: id, prompt, answer, n_tokens = tokens generated before the end
-token) are written to ``<out>.partial`` and renamed into place when all are done.
+token) are written to a temporary file beside ``<out>`` and renamed into place when all are done
+(backends/torchlib/files.py write_jsonl).
 
 Decoders (``decoder_of``): on the CPU, and with ``--cuda-graphs off``, transformers' ``model.generate`` (greedy, its
 dynamic KV cache).  With ``--backend cupy`` (``--cuda-graphs auto``, the default) backends.torchlib.decode: a static
@@ -215,19 +216,6 @@ def precheck_out(out: str, overwrite: bool) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UsageError(f"--out {out!r}: the folder {parent!r} does not exist")
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    """All rows to ``<path>.partial``, then renamed over ``path``: the file is whole or not there."""
-    tmp = path + ".partial"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def answer_file(c, model, tokenizer, template: str, items: list[dict]) -> list[dict]:

@@ -115,7 +115,9 @@ def cmd_quantize(c: QuantizeConfig) -> int:
 def cmd_generate(c: GenerateConfig) -> int:
     """--prompt TEXT (repeatable): the answers printed; --prompts FILE.jsonl --out answers.jsonl: one JSON line per
     prompt, written whole (answers.py).  Every input is checked before the model loads."""
-    from .answers import answer_file, generate_texts, precheck_out, read_prompts, run_template, wrap, write_jsonl
+    from backends.torchlib.files import write_jsonl
+
+    from .answers import answer_file, generate_texts, precheck_out, read_prompts, run_template, wrap
 
     if bool(c.prompt) == bool(c.prompts):
         raise UsageError("give --prompt TEXT (repeatable) or --prompts FILE.jsonl, one of the two")

@@ -29,7 +29,7 @@ import time
 
 from . import parallel
 from .config import RunConfig, validate
-from .rundir import RunDir, write_json
+from .rundir import RunDir
 
 
 def precheck(cfg: RunConfig):
@@ -54,6 +54,7 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
     """Run one finetune; returns the summary written to <output_dir>/summary.json (rank 0's, under --nproc N)."""
     from backends.torchlib import distributed as D
     from backends.torchlib.export import save_peft_adapter
+    from backends.torchlib.files import write_json
     from backends.torchlib.load import load_tokenizer
 
     from .checkpoint import find_checkpoint
@@ -99,7 +100,7 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
             log(decided)
         config = resolved_config(cfg, model_path, model, datasets, recipe)
         if main:
-            write_json(run.path("config.json"), config)
+            write_json(run.path("config.json"), config, sort_keys=False)
         log(
             f"model {model_path} | backend {cfg.model.backend} | "
             f"{len(datasets.train)} train / {len(datasets.eval)} eval examples"
@@ -123,7 +124,7 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
         if not summary:
             summary = {f"{k}_before": v for k, v in trainer.scores().items()}
             if main:
-                write_json(run.path("summary.json"), summary)
+                write_json(run.path("summary.json"), summary, sort_keys=False)
         log_scores(summary, "before", datasets, log)
 
         # -- train ------------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def finetune(cfg: RunConfig, *, log=print) -> dict:
                             title=f"QLoRA finetune: {os.path.basename(model_path)}")  # fmt: skip
         summary["total_seconds"] = time.perf_counter() - t_start
         if main:
-            write_json(run.path("summary.json"), summary)
+            write_json(run.path("summary.json"), summary, sort_keys=False)
     except BaseException:
         if main and not os.path.isdir(os.path.join(run.work, "checkpoint")):
             run.abandon()  # nothing resumable: leave no half-written output behind

@@ -11,7 +11,6 @@ An interrupted command therefore never leaves a half-written ``out``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -73,12 +72,3 @@ class RunDir:
 
     def abandon(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
-
-
-def write_json(path: str, obj) -> None:
-    """``obj`` as indented JSON, written to a temporary file and renamed over ``path`` (never half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

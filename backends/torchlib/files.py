@@ -1,7 +1,7 @@
 """Files written whole or not at all, with the user's normal permissions: what every writer of this library uses.
 
 write_atomically(path, write)   write(tmp) into a temporary file beside ``path``, fsync, chmod, os.replace
-write_json / write_safetensors  the two formats on top of it
+write_json / write_jsonl / write_safetensors   the formats on top of it
 default_file_mode()             the mode open() / mkdir() would give under the process umask (mkstemp gives 0600)
 """
 
@@ -39,9 +39,16 @@ def write_atomically(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def write_json(path, obj) -> None:
-    """json.dumps(obj, indent=2, sort_keys=True) to `path`, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+def write_json(path, obj, *, sort_keys: bool = True) -> None:
+    """json.dumps(obj, indent=2, sort_keys=sort_keys) to `path`, atomically (sort_keys=False: the dict's order, as a
+    run's config.json and summary.json keep it)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
+    write_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_jsonl(path, rows) -> None:
+    """One JSON object per line (UTF-8, non-ASCII kept) to `path`, atomically: the file is whole or not there."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     write_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
