@@ -15,15 +15,15 @@ Shapes: a PROMPT-token prompt of random ids, NEW new tokens, batch 1 and 8, no e
 
 Timing: one call = the whole decode (prefill, the capture where there is one, every step).  GPU ms: CUDA events
 around the call after WARMUP untimed calls, median of REPS; host ms: perf_counter around the same call (the Python
-and launch work; a loop that never waits for the GPU returns before the GPU is done).  ms per token = (call with
-NEW tokens - call with H = NEW / 2 tokens) / (NEW - H): the steady decode step (both calls pay the prefill, the
-warm-up steps and the capture once, so the difference is decode steps only); ``ms_per_token_amortised`` = (call with
-NEW - call with 1 token) / (NEW - 1): the prefill taken out, the warm-up and the capture spread over the NEW tokens
-(what a NEW-token generation pays per token); tokens/s = B * NEW / call seconds (end to end).
+and launch work; a loop that never waits for the GPU returns before the GPU is done). ms per token = (call with NEW
+tokens - call with H = NEW / 2 tokens, at least 4) / (NEW - H): the steady decode step (both calls pay the prefill,
+the warm-up steps and the capture once, so the difference is decode steps only); ``ms_per_token_amortised`` = (call
+with NEW - call with 1 token) / (NEW - 1): the prefill taken out, the warm-up and the capture spread over the NEW
+tokens (what a NEW-token generation pays per token); tokens/s = B * NEW / call seconds (end to end).
 ``tokens_match_static``: the graph's tokens equal the same model's eager static decode (they must:
 tests/torchlib/test_decode.py).
 
-    python benchmarks/bench_decode.py                            # table + benchmarks/results/bench_decode.{json,png}
+    python benchmarks/bench_decode.py           # table + benchmarks/results/bench_decode_<device>.{json,png}
     python benchmarks/bench_decode.py --smollm2 ~/.cache/qlora-ref/SmolLM2-135M-Instruct.Q4_1.gguf
     python benchmarks/bench_decode.py --smoke --out /tmp/x        # CPU, a tiny model, seconds (the test's mode)
 """

@@ -326,6 +326,7 @@ def save_checkpoint(model, optimizer, out_dir, state: dict | None = None) -> Pat
     from torch.distributed.tensor import DTensor
 
     from .export import peft_state_dict, save_peft_adapter
+    from .files import write_json
 
     out = Path(out_dir)
     lora, opt = None, None
@@ -338,10 +339,7 @@ def save_checkpoint(model, optimizer, out_dir, state: dict | None = None) -> Pat
         out.mkdir(parents=True, exist_ok=True)
         save_peft_adapter(unwrap(model), out / ADAPTER_DIR, state_dict=lora)
         torch.save(opt, out / OPTIMIZER_FILE)
-        meta = {"world_size": world_size(), "state": state or {}}
-        tmp = out / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, out / STATE_FILE)
+        write_json(out / STATE_FILE, {"world_size": world_size(), "state": state or {}}, sort_keys=False)
     barrier()
     return out
 
