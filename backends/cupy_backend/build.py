@@ -38,6 +38,8 @@ DEQUANT_CHUNKS_DEFAULT = 2  # best in benchmarks/bench_quant.py on an H100 (all 
 FINITE_CHUNKS = 4  # 16-byte vectors in flight per thread in check_finite_v2
 MATVEC_TOKENS = (1, 2, 4, 8, 16)  # variants of matvec_4bit_v2: T rounded up to one of these (accumulators per thread)
 MATVEC_V3_CHUNKS = {1: 4, 2: 4, 4: 2, 8: 1, 16: 1}  # matvec_4bit_v3: TP -> KU, 32-weight chunks in flight per row
+# ... when the grid's warps pass one wave at those KU (launch.matvec_4bit_v3_chunks): fewer registers, more warps
+MATVEC_V3_CHUNKS_MANY_ROWS = {1: 1, 2: 2, 4: 2, 8: 1, 16: 1}
 
 
 def _names() -> dict[str, tuple[str, ...]]:
@@ -72,8 +74,9 @@ def _names() -> dict[str, tuple[str, ...]]:
             [f"matvec_4bit_v1<{dq}>" for dq in ("false", "true")]
             + [f"matvec_4bit_v2<{dq}, {tp}>" for dq, tp in itertools.product(("false", "true"), MATVEC_TOKENS)]
             + [
-                f"matvec_4bit_v3<{dq}, {tp}, {MATVEC_V3_CHUNKS[tp]}>"
+                f"matvec_4bit_v3<{dq}, {tp}, {ku}>"
                 for dq, tp in itertools.product(("false", "true"), MATVEC_TOKENS)
+                for ku in sorted({MATVEC_V3_CHUNKS[tp], MATVEC_V3_CHUNKS_MANY_ROWS[tp]})
             ]
         ),
         "dropout.cu": ("dropout_keep_counter_v1",),  # LORA-8

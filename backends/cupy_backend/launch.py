@@ -150,6 +150,20 @@ def matvec_4bit_v3_config(out_f: int) -> Config:
     return (ceil_div(out_f, MATVEC_V3_ROWS * (MATVEC_V3_THREADS // 32)),), (MATVEC_V3_THREADS,)
 
 
+MATVEC_V3_WAVE_WARPS = 12  # warps per multiprocessor at MATVEC_V3_CHUNKS (167-211 registers on sm_90: 12 or 8)
+
+
+def matvec_4bit_v3_chunks(out_f: int, tokens: int, sm_count: int) -> int:
+    """KU, the 32-weight chunks a lane keeps in flight per row: build.MATVEC_V3_CHUNKS while the grid's warps (out / 4)
+    fit one wave of 12 per multiprocessor, else build.MATVEC_V3_CHUNKS_MANY_ROWS (fewer registers, so all warps are
+    resident at once).  Measured on an H200, T = 1, graph replay: 11008x4096 18.5 us at KU 1 vs 20.6 at KU 4, 8192x8192
+    26.2 vs 34.4; 4096x4096 11.7 vs 10.0 and 4096x11008 27.7 vs 24.2 (4096 rows: one wave either way)."""
+    tp = next(t for t in build.MATVEC_TOKENS if t >= tokens)
+    warps = ceil_div(out_f, MATVEC_V3_ROWS)
+    table = build.MATVEC_V3_CHUNKS if warps <= MATVEC_V3_WAVE_WARPS * sm_count else build.MATVEC_V3_CHUNKS_MANY_ROWS
+    return table[tp]
+
+
 def matvec_4bit_v1_config(tokens: int, out_f: int) -> Config:
     """One thread per output (t, o)."""
     return (ceil_div(tokens * out_f, THREADS),), (THREADS,)

@@ -175,7 +175,8 @@ def _launch(qd: DeviceQuantized4bit, xv, x_dtype: str, y_arg, out_dtype: str, T:
     if kernel == "v3":
         tp = next(t for t in build.MATVEC_TOKENS if t >= T)
         grid, block = launch.matvec_4bit_v3_config(out_f)
-        k = build.kernel(KERNEL_FILE, f"matvec_4bit_v3<{dqs}, {tp}, {build.MATVEC_V3_CHUNKS[tp]}>")
+        ku = launch.matvec_4bit_v3_chunks(out_f, T, device_info.current_device()["sm_count"])
+        k = build.kernel(KERNEL_FILE, f"matvec_4bit_v3<{dqs}, {tp}, {ku}>")
         k(grid, block, (qd.packed, np.int32(out_f), np.int32(in_f), np.int32(T), log2_bs) + state + flags)
     elif kernel == "v2":
         c = config or launch.matvec_4bit_v2_config(

@@ -162,6 +162,15 @@ def test_kernel_names_are_registered():
         for tp in kernel_build.MATVEC_TOKENS:
             assert f"matvec_4bit_v2<{dq}, {tp}>" in names
             assert f"matvec_4bit_v3<{dq}, {tp}, {kernel_build.MATVEC_V3_CHUNKS[tp]}>" in names
+            assert f"matvec_4bit_v3<{dq}, {tp}, {kernel_build.MATVEC_V3_CHUNKS_MANY_ROWS[tp]}>" in names
+
+
+def test_v3_chunks_in_flight_follow_the_wave():
+    """KU per row: the default while out / 4 warps fit 12 per multiprocessor, the many-rows table past that."""
+    assert launch.matvec_4bit_v3_chunks(4096, 1, 132) == kernel_build.MATVEC_V3_CHUNKS[1]
+    assert launch.matvec_4bit_v3_chunks(11008, 1, 132) == kernel_build.MATVEC_V3_CHUNKS_MANY_ROWS[1] == 1
+    assert launch.matvec_4bit_v3_chunks(4 * 12 * 132, 3, 132) == kernel_build.MATVEC_V3_CHUNKS[4]
+    assert launch.matvec_4bit_v3_chunks(4 * 12 * 132 + 1, 2, 132) == kernel_build.MATVEC_V3_CHUNKS_MANY_ROWS[2]
 
 
 @pytest.mark.parametrize(
@@ -303,7 +312,11 @@ def test_gpu_v3_within_the_any_order_bound(cupy_mv, case):
 @gpu
 @pytest.mark.parametrize("T", [1, 2, 4, 7, 16])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("shape", [(4096, 4096), (1027, 11008), (96, 576)], ids=["4096x4096", "1027x11008", "96x576"])
+@pytest.mark.parametrize(
+    "shape",
+    [(4096, 4096), (1027, 11008), (96, 576), (6400, 64)],
+    ids=["4096x4096", "1027x11008", "96x576", "6400x64-many-rows"],  # the last: past one wave, the KU of many rows
+)
 def test_gpu_v3_llama_shapes_and_the_backend_order(cupy_mv, T, double_quant, shape):
     """The serving shapes (rows not a multiple of the 16 a CTA holds, too) through the backend's order="any": within
     MV-8's any-order bound, and not the spec's bits everywhere (so v3, not v2, ran: FMA keeps low bits)."""
