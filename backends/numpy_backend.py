@@ -228,6 +228,18 @@ class NumpyBackend:
 
         return torch.from_numpy(dropout_keep_counter(tuple(shape), p, int(seed), salt))
 
+    def dropout_apply_counter(self, x, p, seed, salt, dtype):
+        from qlora_ref.lora import keep_scale
+
+        noise = self.dropout_keep_counter(x.shape, p, seed, salt).to(dtype).mul_(keep_scale(p))
+        return x.to(dtype) * noise
+
+    def dropout_add_counter_(self, acc, d, p, seed, salt):
+        from qlora_ref.lora import keep_scale
+
+        noise = self.dropout_keep_counter(d.shape, p, seed, salt).to(d.dtype).mul_(keep_scale(p))
+        return acc.add_(d * noise)
+
     def finite_flag(self) -> NumpyFiniteFlag:
         return NumpyFiniteFlag()
 

@@ -95,6 +95,16 @@ class Backend(Protocol):
         replay it with a new value), ``salt`` a per-layer int.  Both backends give qlora_ref's bits."""
         ...
 
+    def dropout_apply_counter(self, x: Any, p: float, seed: Any, salt: int, dtype: Any) -> Any:
+        """drop(x) = x.to(dtype) * noise, noise = keep.to(dtype) * keep_scale(p) with LORA-8's keep mask of (seed,
+        salt) over x's flat positions: a new tensor (cupy: one launch, the mask never stored; the same bits)."""
+        ...
+
+    def dropout_add_counter_(self, acc: Any, d: Any, p: float, seed: Any, salt: int) -> Any:
+        """acc += d * noise in place (noise in d's dtype, as dropout_apply_counter's), acc and d contiguous and of one
+        shape; returns acc (cupy: one launch, the same bits as the two torch ops)."""
+        ...
+
     def finite_flag(self) -> Any:
         """A zeroed non-finite counter on the backend's device, with clear(), count() and raise_if_nonfinite(what)."""
         ...

@@ -100,6 +100,12 @@ def splitmix64_mix(z: np.ndarray) -> np.ndarray:
     return z
 
 
+def keep_scale(p: float) -> float:
+    """1 / (1 - p) in float32, the value of a kept entry of the dropout mask (LORA-3), as a Python float."""
+    _check_p(p)
+    return float(np.float32(1.0) / np.float32(1.0 - p))
+
+
 def keep_threshold(p: float) -> int:
     """t = floor(p * 2^53): keep when the top 53 bits are >= t, so P(keep) = 1 - t / 2^53 (|error| < 2^-53)."""
     _check_p(p)

@@ -42,7 +42,7 @@ class GpuMicroSteps:
 
         self.model, self.params = model, list(params.values())
         self.device = self.params[0].device
-        self.seeds, self.graphs = None, None
+        self.seeds, self.graphs, self._acc = None, None, None
         if any(m.dropout > 0 for m in model.modules() if isinstance(m, QLoRALinear)):
             self.seeds = use_step_seed(model)
         if getattr(model, "is_gradient_checkpointing", False):  # the masks no longer depend on RNG state
@@ -56,6 +56,15 @@ class GpuMicroSteps:
             say(f"the training step runs eager, not as CUDA graphs: {'; '.join(why)}")
             return
         self.graphs = StepGraphs(self.scaled_loss, self.params, say=say)
+
+    def _accumulators(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The step's gradient sums, one buffer per parameter allocated once (a parameter's gradient keeps its shape
+        and dtype) and reused every step: the optimizer reads them through p.grad and zero_grad drops only that
+        reference."""
+        acc = self._acc
+        if acc is None:
+            acc = self._acc = [torch.empty_like(g) for g in grads]
+        return acc
 
     def pad_to(self, pad_to_multiple_of: int) -> int:
         """The padded-length multiple of the run's micro-batches on the GPU: BUCKET when the run asks for 1, captured
@@ -85,10 +94,11 @@ class GpuMicroSteps:
                 out = self.scaled_loss(**batch)
                 out[0].backward()
             total += out[1].detach()
-            if len(batches) > 1:
+            if len(batches) > 1:  # multi-tensor launches into buffers kept across steps (no per-tensor clone)
                 grads = [p.grad for p in self.params]
                 if acc is None:
-                    acc = [g.clone() for g in grads]
+                    acc = self._accumulators(grads)
+                    torch._foreach_copy_(acc, grads)
                 else:
                     torch._foreach_add_(acc, grads)
         if acc is not None:

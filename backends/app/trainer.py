@@ -345,7 +345,11 @@ class Trainer:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig):
-    """The paper's paged AdamW (backends.torchlib.PagedAdamW; host-memory states on the CPU)."""
+    """The paper's paged AdamW (backends.torchlib.PagedAdamW; host-memory states on the CPU).
+
+    Its own non-finite check (a multi-tensor norm and a host sync per step) is off: every step clips first, and the
+    clip refuses a non-finite global norm before anything is scaled or stepped; that norm is finite exactly when every
+    gradient is (float32 squares cannot overflow a float64 sum), and clipping by min(coef, 1) keeps them finite."""
     from backends.torchlib import PagedAdamW
 
     t = cfg.train
@@ -358,6 +362,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig):
         decay="after",
         state_bits=t.optim_bits,
         paged=t.paged,
+        check_finite=False,
     )
 
 

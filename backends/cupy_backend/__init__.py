@@ -71,6 +71,16 @@ class CupyBackend:
 
         return dropout_keep_counter(shape, p, seed, salt)
 
+    def dropout_apply_counter(self, x, p, seed, salt, dtype):
+        from .dropout import dropout_apply_counter
+
+        return dropout_apply_counter(x, p, seed, salt, dtype)
+
+    def dropout_add_counter_(self, acc, d, p, seed, salt):
+        from .dropout import dropout_add_counter_
+
+        return dropout_add_counter_(acc, d, p, seed, salt)
+
     def finite_flag(self):
         return self.ops.FiniteFlag()
 

@@ -79,7 +79,8 @@ def _names() -> dict[str, tuple[str, ...]]:
                 for ku in sorted({MATVEC_V3_CHUNKS[tp], MATVEC_V3_CHUNKS_MANY_ROWS[tp]})
             ]
         ),
-        "dropout.cu": ("dropout_keep_counter_v1",),  # LORA-8
+        "dropout.cu": ("dropout_keep_counter_v1",)  # LORA-8; the mask applied in place of a noise tensor
+        + tuple(f"dropout_{op}_v1<{a}, {b}>" for op in ("apply", "add") for a, b in itertools.product(ctypes, ctypes)),
     }
 
 

@@ -1,6 +1,11 @@
 """The counter-based dropout keep mask (LORA-8) on the GPU: one launch, its seed read from device memory.
 
     keep = dropout_keep_counter(shape, p, seed, salt)     seed: int64 CUDA tensor of one element; salt: a Python int
+    xd   = dropout_apply_counter(x, p, seed, salt, dtype)  x.to(dtype) * noise, one launch, no mask in memory
+    dropout_add_counter_(acc, d, p, seed, salt)           acc += d * noise (d's dtype), one launch, in place
+
+noise = keep.to(dtype) * f32(1) / f32(1 - p), as the layer builds it from the mask (backends/torchlib/layer.py); the
+two fused launches redraw the mask inside the kernel and give the bits of the unfused torch ops (kernels/dropout.cu).
 
 The launch goes to torch's current stream and allocates its output with torch (inside a CUDA-graph capture: from
 the graph's pool), so it can be captured; what changes between replays is the seed's value, written by the host
@@ -9,10 +14,12 @@ before each replay (``backends.torchlib.dropout.StepSeed``).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from backends.bridge import torch_stream_getter
-from qlora_ref.lora import keep_threshold
+from qlora_ref.lora import keep_scale, keep_threshold
 
 from . import build, launch
 
@@ -29,16 +36,76 @@ def dropout_keep_counter(shape, p: float, seed, salt: int):
     keep = torch.empty(tuple(shape), dtype=torch.bool, device=seed.device)
     n = keep.numel()
     if n:
-        index = seed.device.index
-        stream = _STREAM_GETTERS.get(index)
-        if stream is None:
-            stream = _STREAM_GETTERS[index] = torch_stream_getter(index)
         fn = build.kernel("dropout.cu", "dropout_keep_counter_v1").kernel
         grid, block = launch.dropout_keep_counter_v1_config(n)
         args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(t), np.uint64(keep.data_ptr()),
                 np.int64(n))  # fmt: skip
-        fn(grid, block, args, 0, stream())
+        fn(grid, block, args, 0, _stream(seed.device))
     return keep
+
+
+def _stream(device):
+    index = device.index
+    stream = _STREAM_GETTERS.get(index)
+    if stream is None:
+        stream = _STREAM_GETTERS[index] = torch_stream_getter(index)
+    return stream()
+
+
+@functools.cache
+def noise_value(p: float, dtype) -> float:
+    """The kept entries' noise value as ``dtype`` holds it: dtype(keep_scale(p)) (exact in float32)."""
+    import torch
+
+    return float(torch.tensor(keep_scale(p), dtype=torch.float32).to(dtype))
+
+
+@functools.cache
+def _fused(op: str, a, b):
+    from .build import CTYPES
+
+    names = {v: k for k, v in _torch_dtypes().items()}
+    return build.kernel("dropout.cu", f"dropout_{op}_v1<{CTYPES[names[a]]}, {CTYPES[names[b]]}>").kernel
+
+
+@functools.cache
+def _torch_dtypes() -> dict:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dropout_apply_counter(x, p: float, seed, salt: int, dtype):
+    """drop(x) = x.to(dtype) * noise (module docstring) as a new contiguous tensor of x's shape, the mask of
+    (seed, salt) indexed by x's flat (row-major) position; bit-equal to the unfused ops."""
+    import torch
+
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    n = x.numel()
+    if n:
+        grid, block = launch.dropout_keep_counter_v1_config(n)
+        args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(keep_threshold(p)),
+                np.float32(noise_value(p, dtype)), np.uint64(x.data_ptr()), np.uint64(y.data_ptr()),
+                np.int64(n))  # fmt: skip
+        _fused("apply", x.dtype, dtype)(grid, block, args, 0, _stream(x.device))
+    return y
+
+
+def dropout_add_counter_(acc, d, p: float, seed, salt: int):
+    """acc += d * noise in place (noise in d's dtype, the sum rounded to acc's), the mask of (seed, salt) indexed by
+    the flat position; acc and d contiguous and of one shape.  Returns acc."""
+    if acc.shape != d.shape or not (acc.is_contiguous() and d.is_contiguous()):
+        raise ValueError(f"dropout_add_counter_ takes two contiguous tensors of one shape, got {tuple(acc.shape)} "
+                         f"and {tuple(d.shape)}")  # fmt: skip
+    n = acc.numel()
+    if n:
+        grid, block = launch.dropout_keep_counter_v1_config(n)
+        args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(keep_threshold(p)),
+                np.float32(noise_value(p, d.dtype)), np.uint64(acc.data_ptr()), np.uint64(d.data_ptr()),
+                np.int64(n))  # fmt: skip
+        _fused("add", acc.dtype, d.dtype)(grid, block, args, 0, _stream(acc.device))
+    return acc
 
 
 def _describe(x) -> str:

@@ -6,7 +6,9 @@
 
     x  (M, in) compute dtype      W_hat (out, in) compute dtype, in a scratch buffer (never saved)
     A  (r, in), B (out, r)        LoRA dtype;  u (M, r) LoRA dtype, the only activation saved besides x
-    noise (M, in) or None         keep / (1 - p): the dropout mask, redrawn from its seed in backward (LORA-3)
+    noise (M, in) or None         keep / (1 - p): the dropout mask, redrawn from its seed in backward (LORA-3);
+                                  or a layer.CounterNoise (LORA-8 under a StepSeed), which the backend applies in
+                                  place of the tensor products below (the same bits, one launch, no mask stored)
 
 Both the eager autograd function (layer.QLoRAFunction) and the torch custom operators (ops.py, for torch.compile
 and CUDA graphs) call these two functions, so the two paths run the same kernels in the same order.
@@ -27,9 +29,7 @@ def add_lora(y, x2, lora_A, lora_B, bias, scaling: float, noise):
     decode path's 4-bit matvec)."""
     if bias is not None:
         y.add_(bias)
-    xl = x2.to(lora_A.dtype)  # no copy when LoRA runs in the compute dtype
-    xd = xl * noise if noise is not None else xl  # (M, in) drop(x)
-    u = torch.mm(xd, lora_A.t())  # (M, r)
+    u = torch.mm(drop(x2, lora_A.dtype, noise), lora_A.t())  # (M, r)
     if lora_B.dtype == y.dtype:
         y.addmm_(u, lora_B.t(), alpha=scaling)  # one GEMM accumulating into y
     else:
@@ -42,9 +42,7 @@ def lora_backward(dY2, x2, u, weight, lora_A, lora_B, scaling: float, noise, nee
     dYl = dY2.to(lora_B.dtype)
     dB = torch.mm(dYl.t(), u).mul_(scaling)  # (out, r)
     du = torch.mm(dYl, lora_B).mul_(scaling)  # (M, r)
-    xl = x2.to(lora_A.dtype)
-    xd = xl * noise if noise is not None else xl  # (M, in), the forward's drop(x)
-    dA = torch.mm(du.t(), xd)  # (r, in)
+    dA = torch.mm(du.t(), drop(x2, lora_A.dtype, noise))  # (r, in), the forward's drop(x) again
     dX = None
     if need_dx:
         W = weight()  # (out, in), dequantized again
@@ -53,7 +51,18 @@ def lora_backward(dY2, x2, u, weight, lora_A, lora_B, scaling: float, noise, nee
             dX.addmm_(du, lora_A)  # one fused GEMM + accumulate (the Guanaco recipe: LoRA in the compute dtype)
         else:
             dXl = torch.mm(du, lora_A)  # (M, in)
-            if noise is not None:
-                dXl.mul_(noise)
-            dX.add_(dXl)  # mixed dtypes: summed in the wider one, rounded once into dX
+            if noise is None or isinstance(noise, torch.Tensor):
+                dX.add_(dXl if noise is None else dXl.mul_(noise))  # mixed dtypes: summed in the wider one, once
+            else:
+                noise.add_dropped_(dX, dXl)
     return dX, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
+
+
+def drop(x2, dtype, noise):
+    """drop(x) in the LoRA dtype: x2.to(dtype) (no copy when it is that dtype), times the noise tensor, or applied by
+    a CounterNoise in one launch."""
+    if noise is None:
+        return x2.to(dtype)
+    if isinstance(noise, torch.Tensor):
+        return x2.to(dtype) * noise
+    return noise.drop(x2, dtype)

@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
 from backends import get_backend, placement
 from backends.numpy_lut import dequantize_4bit_cpu  # noqa: F401  (re-exported: the numpy backend owns it)
+from qlora_ref.lora import keep_scale
 
 from . import ops
 from .functional import add_lora, lora_backward, lora_forward
@@ -105,7 +105,7 @@ def dropout_noise(shape, p: float, seed: int, backend, dtype) -> torch.Tensor:
     f32(1) / f32(1 - p), as in the spec.
     """
     be = get_backend(backend) if isinstance(backend, str) else backend
-    scale = float(np.float32(1.0) / np.float32(1.0 - p))
+    scale = keep_scale(p)
     return be.dropout_keep(shape, p, seed).to(dtype).mul_(scale)
 
 
@@ -141,13 +141,13 @@ def round_f64(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class QLoRAFunction(torch.autograd.Function):
     """y = x W_hat^T + b + s * (drop(x) A^T) B^T; saves x and u = drop(x) A^T only (see the module docstring).
 
-    ``layer`` provides ``dequantized()`` (W_hat in the compute dtype, in scratch), ``noise(shape, seed, dtype)``,
-    ``bias``, ``scaling``, ``in_features`` and ``out_features``; the math is functional.py's."""
+    ``layer`` provides ``dequantized()`` (W_hat in the compute dtype, in scratch), ``dropout_factor(shape, seed,
+    dtype)``, ``bias``, ``scaling``, ``in_features`` and ``out_features``; the math is functional.py's."""
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, layer, seed):
         x2 = x.reshape(-1, layer.in_features)  # (M, in)
-        noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed is not None else None
+        noise = layer.dropout_factor(x2.shape, seed, lora_A.dtype) if seed is not None else None
         y, u = lora_forward(x2, layer.dequantized(), lora_A, lora_B, layer.bias, layer.scaling, noise)
         ctx.save_for_backward(x, u, lora_A, lora_B)  # activations: x and u only; A, B are the parameters themselves
         ctx.layer, ctx.seed = layer, seed
@@ -158,13 +158,32 @@ class QLoRAFunction(torch.autograd.Function):
         x, u, lora_A, lora_B = ctx.saved_tensors
         layer, seed = ctx.layer, ctx.seed
         x2 = x.reshape(-1, layer.in_features)
-        noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed is not None else None
+        noise = layer.dropout_factor(x2.shape, seed, lora_A.dtype) if seed is not None else None
         dY2 = dY.reshape(-1, layer.out_features)  # (M, out)
         need_dx = ctx.needs_input_grad[0]
         dX, dA, dB = lora_backward(dY2, x2, u, layer.dequantized, lora_A, lora_B, layer.scaling, noise, need_dx)
         if dX is not None:
             dX = dX.view(x.shape).to(x.dtype)
         return dX, dA, dB, None, None
+
+
+class CounterNoise:
+    """LORA-8's dropout of one layer call (the layer's StepSeed and salt), applied by the backend where functional.py
+    uses it instead of being materialised as a noise tensor: ``drop(x2, dtype)`` = x2.to(dtype) * noise and
+    ``add_dropped_(acc, d)``: acc += d * noise, each one launch on cupy, the bits of the unfused ops."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def drop(self, x2, dtype):
+        m = self.layer
+        return m.backend.dropout_apply_counter(x2, m.dropout, m.step_seed.tensor, m.seed_salt, dtype)
+
+    def add_dropped_(self, acc, d):
+        m = self.layer
+        return m.backend.dropout_add_counter_(acc, d, m.dropout, m.step_seed.tensor, m.seed_salt)
 
 
 # --- the module ----------------------------------------------------------------------------------------------------
@@ -307,8 +326,15 @@ class QLoRALinear(nn.Module):
         ``seed == STEP_SEED``: LORA-8's mask from the step seed and this layer's salt."""
         if seed == STEP_SEED:
             keep = self.backend.dropout_keep_counter(shape, self.dropout, self.step_seed.tensor, self.seed_salt)
-            return keep.to(dtype).mul_(float(np.float32(1.0) / np.float32(1.0 - self.dropout)))
+            return keep.to(dtype).mul_(keep_scale(self.dropout))
         return dropout_noise(shape, self.dropout, seed, self.backend, dtype)
+
+    def dropout_factor(self, shape, seed: int, dtype):
+        """The dropout of one call as functional.py takes it: under a StepSeed (``seed == STEP_SEED``) a CounterNoise,
+        which the backend applies where it is used (one launch each, the mask never stored); else ``noise(...)``."""
+        if seed == STEP_SEED:
+            return CounterNoise(self)
+        return self.noise(shape, seed, dtype)
 
     def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W' = T(W_hat + s * B A): W_hat in float32 (exact), the sum in float64, one rounding to T (LORA-6)."""

@@ -45,7 +45,7 @@ def linear(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layer = layer_of(handle)
-    noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed != -1 else None
+    noise = layer.dropout_factor(x2.shape, seed, lora_A.dtype) if seed != -1 else None
     return lora_forward(x2, layer.dequantized(), lora_A, lora_B, bias, scaling, noise)
 
 
@@ -68,7 +68,7 @@ def linear_backward(
     need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layer = layer_of(handle)
-    noise = layer.noise(x2.shape, seed, lora_A.dtype) if seed != -1 else None
+    noise = layer.dropout_factor(x2.shape, seed, lora_A.dtype) if seed != -1 else None
     dX, dA, dB = lora_backward(dY2, x2, u, layer.dequantized, lora_A, lora_B, scaling, noise, need_dx)
     return (dX if dX is not None else x2.new_empty(0)), dA, dB
 

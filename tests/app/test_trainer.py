@@ -226,3 +226,25 @@ def test_save_minutes_checkpoints_during_the_run(tokenizer, alpaca_slice, tmp_pa
         on_step=lambda t, rec: seen.append((tmp_path / "off" / "checkpoint").exists())
     )
     assert seen == [False, False]
+
+
+def test_non_finite_gradient_stops_the_step_before_anything_changes(tokenizer, alpaca_slice, tmp_path):
+    """A NaN in one LoRA gradient: the step's clip refuses it (the optimizer's own check is off, trainer.py), and no
+    weight, optimizer state or step count moves."""
+    from qlora_ref.checks import NonFiniteError
+
+    model = tiny_model(tokenizer)
+    trainer = Trainer(model, tokenizer, run_config(tmp_path, grad_accum=1), alpaca_slice[:8], run_dir=str(tmp_path))
+    assert trainer.optimizer.check_finite is False
+    trainer.train_step()
+    before, opt_before = _lora_state(model), trainer.optimizer.state_dict()
+    p = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+    handle = p.register_hook(lambda g: g * float("nan"))
+    with pytest.raises((NonFiniteError, FloatingPointError), match="non-finite|NaN"):
+        trainer.train_step()
+    handle.remove()
+    after, opt_after = _lora_state(model), trainer.optimizer.state_dict()
+    assert trainer.step == 1 and all(torch.equal(before[n], after[n]) for n in before)
+    for i, s in opt_before["state"].items():
+        assert all(torch.equal(s[k], opt_after["state"][i][k]) if torch.is_tensor(s[k]) else s[k] ==
+                   opt_after["state"][i][k] for k in s)  # fmt: skip

@@ -199,3 +199,68 @@ def test_gpu_trainer_captured_step_equals_eager_bit_for_bit(tmp_path):
     assert eager_losses == cap_losses and all(np.isfinite(eager_losses))
     for n in eager_lora:
         assert torch.equal(eager_lora[n], cap_lora[n]), n
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.gpu
+@settings(deadline=None, max_examples=60)
+@given(
+    shape=st.lists(st.integers(1, 200), min_size=1, max_size=2),
+    p=st.floats(0.0, 0.9),
+    seed=st.integers(-(2**63), 2**63 - 1),
+    salt=st.integers(0, 2**32 - 1),
+    dtypes=st.tuples(st.sampled_from(_DTYPES), st.sampled_from(_DTYPES)),
+)
+def test_gpu_fused_dropout_gives_the_unfused_bits(shape, p, seed, salt, dtypes):
+    """dropout_apply_counter / dropout_add_counter_ (one launch, the mask redrawn inside) against the torch ops on a
+    materialised noise tensor, for every pair of dtypes, values spanning subnormals to large ones and a NaN/Inf."""
+    from qlora_ref.lora import keep_scale
+
+    be, a, b = get_backend("cupy"), *dtypes
+    dev = torch.tensor([seed], dtype=torch.int64, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(abs(seed) % 2**32)
+    x = (torch.randn(shape, generator=g, device="cuda") * 10.0 ** torch.randint(-30, 4, shape, device="cuda")).to(a)
+    if x.numel() > 1:
+        x.view(-1)[0] = float("inf")  # inf * 0 is NaN in both paths
+    noise_b = be.dropout_keep_counter(tuple(shape), p, dev, salt).to(b).mul_(keep_scale(p))
+    got = be.dropout_apply_counter(x, p, dev, salt, b)
+    assert got.dtype == b and got.shape == x.shape
+    want = x.to(b) * noise_b
+    assert torch.equal(got.float().nan_to_num(nan=7.0), want.float().nan_to_num(nan=7.0))
+    assert (torch.signbit(got) == torch.signbit(want)).all()  # x * 0 keeps x's sign, as torch's product does
+    acc = torch.randn(shape, generator=g, device="cuda").to(a)
+    d = torch.randn(shape, generator=g, device="cuda").to(b)
+    want_acc = acc.clone().add_(d * noise_b)
+    got_acc = be.dropout_add_counter_(acc, d, p, dev, salt)
+    assert got_acc is acc and torch.equal(acc, want_acc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
+def test_gpu_layer_fused_dropout_equals_the_noise_tensor_path(lora_dtype):
+    """A QLoRA layer under a StepSeed on cupy (CounterNoise: the fused launches) gives the forward and every gradient
+    of the same layer fed the materialised noise tensor (layer.noise), bit for bit."""
+    from backends.torchlib.layer import QLoRALinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 320, bias=False).to("cuda", torch.bfloat16)
+    layer = QLoRALinear.from_linear(lin, backend="cupy", r=8, dropout=0.1, lora_dtype=lora_dtype, init="random")
+    layer.step_seed, layer.seed_salt = StepSeed("cuda"), 12345
+    layer.step_seed.renew()
+    x = torch.randn(4, 33, 192, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(4, 33, 320, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        layer.lora_A.grad = layer.lora_B.grad = None
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        y.backward(dy)
+        return y.detach(), xr.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    fused = run()
+    layer.dropout_factor = lambda shape, seed, dtype: layer.noise(shape, seed, dtype)  # the materialised path
+    plain = run()
+    for f, q, what in zip(fused, plain, ("y", "dX", "dA", "dB"), strict=True):
+        assert torch.equal(f, q), what

@@ -1,0 +1,281 @@
+"""Where a training step's time goes on a GPU: the main job's phases, and the GPU kernels of both steps by kind.
+
+    python -m benchmarks.profile_step [--job main,train7b] [--steps 12]
+
+- ``main``: the real ``qlora finetune --backend cupy`` (the embedded default) run in this process, every phase of
+  ``Trainer.train_step`` timed with a device synchronisation before and after it (so each phase's time is its own,
+  host and GPU): collate, the micro-steps (graph replays, their GPU time by CUDA events), clipping, the optimizer
+  step, zero_grad, and what the fit loop does between steps.  Medians over the steps after the first two.
+- ``train7b``: bench_train's ``ours`` variant (LLaMA-7B dims x 4 layers, 4 x 1024 tokens) under torch.profiler for
+  two steps: GPU time by kernel kind (GEMM, the backend's CuPy kernels, attention, elementwise, reductions, copies).
+- both: the main job's step under torch.profiler too.
+
+Prints a table per job; saves benchmarks/results/profile_step_<device>.json.  The synchronisations make the phase
+times an upper bound of what each costs inside an unsynchronised step (nothing overlaps across a phase boundary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KINDS = (  # (kind, substrings of a kernel name), first match wins
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "efficient")),
+    (
+        "cupy backend",
+        ("dequantize_4bit", "quantize_4bit", "adamw", "matvec_4bit", "absmax", "dropout", "clip", "lora_"),
+    ),  # fmt: skip
+    ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll", "sum")),
+    ("copy / cast", ("copy", "cat", "memcpy", "memset", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def kernel_table(prof, steps: int) -> dict:
+    """GPU microseconds per step by kind, the top kernels, and the kernel count per step, from a torch.profiler run."""
+    by_kind, by_name, count = defaultdict(float), defaultdict(float), 0
+    for e in prof.events():
+        if getattr(e, "device_type", None) is None or str(e.device_type) != "DeviceType.CUDA":
+            continue
+        us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        by_kind[kind_of(e.name)] += us / steps
+        by_name[e.name[:90]] += us / steps
+        count += 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "gpu_ms_per_step": sum(by_kind.values()) / 1e3,
+        "kernels_per_step": count / steps,
+        "ms_by_kind": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": [(n, v / 1e3) for n, v in top],
+    }
+
+
+def profiled(fn, steps: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_table(prof, steps)
+
+
+class Phases:
+    """Synchronised wall time of named phases, per step."""
+
+    def __init__(self):
+        self.now: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        self.on = True
+
+    def wrap(self, name, fn):
+        import torch
+
+        def timed(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            torch.cuda.synchronize()
+            self.now[name] += (time.perf_counter() - t0) * 1e3
+            return out
+
+        return timed
+
+    def end_step(self, total_ms: float):
+        rec = dict(self.now, total=total_ms)
+        rec["untimed"] = total_ms - sum(self.now.values())
+        self.steps.append(rec)
+        self.now = defaultdict(float)
+
+    def medians(self, skip: int = 2) -> dict[str, float]:
+        rows = self.steps[skip:] or self.steps
+        return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in rows[0]}
+
+
+def job_main(steps: int, profile_steps: int, model: str | None) -> dict:
+    """The main job in-process, its train_step's phases timed (module docstring)."""
+    import tempfile
+
+    import torch
+
+    import backends.torchlib as TL
+    from backends.app import cli, gpu_step, trainer
+    from backends.torchlib.graph import StepGraphs
+    from backends.torchlib.optim import PagedAdamW
+
+    ph = Phases()
+    replay_gpu = []
+    trainer.collate = ph.wrap("collate", trainer.collate)
+    gpu_step.GpuMicroSteps.run = ph.wrap("micro-steps (fwd+bwd)", gpu_step.GpuMicroSteps.run)
+    TL.clip_grad_norm_ = ph.wrap("clip", TL.clip_grad_norm_)
+    PagedAdamW.step = ph.wrap("optimizer step", PagedAdamW.step)
+    PagedAdamW.zero_grad = ph.wrap("zero_grad", PagedAdamW.zero_grad)
+    call = StepGraphs.__call__
+
+    def replay(self, batch):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out = call(self, batch)
+        b.record()
+        replay_gpu.append((a, b))
+        return out
+
+    StepGraphs.__call__ = replay
+    step = trainer.Trainer.train_step
+    prof_out, held = {}, {}
+
+    def timed_step(self):
+        held["trainer"] = self
+        if self.step == steps - profile_steps - 1 and profile_steps:  # profile the last steps, unsynchronised
+            ph.on = False
+            prof_out.update(profiled(lambda: step(self), profile_steps))
+            ph.on = True
+            return step(self)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = step(self)
+        torch.cuda.synchronize()
+        ph.end_step((time.perf_counter() - t0) * 1e3)
+        return r
+
+    trainer.Trainer.train_step = timed_step
+    out_dir = Path(tempfile.mkdtemp(prefix="qlora-profile-")) / "run"
+    t0 = time.perf_counter()
+    extra = ["--model", model] if model else []
+    rc = cli.main(["finetune", "--backend", "cupy", "--output-dir", str(out_dir), "--no-progress",
+                   "--max-steps", str(steps), *extra])  # fmt: skip
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"finetune failed ({rc})")
+    torch.cuda.synchronize()
+    gpu = [a.elapsed_time(b) for a, b in replay_gpu[4:]]
+    host = host_profile(held["trainer"]) if "trainer" in held else {}
+    return {
+        "command": " ".join(["qlora finetune --backend cupy --max-steps", str(steps), *extra]),
+        "wall_s_in_process": wall,
+        "phase_ms_median": ph.medians(),
+        "phase_ms_steps": ph.steps,
+        "replay_gpu_ms_median": statistics.median(gpu) if gpu else None,
+        "replays_timed": len(gpu),
+        "profile": prof_out,
+        "host_profile": host,
+    }
+
+
+def host_profile(tr, calls: int = 20) -> dict:
+    """cProfile of the optimizer step and the clip over the trained model's parameters (gradients of zeros): the
+    functions with the most own time, and the host milliseconds per call (GPU work is microseconds at this size)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    import backends.torchlib as TL
+
+    params = list(tr.params.values())
+    out = {}
+    for name, fn in (("optimizer step", tr.optimizer.step), ("clip", lambda: TL.clip_grad_norm_(params, 0.3))):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        fn()
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        t0 = time.perf_counter()
+        pr.enable()
+        for _ in range(calls):
+            fn()
+        pr.disable()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3 / calls
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(12)
+        out[name] = {"ms_per_call": ms, "top": buf.getvalue().splitlines()[-24:]}
+        print(f"== host profile: {name}, {ms:.2f} ms per call")
+        print("\n".join(out[name]["top"]))
+    return out
+
+
+def job_train7b(profile_steps: int) -> dict:
+    """bench_train's ``ours`` step under torch.profiler."""
+    import tempfile
+
+    from benchmarks import bench_train as B
+
+    model_dir = Path(tempfile.gettempdir()) / "qlora-bench-llama7b-4layers"
+    if not (model_dir / "config.json").exists():
+        B.make_model_dir(model_dir)
+    model, opt, clip = B.build("ours", str(model_dir))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = B.batches(1)[0].cuda()
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        clip(params)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    from benchmarks.common import cuda_median_ms
+
+    ms = cuda_median_ms(step, warmup=1, reps=5)
+    return {"step_ms_events": ms, "flop_bound_terms": B.step_flops(), "profile": profiled(step, profile_steps)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", default="main,train7b", help="comma-separated: main, train7b")
+    ap.add_argument("--steps", type=int, default=12, help="main job: optimizer steps (the last 2 profiled)")
+    ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--model", default=None, help="main job: --model (default: the embedded default)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from benchmarks.common import save
+
+    payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for job in args.job.split(","):
+        r = job_main(args.steps, args.profile_steps, args.model) if job == "main" else job_train7b(args.profile_steps)
+        payload[job] = r
+        print(f"== {job}")
+        for k, v in r.get("phase_ms_median", {}).items():
+            print(f"  phase {k:28s} {v:9.2f} ms")
+        if "replay_gpu_ms_median" in r:
+            print(f"  one replay, GPU (events)       {r['replay_gpu_ms_median']}")
+        if "step_ms_events" in r:
+            print(f"  step (CUDA events)             {r['step_ms_events']:.2f} ms")
+        p = r["profile"]
+        if p:
+            print(f"  profile: {p['gpu_ms_per_step']:.2f} GPU ms/step, {p['kernels_per_step']:.0f} kernels/step")
+            for k, v in p["ms_by_kind"].items():
+                print(f"    {k:24s} {v:8.2f} ms")
+            for n, v in p["top_kernels_ms"][:15]:
+                print(f"    {v:8.3f}  {n}")
+    path = save(f"profile_step_{payload['device'].replace(' ', '_')}", payload)
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
