@@ -219,3 +219,16 @@ def to_device(x, device_id: int | None = None):
         with cupy.cuda.Device(device_id):
             return cupy.asarray(x)
     raise TypeError(f"to_device takes a numpy array, CuPy array or torch tensor, got {type(x).__name__}")
+
+
+_GETTERS: dict[int, object] = {}
+
+
+def torch_stream(device):
+    """torch's current stream on ``device`` (a torch.device) as a cached CuPy stream: ``torch_stream_getter``'s
+    function, made once per device index, called."""
+    index = device.index
+    getter = _GETTERS.get(index)
+    if getter is None:
+        getter = _GETTERS[index] = torch_stream_getter(index)
+    return getter()

@@ -9,10 +9,12 @@ three loss curves can be compared step for step), gradient checkpointing, paged 
 norm 0.3.  Same initialisation everywhere: the saved base weights, and every lora_A filled from a generator seeded
 by its module name (B = 0).
 
-    ours       backends.torchlib.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW
+    ours       backends.torchlib.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW; the
+               RMSNorms and SwiGLU as own kernels (prepare_model's fuse, fuse.fuse_kernels)
+    ours-no-fuse  the same with transformers' eager RMSNorm and SwiGLU (fuse=False): what those kernels are worth
     ours-graph the same, forward + backward captured once as a CUDA graph (backends.torchlib.CapturedStep) and
                replayed; clipping and the optimizer step eager after each replay
-    ours-fused ours with each block's attention, MLP and norms compiled by inductor (backends.torchlib.fuse_blocks):
+    ours-fused ours-no-fuse with each block's attention, MLP and norms compiled by inductor (fuse.fuse_blocks):
                RMSNorm, RoPE, SwiGLU fused around the qlora::linear operators
     ours-fused-graph  both
     bnb+peft   transformers + BitsAndBytesConfig(nf4, double quant, bf16) + prepare_model_for_kbit_training + PEFT,
@@ -45,7 +47,8 @@ sys.path.insert(0, str(REPO))
 HIDDEN, MLP, HEADS, VOCAB, LAYERS = 4096, 11008, 32, 32000, 4
 SEQ, BATCH, R, ALPHA, LR, MAX_NORM = 1024, 4, 64, 16, 2e-4, 0.3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("ours", "ours-graph", "ours-fused", "ours-fused-graph", "bnb+peft", "bf16-lora")
+VARIANTS = ("ours", "ours-no-fuse", "ours-graph", "ours-fused", "ours-fused-graph", "bnb+peft", "bf16-lora")
+INDUCTOR = ("ours-fused", "ours-fused-graph")  # blocks compiled by inductor (fuse_blocks), transformers' own modules
 LOSS_BOUND = 0.02  # stated bound: |loss_ours - loss_bnb| / loss_bnb at every step (NF4 codes agree; bf16 GEMM order)
 
 
@@ -131,9 +134,9 @@ def build(variant: str, model_dir: str):
 
         model = load_model(model_dir, backend="cupy", r=R, alpha=ALPHA, dropout=0.0, target="all-linear",
                            quant_type="nf4", double_quant=True, blocksize=64, gradient_checkpointing=True,
-                           lora_dtype="bfloat16")  # fmt: skip
+                           lora_dtype="bfloat16", fuse=variant in ("ours", "ours-graph"))  # fmt: skip
         init_lora_A([(n + ".lora_A", m.lora_A) for n, m in qlora_layers(model).items()])
-        if "fused" in variant:
+        if variant in INDUCTOR:
             from backends.torchlib.fuse import fuse_blocks
 
             fuse_blocks(model)
@@ -336,7 +339,7 @@ def main(argv=None) -> int:
         }
         if "bf16-lora" in by and "error" not in by["bf16-lora"]:
             summary["speedup_vs_bf16_lora"] = o["tokens_per_s"] / by["bf16-lora"]["tokens_per_s"]
-        for name in ("ours-graph", "ours-fused", "ours-fused-graph"):
+        for name in ("ours-no-fuse", "ours-graph", "ours-fused", "ours-fused-graph"):
             g, key = by.get(name, {}), name.removeprefix("ours-").replace("-", "_")
             if "tokens_per_s" in g:
                 summary[f"{key}_speedup_vs_bnb"] = g["tokens_per_s"] / b["tokens_per_s"]

@@ -54,7 +54,7 @@ def kernel_table(prof, steps: int) -> dict:
             continue
         us = e.device_time if hasattr(e, "device_time") else e.cuda_time
         by_kind[kind_of(e.name)] += us / steps
-        by_name[e.name[:90]] += us / steps
+        by_name[e.name[:150]] += us / steps
         count += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
     return {
@@ -215,8 +215,8 @@ def host_profile(tr, calls: int = 20) -> dict:
     return out
 
 
-def job_train7b(profile_steps: int) -> dict:
-    """bench_train's ``ours`` step under torch.profiler."""
+def job_train7b(profile_steps: int, variant: str = "ours") -> dict:
+    """bench_train's ``ours`` (or ``ours-unfused``) step under torch.profiler, and the host's cProfile of it."""
     import tempfile
 
     from benchmarks import bench_train as B
@@ -224,7 +224,7 @@ def job_train7b(profile_steps: int) -> dict:
     model_dir = Path(tempfile.gettempdir()) / "qlora-bench-llama7b-4layers"
     if not (model_dir / "config.json").exists():
         B.make_model_dir(model_dir)
-    model, opt, clip = B.build("ours", str(model_dir))
+    model, opt, clip = B.build(variant, str(model_dir))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     ids = B.batches(1)[0].cuda()
@@ -240,12 +240,26 @@ def job_train7b(profile_steps: int) -> dict:
     from benchmarks.common import cuda_median_ms
 
     ms = cuda_median_ms(step, warmup=1, reps=5)
-    return {"step_ms_events": ms, "flop_bound_terms": B.step_flops(), "profile": profiled(step, profile_steps)}
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(3):
+        step()
+    __import__("torch").cuda.synchronize()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(15)
+    print("\n".join(buf.getvalue().splitlines()[-22:]))
+    return {"step_ms_events": ms, "flop_bound_terms": B.step_flops(), "profile": profiled(step, profile_steps),
+            "host_top": buf.getvalue().splitlines()[-22:]}  # fmt: skip
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default="main,train7b", help="comma-separated: main, train7b")
+    ap.add_argument("--job", default="main,train7b", help="comma-separated: main, train7b, train7b-unfused")
     ap.add_argument("--steps", type=int, default=12, help="main job: optimizer steps (the last 2 profiled)")
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--model", default=None, help="main job: --model (default: the embedded default)")
@@ -256,7 +270,10 @@ def main(argv=None) -> int:
 
     payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for job in args.job.split(","):
-        r = job_main(args.steps, args.profile_steps, args.model) if job == "main" else job_train7b(args.profile_steps)
+        if job == "main":
+            r = job_main(args.steps, args.profile_steps, args.model)
+        else:
+            r = job_train7b(args.profile_steps, "ours-unfused" if job == "train7b-unfused" else "ours")
         payload[job] = r
         print(f"== {job}")
         for k, v in r.get("phase_ms_median", {}).items():

@@ -69,6 +69,9 @@ EXTRA_SOURCES = (
     "tests/torchlib/test_dora_loftq_gpu.py",
     "tests/backends/test_matvec_gpu.py",
     "tests/torchlib/test_layer_decode.py",
+    "backends/torchlib/prepare.py",
+    "tests/torchlib/test_fused_decoder_gpu.py",
+    "qlora_ref/lora.py",
 )
 REPORT = REPO / "tests" / "GPU_REPORT.json"
 

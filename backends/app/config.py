@@ -88,6 +88,11 @@ class ModelConfig:
         choices=("default", "loftq"),
     )
     loftq_iters: int = opt(1, "LoftQ rounds T of quantize(W - s B A) + rank-r SVD (with --init loftq)")
+    fuse: bool = opt(
+        True,
+        "--backend cupy: RMSNorm and SwiGLU as own kernels (fewer launches; transformers' math within a few units "
+        "of the last place, not bit for bit); --no-fuse runs transformers' eager ops",
+    )
 
 
 @dataclass

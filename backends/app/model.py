@@ -92,6 +92,7 @@ def load_prepared(m: ModelConfig, path: str, **overrides):
         use_dora=m.use_dora,
         init=m.init,
         loftq_iters=m.loftq_iters,
+        fuse=m.fuse,
     )
     kw.update(overrides)
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own tqdm bar on stderr

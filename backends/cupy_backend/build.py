@@ -81,6 +81,8 @@ def _names() -> dict[str, tuple[str, ...]]:
         ),
         "dropout.cu": ("dropout_keep_counter_v1",)  # LORA-8; the mask applied in place of a noise tensor
         + tuple(f"dropout_{op}_v1<{a}, {b}>" for op in ("apply", "add") for a, b in itertools.product(ctypes, ctypes)),
+        "rmsnorm.cu": tuple(f"rmsnorm_{d}_v1<{t}>" for d in ("fwd", "bwd") for t in ctypes),  # the decoder's norm
+        "swiglu.cu": tuple(f"swiglu_{d}_v1<{t}>" for d in ("fwd", "bwd") for t in ctypes),  # the MLP's activation
     }
 
 

@@ -18,12 +18,10 @@ import functools
 
 import numpy as np
 
-from backends.bridge import torch_stream_getter
+from backends.bridge import torch_stream
 from qlora_ref.lora import keep_scale, keep_threshold
 
 from . import build, launch
-
-_STREAM_GETTERS: dict[int, object] = {}
 
 
 def dropout_keep_counter(shape, p: float, seed, salt: int):
@@ -40,16 +38,8 @@ def dropout_keep_counter(shape, p: float, seed, salt: int):
         grid, block = launch.dropout_keep_counter_v1_config(n)
         args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(t), np.uint64(keep.data_ptr()),
                 np.int64(n))  # fmt: skip
-        fn(grid, block, args, 0, _stream(seed.device))
+        fn(grid, block, args, 0, torch_stream(seed.device))
     return keep
-
-
-def _stream(device):
-    index = device.index
-    stream = _STREAM_GETTERS.get(index)
-    if stream is None:
-        stream = _STREAM_GETTERS[index] = torch_stream_getter(index)
-    return stream()
 
 
 @functools.cache
@@ -88,7 +78,7 @@ def dropout_apply_counter(x, p: float, seed, salt: int, dtype):
         args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(keep_threshold(p)),
                 np.float32(noise_value(p, dtype)), np.uint64(x.data_ptr()), np.uint64(y.data_ptr()),
                 np.int64(n))  # fmt: skip
-        _fused("apply", x.dtype, dtype)(grid, block, args, 0, _stream(x.device))
+        _fused("apply", x.dtype, dtype)(grid, block, args, 0, torch_stream(x.device))
     return y
 
 
@@ -104,7 +94,7 @@ def dropout_add_counter_(acc, d, p: float, seed, salt: int):
         args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(keep_threshold(p)),
                 np.float32(noise_value(p, d.dtype)), np.uint64(acc.data_ptr()), np.uint64(d.data_ptr()),
                 np.int64(n))  # fmt: skip
-        _fused("add", acc.dtype, d.dtype)(grid, block, args, 0, _stream(acc.device))
+        _fused("add", acc.dtype, d.dtype)(grid, block, args, 0, torch_stream(acc.device))
     return acc
 
 

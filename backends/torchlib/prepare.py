@@ -155,6 +155,7 @@ def prepare_model(
     use_dora: bool = False,
     init: str = "default",
     loftq_iters: int = 1,
+    fuse: bool = True,
 ):
     """Replace the target linears of a LLaMA-family causal LM with QLoRALinear, in place; returns the model.
 
@@ -168,6 +169,8 @@ def prepare_model(
     ``init="loftq"``: each layer's 4-bit base and A, B from ``loftq_iters`` LoftQ rounds on its 16-bit weight
     (specs/loftq.md) instead of plain quantization and B = 0; the adapter then belongs with that base (save it with
     ``save_bnb_checkpoint``).  Not with ``prequantized`` (LoftQ needs the 16-bit weights).
+    ``fuse`` (cupy): the RMSNorms and SwiGLU activations run as own kernels (fuse.fuse_kernels: one launch each way
+    instead of eager transformers' chains; its math within a few units of the last place, not bit for bit).
     Raises ValueError/TypeError for an unsupported architecture, a module that is not a plain nn.Linear, or a target
     that matches nothing.
     """
@@ -230,6 +233,10 @@ def prepare_model(
         if device.type == "cpu" and cdt != torch.float32:
             scratch_buffer(largest, device, torch.float32)
 
+    if fuse and be.name == "cupy":
+        from .fuse import fuse_kernels
+
+        fuse_kernels(model)
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

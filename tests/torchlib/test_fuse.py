@@ -1,0 +1,39 @@
+"""fuse_kernels on the CPU: what it swaps, and that off the GPU the swapped modules compute transformers' own
+formula bit for bit (the fused kernels themselves: tests/torchlib/test_fused_decoder_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_DECODER
+
+from backends.torchlib.fuse import FusedRMSNorm, fuse_kernels, rms_norm_reference, swiglu
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_transformers_rmsnorm_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 7, 48) * 4).to(dtype)
+    assert torch.equal(rms_norm_reference(x, norm.weight, 1e-5), norm(x))
+    assert torch.equal(FusedRMSNorm(norm)(x), norm(x))  # CPU tensors: the eager formula
+    g, u = torch.randn(4, 9).to(dtype), torch.randn(4, 9).to(dtype)
+    assert torch.equal(swiglu(g, u), torch.nn.functional.silu(g) * u)
+
+
+def test_fuse_kernels_swaps_norms_and_mlps_and_keeps_the_model():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER)).eval()
+    ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 11))
+    before, keys = model(input_ids=ids).logits, model.state_dict().keys()
+    n = TINY_DECODER["num_hidden_layers"]
+    assert fuse_kernels(model) == {"norms": 2 * n + 1, "mlps": n}
+    assert isinstance(model.model.norm, FusedRMSNorm) and isinstance(model.model.layers[0].input_layernorm,
+                                                                     FusedRMSNorm)  # fmt: skip
+    assert model.state_dict().keys() == keys
+    assert torch.equal(model(input_ids=ids).logits, before)

@@ -1,0 +1,105 @@
+"""The decoder's own kernels (backends/torchlib/fuse.py fuse_kernels; kernels/rmsnorm.cu, swiglu.cu) against
+transformers' eager formulas, and a prepared model with them against the same model without.
+
+The bound, from the .cu headers: both compute the same quantities with the same roundings to T, apart from float32
+summation order and 1/sqrt (rmsnorm), expf (swiglu); those move the float32 value by a few float32 ulps, which can
+flip each T rounding by one unit.  Forward: two roundings to T after the difference, so |ours - ref| <= 2 ulp_T(ref).
+Backward: dx = T(g r - x c) subtracts; the error is bounded relative to the row's scale, not each entry:
+|ours - ref| <= 4 ulp_T(max |ref|).  float32: relative 1e-5 (the sums' order over a few thousand terms).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.torchlib.fuse import FusedRMSNorm, fuse_kernels, rms_norm_reference, swiglu
+
+pytestmark = pytest.mark.gpu
+MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def ulp(v: torch.Tensor, dtype) -> torch.Tensor:
+    """One unit in the last place of dtype at |v| (normal range; 2^-24 floor for float16's subnormals)."""
+    a = v.abs().double().clamp_min(2.0**-24)
+    return torch.exp2(torch.floor(torch.log2(a)) - MANTISSA[dtype])
+
+
+def assert_within(ours, ref, dtype, units, *, rowwise=False):
+    ours, ref = ours.double(), ref.double()
+    scale = ref.abs().amax(-1, keepdim=True) if rowwise else ref
+    assert torch.all((ours - ref).abs() <= units * ulp(scale, dtype)), (ours - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 576), (7, 4096), (2, 100), (1, 8192)])
+def test_rmsnorm_forward_and_backward_are_transformers_within_the_bound(dtype, shape):
+    g = torch.Generator(device="cuda").manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=g, device="cuda") * 3).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g, device="cuda")).to(dtype)
+    dy = torch.randn(shape, generator=g, device="cuda").to(dtype)
+    holder = torch.nn.Module()
+    holder.weight, holder.variance_epsilon = torch.nn.Parameter(w, requires_grad=False), 1e-5
+    norm = FusedRMSNorm(holder)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = norm(xa)
+    ref = rms_norm_reference(xb, w, 1e-5)
+    y.backward(dy)
+    ref.backward(dy)
+    assert y.dtype == dtype and y.shape == x.shape and xa.grad.dtype == dtype
+    units = 2 if dtype != torch.float32 else 200  # float32: ~1e-5 relative, in ulps
+    assert_within(y, ref, dtype, units)
+    assert_within(xa.grad, xb.grad, dtype, 4 if dtype != torch.float32 else 400, rowwise=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_forward_and_backward_are_silu_times_up_within_the_bound(dtype):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    gate = (torch.randn(5, 33, 1536, generator=g, device="cuda") * 4).to(dtype)
+    up = torch.randn(5, 33, 1536, generator=g, device="cuda").to(dtype)
+    dh = torch.randn(5, 33, 1536, generator=g, device="cuda").to(dtype)
+    ga, ua = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    gb, ub = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    h = swiglu(ga, ua)
+    ref = torch.nn.functional.silu(gb) * ub
+    h.backward(dh)
+    ref.backward(dh)
+    units = 2 if dtype != torch.float32 else 8
+    assert_within(h, ref, dtype, units)
+    assert_within(ua.grad, ub.grad, dtype, units)
+    assert_within(ga.grad, gb.grad, dtype, 4 if dtype != torch.float32 else 16, rowwise=True)
+
+
+def test_prepared_model_runs_the_fused_modules_close_to_the_unfused_one():
+    """prepare_model on cupy swaps every norm and MLP (fuse=False: none, same state-dict keys); the loss and the LoRA
+    gradients of a tiny LLaMA agree with the unfused model's (bf16 activations: loose, relative 1% / 3%)."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import TINY_DECODER
+
+    from backends.torchlib import prepare_model, qlora_layers
+
+    def build(fuse):
+        torch.manual_seed(0)
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
+        prepare_model(m, backend="cupy", r=4, alpha=8, dropout=0.0, gradient_checkpointing=False, fuse=fuse)
+        torch.manual_seed(1)
+        for layer in qlora_layers(m).values():
+            layer.reset_lora_parameters("random")
+        return m.train()
+
+    fused, plain = build(True), build(False)
+    n = TINY_DECODER["num_hidden_layers"]
+    assert sum(isinstance(x, FusedRMSNorm) for x in fused.modules()) == 2 * n + 1
+    assert sum(isinstance(x, FusedRMSNorm) for x in plain.modules()) == 0
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 24), device="cuda")
+    losses, grads = [], []
+    for m in (fused, plain):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten().float() for p in m.parameters() if p.requires_grad]))
+    assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[1])
+    assert (grads[0] - grads[1]).norm() <= 3e-2 * grads[1].norm()
+    assert fuse_kernels(plain) == {"norms": 2 * n + 1, "mlps": n}
