@@ -37,3 +37,16 @@ def test_fuse_kernels_swaps_norms_and_mlps_and_keeps_the_model():
                                                                      FusedRMSNorm)  # fmt: skip
     assert model.state_dict().keys() == keys
     assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("argv, want", [([], False), (["--fuse"], True)])
+def test_finetune_passes_its_fuse_flag_to_prepare_model(monkeypatch, argv, want):
+    """The command's --fuse (default off: transformers' numerics) reaches prepare_model through load_prepared."""
+    import backends.torchlib.load as load
+    from backends.app.cli import finetune_config_from_argv
+    from backends.app.model import load_prepared
+
+    seen = {}
+    monkeypatch.setattr(load, "load_model", lambda path, **kw: seen.update(kw) or "model")
+    cfg = finetune_config_from_argv(["--backend", "cupy", *argv])
+    assert load_prepared(cfg.model, "unused") == "model" and seen["fuse"] is want
