@@ -223,6 +223,9 @@ class LoRALinear16(nn.Module):
         backend = "cupy" if self.device.type == "cuda" else "numpy"  # the backend QLoRALinear has on this device
         return dropout_noise(shape, self.dropout, seed, backend, dtype)
 
+    def dropout_factor(self, shape, seed: int, dtype) -> torch.Tensor:  # what QLoRAFunction calls: host seeds only
+        return self.noise(shape, seed, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
