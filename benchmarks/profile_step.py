@@ -5,10 +5,12 @@
 - ``main``: the real ``qlora finetune --backend cupy`` (the embedded default) run in this process, every phase of
   ``Trainer.train_step`` timed with a device synchronisation before and after it (so each phase's time is its own,
   host and GPU): collate, the micro-steps (graph replays, their GPU time by CUDA events), clipping, the optimizer
-  step, zero_grad, and what the fit loop does between steps.  Medians over the steps after the first two.
-- ``train7b``: bench_train's ``ours`` variant (LLaMA-7B dims x 4 layers, 4 x 1024 tokens) under torch.profiler for
-  two steps: GPU time by kernel kind (GEMM, the backend's CuPy kernels, attention, elementwise, reductions, copies).
-- both: the main job's step under torch.profiler too.
+  step, zero_grad, and what the fit loop does between steps.  Medians over the steps after the first two; then a
+  cProfile of the optimizer step and the clip.  ``--model DIR`` for another model (e.g. a random one of its shape).
+- ``train7b`` (``train7b-no-fuse``): bench_train's ``ours`` (``ours-no-fuse``) variant (LLaMA-7B dims x 4 layers,
+  4 x 1024 tokens) under torch.profiler for two steps: GPU time by kernel kind (GEMM, the backend's CuPy kernels,
+  attention, elementwise, reductions, copies), and a cProfile of three steps.
+- main as well: its step under torch.profiler (the last steps, unsynchronised).
 
 Prints a table per job; saves benchmarks/results/profile_step_<device>.json.  The synchronisations make the phase
 times an upper bound of what each costs inside an unsynchronised step (nothing overlaps across a phase boundary).
@@ -181,13 +183,32 @@ def job_main(steps: int, profile_steps: int, model: str | None) -> dict:
     }
 
 
-def host_profile(tr, calls: int = 20) -> dict:
-    """cProfile of the optimizer step and the clip over the trained model's parameters (gradients of zeros): the
-    functions with the most own time, and the host milliseconds per call (GPU work is microseconds at this size)."""
+def host_top(fn, calls: int, rows: int = 12) -> tuple[float, list[str]]:
+    """(host ms per call, the cProfile lines of the functions with the most own time) over ``calls`` calls of fn,
+    the device synchronised before and after."""
     import cProfile
     import io
     import pstats
 
+    import torch
+
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    ms = (time.perf_counter() - t0) * 1e3 / calls
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
+    return ms, buf.getvalue().splitlines()[-(rows + 12) :]
+
+
+def host_profile(tr, calls: int = 20) -> dict:
+    """cProfile of the optimizer step and the clip over the trained model's parameters (gradients of zeros): the
+    functions with the most own time, and the host milliseconds per call (GPU work is microseconds at this size)."""
     import torch
 
     import backends.torchlib as TL
@@ -198,28 +219,19 @@ def host_profile(tr, calls: int = 20) -> dict:
         for p in params:
             p.grad = torch.zeros_like(p)
         fn()
-        torch.cuda.synchronize()
-        pr = cProfile.Profile()
-        t0 = time.perf_counter()
-        pr.enable()
-        for _ in range(calls):
-            fn()
-        pr.disable()
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) * 1e3 / calls
-        buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(12)
-        out[name] = {"ms_per_call": ms, "top": buf.getvalue().splitlines()[-24:]}
+        ms, top = host_top(fn, calls)
+        out[name] = {"ms_per_call": ms, "top": top}
         print(f"== host profile: {name}, {ms:.2f} ms per call")
-        print("\n".join(out[name]["top"]))
+        print("\n".join(top))
     return out
 
 
 def job_train7b(profile_steps: int, variant: str = "ours") -> dict:
-    """bench_train's ``ours`` (or ``ours-unfused``) step under torch.profiler, and the host's cProfile of it."""
+    """bench_train's ``ours`` (or ``ours-no-fuse``) step under torch.profiler, and the host's cProfile of it."""
     import tempfile
 
     from benchmarks import bench_train as B
+    from benchmarks.common import cuda_median_ms
 
     model_dir = Path(tempfile.gettempdir()) / "qlora-bench-llama7b-4layers"
     if not (model_dir / "config.json").exists():
@@ -237,29 +249,16 @@ def job_train7b(profile_steps: int, variant: str = "ours") -> dict:
 
     for _ in range(3):
         step()
-    from benchmarks.common import cuda_median_ms
-
     ms = cuda_median_ms(step, warmup=1, reps=5)
-    import cProfile
-    import io
-    import pstats
-
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(3):
-        step()
-    __import__("torch").cuda.synchronize()
-    pr.disable()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(15)
-    print("\n".join(buf.getvalue().splitlines()[-22:]))
+    _, top = host_top(step, 3, rows=15)
+    print("\n".join(top))
     return {"step_ms_events": ms, "flop_bound_terms": B.step_flops(), "profile": profiled(step, profile_steps),
-            "host_top": buf.getvalue().splitlines()[-22:]}  # fmt: skip
+            "host_top": top}  # fmt: skip
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default="main,train7b", help="comma-separated: main, train7b, train7b-unfused")
+    ap.add_argument("--job", default="main,train7b", help="comma-separated: main, train7b, train7b-no-fuse")
     ap.add_argument("--steps", type=int, default=12, help="main job: optimizer steps (the last 2 profiled)")
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--model", default=None, help="main job: --model (default: the embedded default)")
@@ -273,7 +272,7 @@ def main(argv=None) -> int:
         if job == "main":
             r = job_main(args.steps, args.profile_steps, args.model)
         else:
-            r = job_train7b(args.profile_steps, "ours-unfused" if job == "train7b-unfused" else "ours")
+            r = job_train7b(args.profile_steps, "ours-no-fuse" if job == "train7b-no-fuse" else "ours")
         payload[job] = r
         print(f"== {job}")
         for k, v in r.get("phase_ms_median", {}).items():

@@ -31,21 +31,8 @@ import sys
 from backends import BackendUnavailableError, get_backend
 
 from . import parallel
-from .config import (
-    DTYPE_NAMES,
-    TASK_PRESET,
-    DataConfig,
-    EvalConfig,
-    ExportConfig,
-    GenerateConfig,
-    MemoryConfig,
-    ModelConfig,
-    QuantizeConfig,
-    RunConfig,
-    TrainConfig,
-    UsageError,
-    validate,
-)
+from .command_configs import DTYPE_NAMES, EvalConfig, ExportConfig, GenerateConfig, MemoryConfig, QuantizeConfig
+from .config import TASK_PRESET, DataConfig, ModelConfig, RunConfig, TrainConfig, UsageError, validate
 from .finetune import finetune, precheck
 from .flags import add_dataclass_args, add_run_args, dataclass_from_args, run_config_from_args
 from .memory_report import cmd_memory

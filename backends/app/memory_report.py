@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import MEMORY_MODELS, MEMORY_PRESETS_EXTRA, MemoryConfig, UsageError
+from .command_configs import MEMORY_MODELS, MEMORY_PRESETS_EXTRA, MemoryConfig
+from .config import UsageError
 from .data import DataError
 
 
