@@ -10,8 +10,9 @@ norm 0.3.  Same initialisation everywhere: the saved base weights, and every lor
 by its module name (B = 0).
 
     ours       backends.torchlib.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW; the
-               RMSNorms and SwiGLU as own kernels (prepare_model's fuse, fuse.fuse_kernels)
-    ours-no-fuse  the same with transformers' eager RMSNorm and SwiGLU (fuse=False): what those kernels are worth
+               RMSNorms, SwiGLU and RoPE as own kernels (prepare_model's fuse, fuse.fuse_kernels)
+    ours-no-fuse  transformers' numerics, qlora finetune's default (fuse="exact": RoPE's kernel, eager RMSNorm and
+               SwiGLU): what the norm and activation kernels are worth
     ours-graph the same, forward + backward captured once as a CUDA graph (backends.torchlib.CapturedStep) and
                replayed; clipping and the optimizer step eager after each replay
     ours-fused ours-no-fuse with each block's attention, MLP and norms compiled by inductor (fuse.fuse_blocks):
@@ -48,6 +49,7 @@ HIDDEN, MLP, HEADS, VOCAB, LAYERS = 4096, 11008, 32, 32000, 4
 SEQ, BATCH, R, ALPHA, LR, MAX_NORM = 1024, 4, 64, 16, 2e-4, 0.3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("ours", "ours-no-fuse", "ours-graph", "ours-fused", "ours-fused-graph", "bnb+peft", "bf16-lora")
+FUSE = {"ours": True, "ours-graph": True, "ours-no-fuse": "exact"}  # prepare_model's fuse; the rest False
 INDUCTOR = ("ours-fused", "ours-fused-graph")  # blocks compiled by inductor (fuse_blocks), transformers' own modules
 LOSS_BOUND = 0.02  # stated bound: |loss_ours - loss_bnb| / loss_bnb at every step (NF4 codes agree; bf16 GEMM order)
 
@@ -134,7 +136,7 @@ def build(variant: str, model_dir: str):
 
         model = load_model(model_dir, backend="cupy", r=R, alpha=ALPHA, dropout=0.0, target="all-linear",
                            quant_type="nf4", double_quant=True, blocksize=64, gradient_checkpointing=True,
-                           lora_dtype="bfloat16", fuse=variant in ("ours", "ours-graph"))  # fmt: skip
+                           lora_dtype="bfloat16", fuse=FUSE.get(variant, False))  # fmt: skip
         init_lora_A([(n + ".lora_A", m.lora_A) for n, m in qlora_layers(model).items()])
         if variant in INDUCTOR:
             from backends.torchlib.fuse import fuse_blocks

@@ -92,7 +92,7 @@ def load_prepared(m: ModelConfig, path: str, **overrides):
         use_dora=m.use_dora,
         init=m.init,
         loftq_iters=m.loftq_iters,
-        fuse=m.fuse,
+        fuse=True if m.fuse else "exact",  # off: only the kernels that keep transformers' values (RoPE)
     )
     kw.update(overrides)
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own tqdm bar on stderr

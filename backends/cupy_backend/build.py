@@ -31,6 +31,16 @@ OPTIONS = ("-std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true", 
 
 # dtype name (qlora_ref.dtypes.DTYPES) -> CUDA C++ type
 CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+def ctype(dtype) -> str:
+    """The C type (CTYPES) of a dtype-like: a numpy or torch dtype, or its name ("bfloat16", torch.bfloat16)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in CTYPES:
+        raise ValueError(f"no kernel C type for dtype {dtype!r}; the kernels take {sorted(CTYPES)}")
+    return CTYPES[name]
+
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QT = {"nf4": 0, "int4": 0, "fp4": 1}  # 0: sorted table (code = count), 1: FP4 sign-magnitude
 DEQUANT_CHUNKS = (2, 4, 8)  # variants of dequantize_4bit_v2: units (16 output bytes each) in flight per thread
@@ -82,7 +92,8 @@ def _names() -> dict[str, tuple[str, ...]]:
         "dropout.cu": ("dropout_keep_counter_v1",)  # LORA-8; the mask applied in place of a noise tensor
         + tuple(f"dropout_{op}_v1<{a}, {b}>" for op in ("apply", "add") for a, b in itertools.product(ctypes, ctypes)),
         "rmsnorm.cu": tuple(f"rmsnorm_{d}_v1<{t}>" for d in ("fwd", "bwd") for t in ctypes),  # the decoder's norm
-        "swiglu.cu": tuple(f"swiglu_{d}_v1<{t}>" for d in ("fwd", "bwd") for t in ctypes),  # the MLP's activation
+        "swiglu.cu": tuple(f"swiglu_{d}_{v}<{t}>" for d in ("fwd", "bwd") for v in ("v1", "v2") for t in ctypes),
+        "rope.cu": tuple(f"rope_v1<{t}>" for t in ctypes),  # the attention's rotary embedding, q and k together
     }
 
 

@@ -35,7 +35,7 @@ def dropout_keep_counter(shape, p: float, seed, salt: int):
     n = keep.numel()
     if n:
         fn = build.kernel("dropout.cu", "dropout_keep_counter_v1").kernel
-        grid, block = launch.dropout_keep_counter_v1_config(n)
+        grid, block = launch.grid_stride_config(n)
         args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(t), np.uint64(keep.data_ptr()),
                 np.int64(n))  # fmt: skip
         fn(grid, block, args, 0, torch_stream(seed.device))
@@ -52,17 +52,7 @@ def noise_value(p: float, dtype) -> float:
 
 @functools.cache
 def _fused(op: str, a, b):
-    from .build import CTYPES
-
-    names = {v: k for k, v in _torch_dtypes().items()}
-    return build.kernel("dropout.cu", f"dropout_{op}_v1<{CTYPES[names[a]]}, {CTYPES[names[b]]}>").kernel
-
-
-@functools.cache
-def _torch_dtypes() -> dict:
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    return build.kernel("dropout.cu", f"dropout_{op}_v1<{build.ctype(a)}, {build.ctype(b)}>").kernel
 
 
 def dropout_apply_counter(x, p: float, seed, salt: int, dtype):
@@ -74,7 +64,7 @@ def dropout_apply_counter(x, p: float, seed, salt: int, dtype):
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     n = x.numel()
     if n:
-        grid, block = launch.dropout_keep_counter_v1_config(n)
+        grid, block = launch.grid_stride_config(n)
         args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(keep_threshold(p)),
                 np.float32(noise_value(p, dtype)), np.uint64(x.data_ptr()), np.uint64(y.data_ptr()),
                 np.int64(n))  # fmt: skip
@@ -90,7 +80,7 @@ def dropout_add_counter_(acc, d, p: float, seed, salt: int):
                          f"and {tuple(d.shape)}")  # fmt: skip
     n = acc.numel()
     if n:
-        grid, block = launch.dropout_keep_counter_v1_config(n)
+        grid, block = launch.grid_stride_config(n)
         args = (np.uint64(seed.data_ptr()), np.uint64(int(salt) % 2**64), np.uint64(keep_threshold(p)),
                 np.float32(noise_value(p, d.dtype)), np.uint64(acc.data_ptr()), np.uint64(d.data_ptr()),
                 np.int64(n))  # fmt: skip

@@ -98,12 +98,12 @@ def check_finite_v2_config(n: int, itemsize: int) -> Config:
     return (ceil_div(nvec + 1, THREADS * build.FINITE_CHUNKS),), (THREADS,)
 
 
-# --- dropout.cu -------------------------------------------------------------------------------------------------------
+# --- dropout.cu, swiglu.cu, rope.cu -----------------------------------------------------------------------------------
 
 
-def dropout_keep_counter_v1_config(n: int) -> Config:
-    """One thread per entry, grid-stride beyond 65,536 CTAs (the bits do not depend on the grid)."""
-    return (max(1, min(ceil_div(n, THREADS), 65536)),), (THREADS,)
+def grid_stride_config(items: int) -> Config:
+    """One thread per item, grid-stride beyond 65,536 CTAs (no kernel's bits depend on the grid)."""
+    return (max(1, min(ceil_div(items, THREADS), 65536)),), (THREADS,)
 
 
 # --- matvec_4bit.cu ---------------------------------------------------------------------------------------------------

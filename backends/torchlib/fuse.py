@@ -1,12 +1,19 @@
 """The non-GEMM work of each decoder block fused: by own CUDA kernels (``fuse_kernels``) or by torch.compile.
 
-``fuse_kernels(model)`` (the cupy backend's default, app/model.py) swaps, in place, every RMSNorm of a LLaMA-family
-model for ``FusedRMSNorm`` (the same weight Parameter under the same name: state-dict keys unchanged) and every
-SwiGLU MLP's forward for one that computes silu(gate) * up in one launch; both are autograd Functions over
-backends/cupy_backend/decoder.py (kernels/rmsnorm.cu, swiglu.cu: one launch forward, one backward, where eager
-transformers runs 8 and ~12 for a norm).  The math is transformers' (the .cu headers say where the roundings fall):
-equal to it within a few units of the last place, not bit for bit.  A module whose weight trains, or whose inputs
-are not CUDA tensors of the weight's dtype, runs the eager formula.
+``fuse_kernels(model)`` (prepare_model's ``fuse``) swaps, in place, every RMSNorm of a LLaMA-family model for
+``FusedRMSNorm`` (the same weight Parameter under the same name: state-dict keys unchanged), every SwiGLU MLP's
+forward for one that computes silu(gate) * up in one launch, and every attention's rotary embedding of q and k for
+one launch; all are autograd Functions over backends/cupy_backend/decoder.py (kernels/rmsnorm.cu, swiglu.cu,
+rope.cu: one launch forward, one backward, where eager transformers runs 8 and ~12 for a norm, 10 for RoPE).  The
+math is transformers' (the .cu headers say where the roundings fall): the norm and the activation equal to it within
+a few units of the last place, not bit for bit; the rotation gives its values exactly, forward and backward, so
+``fuse_kernels(model, exact=True)`` swaps only that one and keeps transformers' numerics.  A module whose weight
+trains, or whose inputs are not CUDA tensors of one kernel dtype in the kernels' layout, runs the eager formula.
+
+RoPE has no module to swap: the attention's forward calls its modeling module's ``apply_rotary_pos_emb``.  That name
+is replaced, once per modeling module, by ``fused_rope_dispatch`` around the original, which runs the kernel only
+inside the forward of an attention module that fuse_kernels marked (a context variable says so) and calls the
+original everywhere else: other models of the class, torch.compile's tracing, CPU tensors.
 
 A LLaMA block in eager PyTorch runs its normalisations and activations as chains of small memory-bound kernels
 (RMSNorm alone: upcast, square, mean, rsqrt, two multiplies, downcast).  ``fuse_blocks(model)`` compiles, in place
@@ -19,6 +26,8 @@ Static shapes (``dynamic=False``): each new sequence length compiles once; pad o
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 import types
 
 import torch
@@ -87,7 +96,7 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, g, u):
         from backends.cupy_backend.decoder import swiglu_forward
 
-        g, u = g.contiguous(), u.contiguous()
+        g, u = g.contiguous(), u.contiguous()  # swiglu.cu's flat layout
         ctx.save_for_backward(g, u)
         return swiglu_forward(g, u)
 
@@ -107,6 +116,8 @@ def _fusable(*ts) -> bool:
 
 class FusedRMSNorm(nn.Module):
     """An RMSNorm (``NORMS``) computed by rmsnorm.cu: the wrapped module's weight Parameter and epsilon."""
+
+    fused = "rmsnorm"
 
     def __init__(self, norm: nn.Module):
         super().__init__()
@@ -133,18 +144,117 @@ def _fused_mlp_forward(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def fuse_kernels(model) -> dict[str, int]:
-    """Swap the RMSNorms and SwiGLU MLP forwards of ``model`` for the fused ones (module section above), in place;
-    returns {"norms": n, "mlps": m}, how many were swapped."""
+# --- RoPE ----------------------------------------------------------------------------------------------------------
+
+ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")  # q, k rotated by apply_rotary_pos_emb
+_ROPE_ON = contextvars.ContextVar("qlora_ref_fused_rope", default=False)
+
+
+def rope_reference(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb, as its eager ops compute it (the tests' reference)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rotate_half(x):
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        from backends.cupy_backend.decoder import rope
+
+        qo, ko = torch.empty_like(q), torch.empty_like(k)  # q's layout (the transposed projection): no copy after
+        ctx.save_for_backward(cos, sin)
+        ctx.layout = (qo.shape, qo.stride(), ko.shape, ko.stride())
+        return rope(q, k, cos, sin, qo, ko)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        from backends.cupy_backend.decoder import rope, rope_fits
+
+        cos, sin = ctx.saved_tensors
+        if not rope_fits(gq, gk, cos, sin):
+            gq, gk = gq.contiguous(), gk.contiguous()
+        qs, qst, ks, kst = ctx.layout  # the inputs' gradients in the outputs' (= the inputs') layout
+        dq = torch.empty_strided(qs, qst, dtype=gq.dtype, device=gq.device)
+        dk = torch.empty_strided(ks, kst, dtype=gk.dtype, device=gk.device)
+        return (*rope(gq, gk, cos, sin, dq, dk, backward=True), None, None)
+
+
+def _rope_fits(q, k, cos, sin) -> bool:
+    from backends.cupy_backend.decoder import rope_fits
+
+    return not (torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad) and rope_fits(q, k, cos, sin)
+
+
+def rope(q, k, cos, sin):
+    """transformers' apply_rotary_pos_emb (unsqueeze_dim 1): rope.cu's one launch each way where its layout fits
+    (decoder.rope_fits; cos and sin constants), else the eager ops (rope_reference).  The same values either way."""
+    return _RoPE.apply(q, k, cos, sin) if _rope_fits(q, k, cos, sin) else rope_reference(q, k, cos, sin)
+
+
+def fused_rope_dispatch(original):
+    """``apply_rotary_pos_emb`` for a modeling module: rope.cu inside a marked attention (module docstring),
+    ``original`` otherwise."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if not torch.compiler.is_compiling() and _ROPE_ON.get() and not args and set(kwargs) <= {"unsqueeze_dim"}:
+            if kwargs.get("unsqueeze_dim", 1) == 1 and _rope_fits(q, k, cos, sin):
+                return _RoPE.apply(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.original = original
+    return apply_rotary_pos_emb
+
+
+def _rope_attention_forward(self, *args, **kwargs):
+    token = _ROPE_ON.set(True)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _ROPE_ON.reset(token)
+
+
+def _fuse_rope(module) -> bool:
+    """Mark one attention module (and patch its modeling module once); False if its forward calls no
+    apply_rotary_pos_emb."""
+    namespace = getattr(inspect.unwrap(type(module).forward), "__globals__", {})  # past its decorators
+    fn = namespace.get("apply_rotary_pos_emb")
+    if fn is None:
+        return False
+    if getattr(fn, "original", None) is None:
+        namespace["apply_rotary_pos_emb"] = fused_rope_dispatch(fn)
+    module.forward = types.MethodType(_rope_attention_forward, module)
+    return True
+
+
+# --- the swap ------------------------------------------------------------------------------------------------------
+
+
+def fuse_kernels(model, *, exact: bool = False) -> dict[str, int]:
+    """Swap the RMSNorms, SwiGLU MLP forwards and RoPE of ``model`` for the fused ones (module docstring), in place;
+    ``exact=True``: RoPE only (transformers' values).  Returns {"norms", "mlps", "ropes"}: how many modules of the
+    model run fused, counting those an earlier call swapped."""
     norms = []
     for name, module in model.named_modules():
-        if type(module).__name__ in NORMS and hasattr(module, "variance_epsilon"):
+        kind = type(module).__name__
+        if getattr(module, "fused", None) is not None:
+            continue
+        if kind in ATTENTIONS and _fuse_rope(module):
+            module.fused = "rope"
+        elif exact:
+            continue
+        elif kind in NORMS and hasattr(module, "variance_epsilon"):
             norms.append(name)
-        elif type(module).__name__ in MLPS and getattr(getattr(module, "config", None), "hidden_act", None) == "silu":
+        elif kind in MLPS and getattr(getattr(module, "config", None), "hidden_act", None) == "silu":
             module.forward = types.MethodType(_fused_mlp_forward, module)
-            module.fused_swiglu = True
+            module.fused = "swiglu"
     for name in norms:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, attr, FusedRMSNorm(getattr(owner, attr)))
-    return {"norms": len(norms), "mlps": sum(1 for m in model.modules() if getattr(m, "fused_swiglu", False))}
+    kinds = [getattr(m, "fused", None) for m in model.modules()]
+    return {"norms": kinds.count("rmsnorm"), "mlps": kinds.count("swiglu"), "ropes": kinds.count("rope")}

@@ -155,7 +155,7 @@ def prepare_model(
     use_dora: bool = False,
     init: str = "default",
     loftq_iters: int = 1,
-    fuse: bool = True,
+    fuse: bool | str = True,
 ):
     """Replace the target linears of a LLaMA-family causal LM with QLoRALinear, in place; returns the model.
 
@@ -169,8 +169,10 @@ def prepare_model(
     ``init="loftq"``: each layer's 4-bit base and A, B from ``loftq_iters`` LoftQ rounds on its 16-bit weight
     (specs/loftq.md) instead of plain quantization and B = 0; the adapter then belongs with that base (save it with
     ``save_bnb_checkpoint``).  Not with ``prequantized`` (LoftQ needs the 16-bit weights).
-    ``fuse`` (cupy): the RMSNorms and SwiGLU activations run as own kernels (fuse.fuse_kernels: one launch each way
-    instead of eager transformers' chains; its math within a few units of the last place, not bit for bit).
+    ``fuse`` (cupy): the RMSNorms, SwiGLU activations and RoPE run as own kernels (fuse.fuse_kernels: one launch
+    each way instead of eager transformers' chains; the norm's and activation's math within a few units of the last
+    place, not bit for bit); ``"exact"``: only RoPE, whose kernel gives transformers' values (the model's numerics
+    stay transformers'); False: none.
     Raises ValueError/TypeError for an unsupported architecture, a module that is not a plain nn.Linear, or a target
     that matches nothing.
     """
@@ -179,6 +181,8 @@ def prepare_model(
     _check_model(model)
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
+    if not (isinstance(fuse, bool) or fuse == "exact"):
+        raise ValueError(f"fuse must be True, False or 'exact', got {fuse!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     check_loftq_iters(loftq_iters)
@@ -236,7 +240,7 @@ def prepare_model(
     if fuse and be.name == "cupy":
         from .fuse import fuse_kernels
 
-        fuse_kernels(model)
+        fuse_kernels(model, exact=fuse == "exact")
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -6,6 +6,9 @@ summation order and 1/sqrt (rmsnorm), expf (swiglu); those move the float32 valu
 flip each T rounding by one unit.  Forward: two roundings to T after the difference, so |ours - ref| <= 2 ulp_T(ref).
 Backward: dx = T(g r - x c) subtracts; the error is bounded relative to the row's scale, not each entry:
 |ours - ref| <= 4 ulp_T(max |ref|).  float32: relative 1e-5 (the sums' order over a few thousand terms).
+RoPE (rope.cu) rounds each product and sum as torch's kernels do: its values equal transformers', forward and
+backward (torch.equal), and a prepared model with only it fused ("exact") gives the unfused model's loss and
+gradients bit for bit.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.torchlib.fuse import FusedRMSNorm, fuse_kernels, rms_norm_reference, swiglu
+from backends.torchlib.fuse import FusedRMSNorm, fuse_kernels, rms_norm_reference, rope, rope_reference, swiglu
 
 pytestmark = pytest.mark.gpu
 MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
@@ -102,4 +105,75 @@ def test_prepared_model_runs_the_fused_modules_close_to_the_unfused_one():
         grads.append(torch.cat([p.grad.flatten().float() for p in m.parameters() if p.requires_grad]))
     assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[1])
     assert (grads[0] - grads[1]).norm() <= 3e-2 * grads[1].norm()
-    assert fuse_kernels(plain) == {"norms": 2 * n + 1, "mlps": n}
+    assert fuse_kernels(plain) == {"norms": 2 * n + 1, "mlps": n, "ropes": n}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, S, Hq, Hk, D, Bc", [(2, 37, 8, 2, 64, 1), (1, 16, 9, 3, 64, 1), (3, 5, 4, 4, 128, 3)])
+def test_rope_kernel_gives_transformers_values_forward_and_backward(dtype, B, S, Hq, Hk, D, Bc):
+    """q, k as the attention makes them (projections (B, S, H, D) transposed), GQA, cos shared or per batch."""
+    g = torch.Generator(device="cuda").manual_seed(S * D)
+
+    def randn(*shape):
+        return (torch.randn(shape, generator=g, device="cuda") * 2).to(dtype)
+
+    qp, kp, cos, sin = randn(B, S, Hq, D), randn(B, S, Hk, D), randn(Bc, S, D), randn(Bc, S, D)
+    dq, dk = randn(B, Hq, S, D), randn(B, Hk, S, D)
+    outs, grads = [], []
+    for f in (rope, rope_reference):
+        qa, ka = qp.clone().requires_grad_(), kp.clone().requires_grad_()
+        qo, ko = f(qa.transpose(1, 2), ka.transpose(1, 2), cos, sin)
+        torch.autograd.backward((qo, ko), (dq, dk))
+        outs.append((qo, ko))
+        grads.append((qa.grad, ka.grad))
+    assert outs[0][0].stride() == qp.transpose(1, 2).stride()  # the projection's layout kept: no copy after
+    for ours, ref in zip(outs[0] + grads[0], outs[1] + grads[1], strict=True):
+        assert ours.dtype == dtype and ours.shape == ref.shape and torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_vector_kernels_give_the_scalar_kernels_bits(dtype):
+    """v2 (16-byte vectors, aligned operands) against v1 (the same tensors one element off alignment), with a tail."""
+    from backends.cupy_backend.decoder import swiglu_backward, swiglu_forward
+
+    n = 5 * 33 * 1536 + 3
+    g = torch.Generator(device="cuda").manual_seed(2)
+    raw = [(torch.randn(n + 1, generator=g, device="cuda") * 4).to(dtype) for _ in range(3)]
+    off = [t[1:] for t in raw]  # data_ptr not 16-byte aligned: v1
+    al = [t.clone() for t in off]  # fresh allocations: v2
+    assert all(t.data_ptr() % 16 for t in off) and not any(t.data_ptr() % 16 for t in al)
+    assert torch.equal(swiglu_forward(al[0], al[1]), swiglu_forward(off[0], off[1]))
+    for a, b in zip(swiglu_backward(*al), swiglu_backward(*off), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prepared_model_with_exact_fusion_is_the_unfused_model_bit_for_bit(checkpointing):
+    """fuse="exact" (the command's default on cupy): RoPE as one kernel; logits, loss and every LoRA gradient equal
+    the unfused model's exactly, with and without gradient checkpointing's recompute."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import TINY_DECODER
+
+    from backends.torchlib import prepare_model, qlora_layers
+
+    def build(fuse):
+        torch.manual_seed(0)
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
+        prepare_model(m, backend="cupy", r=4, alpha=8, dropout=0.0, gradient_checkpointing=checkpointing, fuse=fuse)
+        torch.manual_seed(1)
+        for layer in qlora_layers(m).values():
+            layer.reset_lora_parameters("random")
+        return m.train()
+
+    exact, plain = build("exact"), build(False)
+    n = TINY_DECODER["num_hidden_layers"]
+    assert fuse_kernels(exact, exact=True) == {"norms": 0, "mlps": 0, "ropes": n}
+    ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 24), device="cuda")
+    results = []
+    for m in (exact, plain):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append([out.logits, out.loss] + [p.grad for p in m.parameters() if p.requires_grad])
+    assert len(results[0]) == len(results[1]) > 2
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

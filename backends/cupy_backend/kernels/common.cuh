@@ -39,12 +39,15 @@ template <> __device__ __forceinline__ u32 pack2<__nv_bfloat16>(float a, float b
     return *reinterpret_cast<u32*>(&h);
 }
 
-// Unpack 16 bytes of T into float32 (8 values for 16-bit types, 4 for float32).
+// 16 bytes of T <-> float32 values (8 for the 16-bit types, 4 for float32); pack rounds each value once to T.
 template <typename T> struct Vec16;
 template <> struct Vec16<float> {
     static constexpr int N = 4;
     __device__ __forceinline__ static void unpack(uint4 q, float* v) {
         v[0] = __uint_as_float(q.x); v[1] = __uint_as_float(q.y); v[2] = __uint_as_float(q.z); v[3] = __uint_as_float(q.w);
+    }
+    __device__ __forceinline__ static uint4 pack(const float* v) {
+        return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
     }
 };
 template <> struct Vec16<__half> {
@@ -54,6 +57,10 @@ template <> struct Vec16<__half> {
 #pragma unroll
         for (int k = 0; k < 4; k++) { float2 f = __half22float2(h[k]); v[2 * k] = f.x; v[2 * k + 1] = f.y; }
     }
+    __device__ __forceinline__ static uint4 pack(const float* v) {
+        return make_uint4(pack2<__half>(v[0], v[1]), pack2<__half>(v[2], v[3]), pack2<__half>(v[4], v[5]),
+                          pack2<__half>(v[6], v[7]));
+    }
 };
 template <> struct Vec16<__nv_bfloat16> {
     static constexpr int N = 8;
@@ -61,6 +68,10 @@ template <> struct Vec16<__nv_bfloat16> {
         const u32 w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
         for (int k = 0; k < 4; k++) { v[2 * k] = __uint_as_float(w[k] << 16); v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u); }
+    }
+    __device__ __forceinline__ static uint4 pack(const float* v) {
+        return make_uint4(pack2<__nv_bfloat16>(v[0], v[1]), pack2<__nv_bfloat16>(v[2], v[3]),
+                          pack2<__nv_bfloat16>(v[4], v[5]), pack2<__nv_bfloat16>(v[6], v[7]));
     }
 };
 
