@@ -73,10 +73,12 @@ def _linspace32(start: float, stop: float, n: int) -> np.ndarray:
 
 @cache
 def _nf4() -> np.ndarray:
-    from scipy.stats import norm  # scipy only to derive this one table
+    # The normal quantile function Phi^-1 (scipy.stats.norm.ppf is scipy.special.ndtri; ndtri imported alone, a
+    # fraction of scipy.stats' import time).  Of float32 probabilities it is evaluated in float32, as norm.ppf does.
+    from scipy.special import ndtri
 
-    pos = norm.ppf(_linspace32(NF4_OFFSET, 0.5, 9)[:-1])  # 8 positive quantiles, float64
-    neg = -norm.ppf(_linspace32(NF4_OFFSET, 0.5, 8)[:-1])  # 7 negative quantiles
+    pos = ndtri(_linspace32(NF4_OFFSET, 0.5, 9)[:-1]).astype(np.float64)  # 8 positive quantiles
+    neg = -ndtri(_linspace32(NF4_OFFSET, 0.5, 8)[:-1]).astype(np.float64)  # 7 negative quantiles
     values = np.sort(np.concatenate([pos, [0.0], neg]).astype(np.float32))
     table = values / values.max()  # float32 / float32
     table.setflags(write=False)

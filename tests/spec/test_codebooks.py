@@ -81,3 +81,14 @@ def test_linspace32_matches_torch():
 def test_unknown_quant_type_is_a_clear_error():
     with pytest.raises(ValueError, match="quant_type must be one of"):
         Q.codebook("nf3")
+
+
+def test_nf4_table_is_the_derivation_through_scipy_stats_norm_ppf_bit_for_bit():
+    """_nf4 calls scipy.special.ndtri (lighter to import); scipy.stats.norm.ppf of the same float32 probabilities,
+    the paper's Phi^-1, gives the same table."""
+    from scipy.stats import norm
+
+    pos = norm.ppf(C._linspace32(C.NF4_OFFSET, 0.5, 9)[:-1])
+    neg = -norm.ppf(C._linspace32(C.NF4_OFFSET, 0.5, 8)[:-1])
+    values = np.sort(np.concatenate([pos, [0.0], neg]).astype(np.float32))
+    assert np.array_equal((values / values.max()).view(np.uint32), Q.nf4_table().view(np.uint32))
