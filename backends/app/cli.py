@@ -337,8 +337,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The ``qlora`` command (and ``python -m backends.app.cli``): main(), then a fast exit.
+
+    The exit handlers run and both streams are flushed; then os._exit skips the interpreter's finalization, which
+    frees every module, tensor and CUDA object one by one (1.1 s after a CPU finetune here; on an H200 the command
+    ended 1.3 s after its last line).  Every file a command writes is closed before main returns (``with`` blocks,
+    whole files renamed into place).
+    """
+    import atexit
+
+    rc = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(rc)
+
+
 # keep the dataclasses importable from here for scripts: `from backends.app.cli import RunConfig`
-__all__ = ["RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "main", "finetune", "add_dataclass_args"]
+__all__ = ["RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "main", "run", "finetune", "add_dataclass_args"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

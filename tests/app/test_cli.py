@@ -154,6 +154,16 @@ def test_error_from_the_console_entry_point_is_one_line(tmp_path):
     ]
 
 
+def test_console_entry_point_flushes_its_output_before_its_fast_exit():
+    """run() ends in os._exit: a piped (block-buffered) stdout still arrives whole, with main's exit status."""
+    argv = ["memory", "--model", "llama-65b", "--seq-len", "512", "--batch", "1", "--gpu-gb", "48"]
+    res = subprocess.run([sys.executable, "-m", "backends.app.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    direct = subprocess.run([sys.executable, "-c", f"from backends.app.cli import main; main({argv!r})"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0 and res.stdout == direct.stdout and len(res.stdout.splitlines()) > 3
+
+
 def test_partial_run_dir_is_refused_without_resume(tmp_path, capsys, shared_dir):
     (tmp_path / "run.partial").mkdir()
     data = str(shared_dir / "data" / "oasst" / "oa_questions.jsonl")
