@@ -93,12 +93,21 @@ def _write(x, values32: np.ndarray) -> None:
 
 
 def adamw_step(params, grads, states: HostAdamWStates, index, scalars: Sequence[StepScalars], *, decay="after",
-               check_finite=True) -> None:  # fmt: skip
-    """One AdamW step in place for params[k] with grads[k] on states' tensor index[k] (module docstring)."""
+               check_finite=True, skip=None) -> None:  # fmt: skip
+    """One AdamW step in place for params[k] with grads[k] on states' tensor index[k] (module docstring).
+
+    check_finite="deferred": no raise; skip (one int32, numpy array or CPU tensor) <- 1 and nothing written when a
+    gradient holds NaN/Inf, else 0 and the step (ADAMW-12, deferred)."""
     if not len(params) == len(grads) == len(index) == len(scalars):
         raise ValueError("params, grads, index and scalars must have one entry per tensor")
     g32s = [_float32(g, f"gradient of parameter {i}") for i, g in zip(index, grads, strict=True)]
-    if check_finite:  # ADAMW-12: every gradient checked before anything is written
+    if check_finite == "deferred":
+        bad = any(not np.isfinite(g32).all() for g32 in g32s)
+        flag = skip.numpy() if is_torch(skip) else skip
+        flag[...] = 1 if bad else 0
+        if bad:
+            return
+    elif check_finite:  # ADAMW-12: every gradient checked before anything is written
         for i, g32 in zip(index, g32s, strict=True):
             err = nonfinite_error(i, g32)
             if err is not None:
@@ -116,9 +125,12 @@ def adamw_step(params, grads, states: HostAdamWStates, index, scalars: Sequence[
         _write(p, p_new)
 
 
-def clip_grad_norm_(grads, max_norm: float) -> np.float32:
-    """ADAMW-10 in place: the spec's `clip_grad_norm` (raises NonFiniteError itself); returns the float32 norm."""
+def clip_grad_norm_(grads, max_norm: float, *, error_if_nonfinite: bool = True) -> np.float32:
+    """ADAMW-10 in place: the spec's `clip_grad_norm` (raises NonFiniteError itself); returns the float32 norm.
+    error_if_nonfinite=False: a NaN/Inf gradient leaves every gradient as it is and the norm non-finite, no raise."""
     g32 = [_float32(g, f"gradient {k}") for k, g in enumerate(grads)]
+    if not error_if_nonfinite and not all(np.isfinite(g).all() for g in g32):
+        return np.float32(np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in g32)))
     clipped, total_norm = spec.clip_grad_norm(g32, max_norm)
     for g, c in zip(grads, clipped, strict=True):
         _write(g, c)

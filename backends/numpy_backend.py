@@ -254,11 +254,12 @@ class NumpyBackend:
     def adamw_states(self, sizes, **options):
         return numpy_adamw.adamw_states(sizes, **options)
 
-    def adamw_step(self, params, grads, states, index, scalars, *, decay="after", check_finite=True):
-        numpy_adamw.adamw_step(params, grads, states, index, scalars, decay=decay, check_finite=check_finite)
+    def adamw_step(self, params, grads, states, index, scalars, *, decay="after", check_finite=True, skip=None):
+        numpy_adamw.adamw_step(params, grads, states, index, scalars, decay=decay, check_finite=check_finite,
+                               skip=skip)  # fmt: skip
 
-    def clip_grad_norm_(self, grads, max_norm):
-        return numpy_adamw.clip_grad_norm_(grads, max_norm)
+    def clip_grad_norm_(self, grads, max_norm, *, error_if_nonfinite=True):
+        return numpy_adamw.clip_grad_norm_(grads, max_norm, error_if_nonfinite=error_if_nonfinite)
 
     def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True, order="spec"):
         """qlora_ref.matvec.matvec_4bit (MV-1 .. MV-5), optionally written into ``out`` (numpy array or CPU tensor);

@@ -142,18 +142,22 @@ class Backend(Protocol):
         scalars: Sequence[StepScalars],
         *,
         decay: str = "after",
-        check_finite: bool = True,
+        check_finite: bool | str = True,
+        skip: Any = None,
     ) -> None:
         """One AdamW step in place (ADAMW-2, ADAMW-3; 8-bit ADAMW-7, ADAMW-8): params[k] (float32 / bf16 / fp16,
         contiguous) with grads[k] (same dtype) on the states of tensor index[k] under scalars[k]
         (`backends.adamw_state.step_scalars`); each param becomes qlora_ref.adamw.adamw_step(_8bit) of its float32
         values, rounded once to its dtype.  check_finite: NonFiniteError naming the first bad gradient before
-        anything is written (ADAMW-12).  Pages the states in first when they are out (may raise DeviceMemoryError)."""
+        anything is written (ADAMW-12); "deferred": no raise and no host synchronisation, ``skip`` (one int32 on
+        the parameters' device) is set to 1 and nothing written when a gradient holds NaN/Inf, else 0; the caller
+        reads it later.  Pages the states in first when they are out (may raise DeviceMemoryError)."""
         ...
 
-    def clip_grad_norm_(self, grads: Sequence[Any], max_norm: float) -> Any:
+    def clip_grad_norm_(self, grads: Sequence[Any], max_norm: float, *, error_if_nonfinite: bool = True) -> Any:
         """ADAMW-10 in place: every gradient times min(1, max_norm / (||g||_2 + 1e-6)); returns the float32 norm
-        before clipping (numpy float32 / a 0-dim value on the device).  NonFiniteError before anything is scaled."""
+        before clipping (numpy float32 / a 0-dim value on the device).  NonFiniteError before anything is scaled;
+        error_if_nonfinite=False: no raise (and no host synchronisation), a non-finite norm scales nothing."""
         ...
 
     def matvec_4bit(

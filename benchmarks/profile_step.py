@@ -48,15 +48,49 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def is_annotation(name: str) -> bool:
+    """A profiler range shown on the GPU's timeline (e.g. "Optimizer.step#PagedAdamW.step"), not a kernel."""
+    return "#" in name or name.startswith("ProfilerStep")
+
+
+def idle_table(spans: list[tuple[float, float, str]], steps: int, top: int = 12) -> dict:
+    """Where the GPU waits: gaps between one kernel's end (the latest so far) and the next kernel's start.
+
+    ``spans``: (start us, end us, name) of every kernel / copy in the profiled window (back-to-back steps, one
+    synchronize at the end).  Per step: the window, the idle sum, the idle by gap size; the largest gaps with the
+    kernels either side (a gap after a reduction and before the next step's work is a host synchronisation)."""
+    spans = sorted(spans)
+    gaps, t_end, prev = [], spans[0][1], spans[0][2]
+    for s, e, n in spans[1:]:
+        if s > t_end:
+            gaps.append((s - t_end, prev[:90], n[:90]))
+        if e > t_end:
+            t_end, prev = e, n
+    buckets = {"<5us": 0.0, "5-50us": 0.0, "50-500us": 0.0, ">500us": 0.0}
+    for g, _, _ in gaps:
+        key = "<5us" if g < 5 else "5-50us" if g < 50 else "50-500us" if g < 500 else ">500us"
+        buckets[key] += g / steps / 1e3
+    return {
+        "window_ms_per_step": (t_end - spans[0][0]) / steps / 1e3,
+        "idle_ms_per_step": sum(g for g, _, _ in gaps) / steps / 1e3,
+        "idle_ms_by_gap": buckets,
+        "largest_gaps_us": [(round(g, 1), a, b) for g, a, b in sorted(gaps, key=lambda x: -x[0])[:top]],
+    }
+
+
 def kernel_table(prof, steps: int) -> dict:
-    """GPU microseconds per step by kind, the top kernels, and the kernel count per step, from a torch.profiler run."""
-    by_kind, by_name, count = defaultdict(float), defaultdict(float), 0
+    """GPU microseconds per step by kind, the top kernels, the kernel count per step and the GPU's idle time, from a
+    torch.profiler run (profiler ranges on the GPU timeline are not kernels: left out)."""
+    by_kind, by_name, count, spans = defaultdict(float), defaultdict(float), 0, []
     for e in prof.events():
         if getattr(e, "device_type", None) is None or str(e.device_type) != "DeviceType.CUDA":
+            continue
+        if is_annotation(e.name):
             continue
         us = e.device_time if hasattr(e, "device_time") else e.cuda_time
         by_kind[kind_of(e.name)] += us / steps
         by_name[e.name[:150]] += us / steps
+        spans.append((e.time_range.start, e.time_range.end, e.name))
         count += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
     return {
@@ -64,6 +98,7 @@ def kernel_table(prof, steps: int) -> dict:
         "kernels_per_step": count / steps,
         "ms_by_kind": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "top_kernels_ms": [(n, v / 1e3) for n, v in top],
+        "idle": idle_table(spans, steps) if spans else {},
     }
 
 
@@ -226,8 +261,20 @@ def host_profile(tr, calls: int = 20) -> dict:
     return out
 
 
-def job_train7b(profile_steps: int, variant: str = "ours") -> dict:
-    """bench_train's ``ours`` (or ``ours-no-fuse``) step under torch.profiler, and the host's cProfile of it."""
+def unchecked_clip(params, max_norm: float):
+    """The clip's arithmetic (float64 foreach norms, one float32 norm, one _foreach_mul_) with no finite check: no
+    host synchronisation.  For measuring what the checks' synchronisations cost, not for training."""
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))).float()
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
+def job_train7b(profile_steps: int, variant: str = "ours", checks: bool = True) -> dict:
+    """bench_train's ``ours`` (or ``ours-no-fuse``) step under torch.profiler, and the host's cProfile of it.
+    ``checks=False``: the clip and the optimizer without their finite checks (no synchronisation in the step)."""
     import tempfile
 
     from benchmarks import bench_train as B
@@ -237,6 +284,9 @@ def job_train7b(profile_steps: int, variant: str = "ours") -> dict:
     if not (model_dir / "config.json").exists():
         B.make_model_dir(model_dir)
     model, opt, clip = B.build(variant, str(model_dir))
+    if not checks:
+        opt.check_finite = False
+        clip = lambda ps: unchecked_clip(ps, B.MAX_NORM)  # noqa: E731
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     ids = B.batches(1)[0].cuda()
@@ -258,7 +308,9 @@ def job_train7b(profile_steps: int, variant: str = "ours") -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default="main,train7b", help="comma-separated: main, train7b, train7b-no-fuse")
+    ap.add_argument(
+        "--job", default="main,train7b", help="comma-separated: main, train7b, train7b-no-fuse, train7b-unchecked"
+    )
     ap.add_argument("--steps", type=int, default=12, help="main job: optimizer steps (the last 2 profiled)")
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--model", default=None, help="main job: --model (default: the embedded default)")
@@ -271,8 +323,11 @@ def main(argv=None) -> int:
     for job in args.job.split(","):
         if job == "main":
             r = job_main(args.steps, args.profile_steps, args.model)
+        elif job.startswith("train7b"):
+            variant = "ours-no-fuse" if "no-fuse" in job else "ours"
+            r = job_train7b(args.profile_steps, variant, checks="unchecked" not in job)
         else:
-            r = job_train7b(args.profile_steps, "ours-no-fuse" if job == "train7b-no-fuse" else "ours")
+            raise SystemExit(f"unknown job {job!r}: main, train7b, train7b-no-fuse, train7b-unchecked")
         payload[job] = r
         print(f"== {job}")
         for k, v in r.get("phase_ms_median", {}).items():
@@ -288,6 +343,12 @@ def main(argv=None) -> int:
                 print(f"    {k:24s} {v:8.2f} ms")
             for n, v in p["top_kernels_ms"][:15]:
                 print(f"    {v:8.3f}  {n}")
+            idle = p.get("idle")
+            if idle:
+                print(f"  GPU idle {idle['idle_ms_per_step']:.2f} of {idle['window_ms_per_step']:.2f} ms/step "
+                      f"({', '.join(f'{k} {v:.2f}' for k, v in idle['idle_ms_by_gap'].items())})")  # fmt: skip
+                for g, a, b in idle["largest_gaps_us"][:8]:
+                    print(f"    {g:8.1f} us  after {a[:60]}  before {b[:60]}")
     path = save(f"profile_step_{payload['device'].replace(' ', '_')}", payload)
     print(f"saved {path}")
     return 0

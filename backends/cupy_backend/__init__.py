@@ -90,11 +90,12 @@ class CupyBackend:
     def adamw_states(self, sizes, **options):
         return self.adamw.adamw_states(sizes, **options)
 
-    def adamw_step(self, params, grads, states, index, scalars, *, decay="after", check_finite=True):
-        self.adamw.adamw_step(params, grads, states, index, scalars, decay=decay, check_finite=check_finite)
+    def adamw_step(self, params, grads, states, index, scalars, *, decay="after", check_finite=True, skip=None):
+        self.adamw.adamw_step(params, grads, states, index, scalars, decay=decay, check_finite=check_finite,
+                              skip=skip)  # fmt: skip
 
-    def clip_grad_norm_(self, grads, max_norm):
-        return self.adamw.clip_grad_norm_(grads, max_norm)
+    def clip_grad_norm_(self, grads, max_norm, *, error_if_nonfinite=True):
+        return self.adamw.clip_grad_norm_(grads, max_norm, error_if_nonfinite=error_if_nonfinite)
 
     def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True, order="spec"):
         from qlora_ref.matvec import ORDERS

@@ -8,9 +8,10 @@ The math and rule IDs are in the kernel file's header (specs/adamw.md ADAMW-2, -
     launch    adamw32_v2 / adamw8_v2 once over the block table (v1: one plain launch per tensor, the second oracle)
 
 No device-wide synchronisation per parameter (bitsandbytes syncs after every parameter, SPEC-NOTES 1.9); the
-non-finite check (ADAMW-12) is one fused reduction and one host sync per step.  Parameters and gradients are read in
-place through their device pointers (what a DLPack view carries; a capsule per tensor per step would cost ~10 us of
-host time each).  Any chunk gives the same bits (tested).
+non-finite check (ADAMW-12) is one fused reduction and one host sync per step, or, deferred, the same reduction
+into an int32 flag that the kernel reads (nonzero: it writes nothing), with no sync at all.  Parameters and
+gradients are read in place through their device pointers (what a DLPack view carries; a capsule per tensor per
+step would cost ~10 us of host time each).  Any chunk gives the same bits (tested).
 """
 
 from __future__ import annotations
@@ -194,11 +195,11 @@ def adamw_states(sizes, *, state_bits=32, device=None, paged=True, placement="de
 # ---- the step ------------------------------------------------------------------------------------------------------
 
 
-def all_finite(grads) -> bool:
-    """Whether every gradient is finite: fused foreach L1 norms for torch tensors (NaN/Inf makes a norm non-finite),
-    a reduction per CuPy array; one host sync."""
+def _finite_flags(grads) -> list:
+    """0-dim device booleans, every gradient finite, queued without a read-back: fused foreach L1 norms for torch
+    tensors (NaN/Inf makes a norm non-finite), a reduction per CuPy array (bf16 as uint16: an all-ones exponent)."""
     torch_grads = [g for g in grads if is_torch(g)]
-    ok = True
+    flags = []
     if torch_grads:
         import torch
 
@@ -206,12 +207,31 @@ def all_finite(grads) -> bool:
         for g in torch_grads:
             by_dtype.setdefault(g.dtype, []).append(g)
         norms = [n.float() for gs in by_dtype.values() for n in torch._foreach_norm(gs, 1)]
-        ok = bool(torch.isfinite(torch.stack(norms)).all())
+        flags.append(torch.isfinite(torch.stack(norms)).all())
     others = [g for g in grads if not is_torch(g)]
-    if ok and others:  # bf16 as uint16 bits: non-finite is an all-ones exponent
-        flags = [((g & 0x7F80) != 0x7F80).all() if g.dtype == np.uint16 else cupy.isfinite(g).all() for g in others]
-        ok = bool(cupy.stack(flags).all())
-    return ok
+    if others:
+        each = [((g & 0x7F80) != 0x7F80).all() if g.dtype == np.uint16 else cupy.isfinite(g).all() for g in others]
+        flags.append(cupy.stack(each).all())
+    return flags
+
+
+def all_finite(grads) -> bool:
+    """Whether every gradient is finite (`_finite_flags`); one host sync."""
+    return all(bool(f) for f in _finite_flags(grads))
+
+
+def flag_nonfinite(grads, skip) -> None:
+    """skip (one int32 on the device) <- 1 if a gradient holds NaN/Inf else 0, queued on the stream, nothing read
+    back: the deferred ADAMW-12 check that the kernel's `skip` argument reads.  Gradients and skip of one kind."""
+    if len({is_torch(g) for g in grads} | {is_torch(skip)}) != 1:
+        raise TypeError("the deferred check takes gradients and skip of one kind: torch tensors or CuPy arrays")
+    (ok,) = _finite_flags(grads)
+    if is_torch(skip):
+        import torch
+
+        skip.copy_(torch.logical_not(ok).to(torch.int32).reshape(skip.shape))
+    else:
+        skip[...] = cupy.logical_not(ok).astype(cupy.int32)
 
 
 def _raise_nonfinite(grads, index) -> None:
@@ -242,14 +262,21 @@ def _torch_ptr(x) -> int:
     return x.data_ptr()
 
 
+def _any_ptr(x) -> int:
+    return x.data_ptr() if is_torch(x) else device_ptr(x)
+
+
 def _array_numel(x) -> int:
     return int(x.size)
 
 
-def adamw_step(params, grads, states: DeviceAdamWStates, index, scalars, *, decay="after", check_finite=True) -> None:
+def adamw_step(params, grads, states: DeviceAdamWStates, index, scalars, *, decay="after", check_finite=True,
+               skip=None) -> None:  # fmt: skip
     """One AdamW step in place for params[k] with grads[k] on states' tensor index[k] under scalars[k] (one launch).
 
     params and grads: torch CUDA tensors or CuPy arrays (bf16 as uint16), contiguous, a grad of its param's dtype.
+    skip: None, or a one-element int32 device tensor / array written earlier on this stream; the kernel reads it and
+    writes nothing when it is nonzero (the deferred non-finite check, ADAMW-12: no host synchronisation).
     """
     if not len(params) == len(grads) == len(index) == len(scalars):
         raise ValueError("params, grads, index and scalars must have one entry per tensor")
@@ -267,7 +294,11 @@ def adamw_step(params, grads, states: DeviceAdamWStates, index, scalars, *, deca
         if numel(p) != sizes[i] or numel(g) != sizes[i] or g.dtype != p.dtype:
             raise ValueError(f"parameter {i} and its gradient must both be {p.dtype} with the {sizes[i]} values "
                              "of its state")  # fmt: skip
-    if check_finite and not all_finite(grads):  # ADAMW-12, before anything is written
+    if check_finite == "deferred":  # ADAMW-12 on the device: the kernel reads skip
+        if skip is None:
+            raise ValueError('check_finite="deferred" needs skip, the int32 flag the kernel reads')
+        flag_nonfinite(grads, skip)
+    elif check_finite and not all_finite(grads):  # ADAMW-12, before anything is written
         _raise_nonfinite(grads, index)
     with cupy.cuda.Device(states.device_id):
         states.page_in()  # may refuse (DeviceMemoryError) before anything is written
@@ -284,11 +315,11 @@ def adamw_step(params, grads, states: DeviceAdamWStates, index, scalars, *, deca
         stream = stream_for(states.device_id)
         with stream:
             table = cupy.asarray(args.view(np.uint8))  # async H2D from pinned staging, stream-ordered
-            _launch(states, table, active)
+            _launch(states, table, active, np.uint64(0 if skip is None else _any_ptr(skip)))
         states._keep = table
 
 
-def _launch(states: DeviceAdamWStates, table: cupy.ndarray, active: tuple[int, ...]) -> None:
+def _launch(states: DeviceAdamWStates, table: cupy.ndarray, active: tuple[int, ...], skip: np.uint64) -> None:
     name = f"adamw{states.state_bits}_{states.kernel}"
     kern = build.kernel("adamw.cu", name)
     if states.kernel == "v1":
@@ -296,25 +327,26 @@ def _launch(states: DeviceAdamWStates, table: cupy.ndarray, active: tuple[int, .
         for k, i in enumerate(active):
             grid, block = config(states.sizes[i])
             extra = () if states.state_bits == 32 else (states.code_m, states.code_v)
-            kern(grid, block, (table, np.int32(k), *extra))
+            kern(grid, block, (table, np.int32(k), *extra, skip))
         return
     blocks = states.blocks(active)
     if states.state_bits == 32:
         grid, block = adamw32_v2_config(int(blocks.shape[0]))
-        kern(grid, block, (table, blocks, np.int64(states.chunk)))
+        kern(grid, block, (table, blocks, np.int64(states.chunk), skip))
     else:
         grid, block = adamw8_v2_config(int(blocks.shape[0]))
         qpc = np.int32(states.chunk // BLOCKSIZE_8BIT)
-        kern(grid, block, (table, blocks, qpc, states.code_m, states.code_v))
+        kern(grid, block, (table, blocks, qpc, states.code_m, states.code_v, skip))
 
 
 # ---- gradient clipping ---------------------------------------------------------------------------------------------
 
 
-def clip_grad_norm_(grads, max_norm: float):
+def clip_grad_norm_(grads, max_norm: float, *, error_if_nonfinite: bool = True):
     """ADAMW-10 in place on the device: float64 sums of squares, one float32 norm, every gradient times min(coef, 1).
 
-    Returns the float32 norm as a 0-dim torch tensor on the gradients' device (no host sync but the finite check).
+    Returns the float32 norm as a 0-dim torch tensor on the gradients' device (no host sync but the finite check;
+    error_if_nonfinite=False: none at all, a non-finite norm makes coef 1, so nothing is scaled).
     The reductions are torch's fused multi-tensor ones (on torch's current stream; CuPy gradients are viewed as torch
     tensors, bf16 from uint16 bits), a handful of launches whatever the number of tensors:
 
@@ -339,13 +371,15 @@ def clip_grad_norm_(grads, max_norm: float):
         by_dtype.setdefault(g.dtype, []).append(g)
     norms = [n for gs in by_dtype.values() for n in torch._foreach_norm(gs, 2, dtype=torch.float64)]
     total_norm = torch.linalg.vector_norm(torch.stack(norms)).to(torch.float32)
-    if not bool(torch.isfinite(total_norm)):
+    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
         raise NonFiniteError(
             f"the gradients' global norm is {total_norm.item()} (NaN/Inf in a gradient); nothing was scaled"
         )
     denom = total_norm + torch.tensor(CLIP_EPS, dtype=torch.float32, device=device)
     coef = torch.div(torch.tensor(max_norm, dtype=torch.float32, device=device), denom)
     coef = torch.clamp(coef, max=1.0)
+    if not error_if_nonfinite:  # NaN/Inf somewhere: scale by 1, leave the refusal to the optimizer's check
+        coef = torch.where(torch.isfinite(total_norm), coef, torch.ones_like(coef))
     for gs in by_dtype.values():
         torch._foreach_mul_(gs, coef)  # float32 product, one rounding to g's dtype
     return total_norm

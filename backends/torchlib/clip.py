@@ -30,13 +30,20 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float = 0.3, *, backend: str | Backend | None = None
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float = 0.3,
+    *,
+    error_if_nonfinite: bool = True,
+    backend: str | Backend | None = None,
 ) -> torch.Tensor:
     """Scale the gradients of ``parameters`` in place so their global 2-norm is at most ``max_norm``.
 
     Returns the float32 norm before clipping (0-dim, on the gradients' device), like torch.nn.utils.clip_grad_norm_.
-    Parameters without a gradient are skipped; a NaN/Inf gradient raises NonFiniteError before anything is scaled.
-    ``backend``: default the one that computes on the gradients' device.
+    Parameters without a gradient are skipped; a NaN/Inf gradient raises NonFiniteError before anything is scaled
+    (on CUDA the check is a host synchronisation).  ``error_if_nonfinite=False``: no check and no synchronisation;
+    a non-finite norm leaves every gradient as it is (torch's would scale them by NaN), for an optimizer with its
+    own check to refuse (PagedAdamW(check_finite="deferred")).  ``backend``: default the one that computes on the
+    gradients' device.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
@@ -52,5 +59,5 @@ def clip_grad_norm_(
         if g.dtype not in _DTYPES or g.is_sparse:
             raise TypeError(f"gradient {i} is {g.layout} {g.dtype}; clip_grad_norm_ takes dense float gradients")
     device = devices.pop()
-    total_norm = backend_for(device, backend).clip_grad_norm_(grads, max_norm)
+    total_norm = backend_for(device, backend).clip_grad_norm_(grads, max_norm, error_if_nonfinite=error_if_nonfinite)
     return torch.as_tensor(total_norm, dtype=torch.float32, device=device)

@@ -51,6 +51,7 @@ from backends.adamw_state import (
     state_layout,
     step_scalars,
 )
+from qlora_ref.checks import NonFiniteError
 
 STATE_DICT_FORMAT = "qlora_ref.PagedAdamW/1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,7 +91,10 @@ class PagedAdamW(torch.optim.Optimizer):
             consults cudaMemGetInfo itself.
         chunk: elements per CUDA block in the fused kernel (a multiple of 1024); any value gives the same bits.
         check_finite: raise NonFiniteError before writing anything when a gradient holds NaN/Inf (ADAMW-12, as the
-            spec does); on CUDA this is one fused check and one host sync per step.
+            spec does); on CUDA this is one fused check and one host sync per step.  "deferred": the same check
+            without the sync: a step with a NaN/Inf gradient writes nothing (the kernel reads the check's flag), and
+            NonFiniteError is raised by the next ``step()``, ``state_dict()`` or ``raise_if_nonfinite()``, which
+            first undo that step's step counts (a pinned copy of the flag, read once the GPU has passed it).
         backend: "numpy", "cupy" or a backend object; default: the one that computes on the parameters' device.
     """
 
@@ -110,7 +114,7 @@ class PagedAdamW(torch.optim.Optimizer):
         margin_bytes: int | None = None,
         free_memory_fn: Callable[[], int] | None = None,
         chunk: int = 4096,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
         backend: str | Backend | None = None,
     ):
         check_hyper(lr, betas, eps, weight_decay)
@@ -121,7 +125,10 @@ class PagedAdamW(torch.optim.Optimizer):
         self.decay = decay
         self.state_bits = state_bits
         self.page_threshold_bytes = int(page_threshold_bytes)
-        self.check_finite = bool(check_finite)
+        if check_finite not in (True, False, "deferred"):
+            raise ValueError(f'check_finite must be True, False or "deferred", got {check_finite!r}')
+        self.check_finite = check_finite
+        self._pending: list | None = None  # deferred: (param, step count) of the last step, until its flag is read
         self._built = False
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._params = [p for g in self.param_groups for p in g["params"]]
@@ -240,14 +247,48 @@ class PagedAdamW(torch.optim.Optimizer):
                 steps.append(t)
         if not params:
             return loss
+        deferred = self.check_finite == "deferred"
+        if deferred:
+            self.raise_if_nonfinite()  # the previous step's flag, long since computed: no wait in practice
         # checks the gradients (ADAMW-12) and pages in (may refuse) before anything is written
+        skip = self._skip_flag() if deferred else None
         self.backend.adamw_step(
-            params, grads, self._states, index, scalars, decay=self.decay, check_finite=self.check_finite
+            params, grads, self._states, index, scalars, decay=self.decay, check_finite=self.check_finite, skip=skip
         )
         for p, t in zip(params, steps, strict=True):
             self.state[p]["step"] = t
+        if deferred:
+            self._flag_host.copy_(self._flag, non_blocking=True)
+            if self._flag_event is not None:
+                self._flag_event.record()
+            self._pending = list(zip(params, steps, strict=True))
         self.maybe_page_out()
         return loss
+
+    def _skip_flag(self) -> torch.Tensor:
+        """The deferred check's int32 flag on the parameters' device, and its pinned host copy (made once)."""
+        if not hasattr(self, "_flag"):
+            self._flag = torch.zeros(1, dtype=torch.int32, device=self._device)
+            cuda = self._device.type == "cuda"
+            self._flag_host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda) if cuda else self._flag
+            self._flag_event = torch.cuda.Event() if cuda else None
+        return self._flag
+
+    def raise_if_nonfinite(self) -> None:
+        """check_finite="deferred": raise NonFiniteError if the last step met a NaN/Inf gradient (that step wrote
+        nothing; its step counts are undone first).  Waits only for that step's flag, not for later work."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if self._flag_event is not None:
+            self._flag_event.synchronize()
+        if int(self._flag_host[0]):
+            for p, t in pending:
+                self.state[p]["step"] = t - 1
+            raise NonFiniteError(
+                "a gradient of the last optimizer step held NaN/Inf (check_finite='deferred'); that step updated "
+                "nothing and is undone: skip the batch, lower the learning rate, or find where the NaN comes from"
+            )
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -258,6 +299,7 @@ class PagedAdamW(torch.optim.Optimizer):
         float32[ceil(n/256)].  Loading it into an optimizer over the same parameter shapes continues bit for bit,
         on either backend.
         """
+        self.raise_if_nonfinite()  # a pending non-finite step: its counts must not be saved
         arrays = self._states.export()
         state = {}
         for i, p in enumerate(self._params):
@@ -304,6 +346,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     f"this optimizer {len(mine['params'])}"
                 )
         steps, arrays = _checked_states(state_dict["state"], self._params, self.state_bits)
+        self._pending = None  # the loaded counts replace whatever the last step left
         self._states.load(arrays)
         for p, step in zip(self._params, steps, strict=True):
             self.state[p]["step"] = step

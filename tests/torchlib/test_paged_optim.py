@@ -319,12 +319,101 @@ def test_nonfinite_gradient_raises_and_writes_nothing():
     assert all(opt.state[p]["step"] == 0 for p in a)
 
 
+# ---- the deferred check (ADAMW-12 without a host synchronisation) --------------------------------------------------
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _bits_u32(params) -> list[np.ndarray]:
+    return [p.detach().float().cpu().numpy().view(np.uint32).copy() for p in params]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [32, 8])
+def test_deferred_check_skips_the_nonfinite_step_and_raises_at_the_next(device, bits):
+    """A NaN/Inf step under check_finite="deferred" writes nothing and does not raise; the next step() raises
+    NonFiniteError with its counts undone; then training continues with the bits of a run that never saw it."""
+    rng = np.random.default_rng(8)
+    sizes = [700, 5, 256]
+    p0 = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = _grads(rng, sizes, 4, 1.0, "float32")
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    straight, _ = _ours_run(p0, grads, kw, bits, "after", "float32", device)
+    deferred, _ = _ours_run(p0, grads, kw, bits, "after", "float32", device, check_finite="deferred")
+    assert all(
+        np.array_equal(a, b) for h1, h2 in zip(straight, deferred, strict=True) for a, b in zip(h1, h2, strict=True)
+    )
+
+    params = _torch_params(p0, "float32", device)
+    opt = PagedAdamW(params, decay="after", state_bits=bits, check_finite="deferred", **kw)
+
+    def feed(gs):
+        for p, g in zip(params, gs, strict=True):
+            p.grad = torch.from_numpy(g).to(device)
+
+    feed(grads[0])
+    opt.step()
+    after_one, states_one = _bits_u32(params), opt.state_dict()["state"]
+    bad = [g.copy() for g in grads[1]]
+    bad[1][2], bad[2][0] = np.nan, np.inf
+    feed(bad)
+    opt.step()  # queued: nothing raised, nothing written
+    assert [opt.state[p]["step"] for p in params] == [2, 2, 2]
+    with pytest.raises(NonFiniteError, match="updated nothing"):
+        opt.raise_if_nonfinite()
+    assert [opt.state[p]["step"] for p in params] == [1, 1, 1]  # undone
+    assert all(np.array_equal(a, b) for a, b in zip(_bits_u32(params), after_one, strict=True))
+    for k, entry in opt.state_dict()["state"].items():
+        assert all(torch.equal(entry[name], states_one[k][name]) for name in entry if name != "step"), k
+    opt.raise_if_nonfinite()  # read once: the error is not raised twice
+    for gs in grads[1:]:
+        feed(gs)
+        opt.step()
+    assert all(np.array_equal(a.view(np.uint32), b) for a, b in zip(straight[-1], _bits_u32(params), strict=True))
+
+    feed(bad)
+    opt.step()
+    with pytest.raises(NonFiniteError, match="updated nothing"):
+        opt.step()  # the next step reads the flag first and writes nothing either
+    with pytest.raises(NonFiniteError):
+        feed(bad)
+        opt.step()
+        opt.state_dict()  # a checkpoint never records a step that did not happen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_without_error_leaves_nonfinite_gradients_unscaled(device):
+    rng = np.random.default_rng(2)
+    gs = [rng.standard_normal(n).astype(np.float32) * 3 for n in (100, 7, 1000)]
+    gs[1][3] = np.nan
+    params = [torch.nn.Parameter(torch.zeros(g.size, device=device)) for g in gs]
+    for p, g in zip(params, gs, strict=True):
+        p.grad = torch.from_numpy(g.copy()).to(device)
+    with pytest.raises(NonFiniteError):
+        clip_grad_norm_(params, 0.3)
+    norm = clip_grad_norm_(params, 0.3, error_if_nonfinite=False)
+    assert not np.isfinite(norm.item())
+    for p, g in zip(params, gs, strict=True):
+        assert np.array_equal(p.grad.cpu().numpy(), g, equal_nan=True)
+    finite = [np.nan_to_num(g) for g in gs]
+    for p, g in zip(params, finite, strict=True):
+        p.grad = torch.from_numpy(g.copy()).to(device)
+    norm = clip_grad_norm_(params, 0.3, error_if_nonfinite=False)
+    ref, ref_norm = spec.clip_grad_norm(finite, 0.3)
+    assert abs(norm.item() - ref_norm) <= (0 if device == "cpu" else np.spacing(ref_norm))
+    for p, r in zip(params, ref, strict=True):
+        tol = 0 if device == "cpu" else 3 * np.spacing(np.abs(r))
+        assert np.all(np.abs(p.grad.cpu().numpy() - r) <= tol)
+
+
 def test_boundary_errors():
     p = torch.nn.Parameter(torch.randn(4))
     with pytest.raises(ValueError, match="decay"):
         PagedAdamW([p], decay="middle")
     with pytest.raises(ValueError, match="state_bits"):
         PagedAdamW([p], state_bits=16)
+    with pytest.raises(ValueError, match="deferred"):
+        PagedAdamW([p], check_finite="later")
     with pytest.raises(ValueError, match="betas"):
         PagedAdamW([p], betas=(0.9, 1.0))
     with pytest.raises(TypeError, match="dtype"):

@@ -15,7 +15,9 @@
 //     update       the 32-bit step above on s; p from the unquantized new m, v (ADAMW-7)
 //     absmax'      ftz(max |s'|) over the block, NaN propagating as np.max  (ADAMW-8, BW-2, BW-8)
 //     requantize   code = encode_dynamic(ftz(ftz(s') * rcp(absmax')))      (ADAMW-8, BW-3, DQ-2)
-//   Non-finite gradients (ADAMW-12) are refused in Python before any launch.
+//   Non-finite gradients (ADAMW-12) are refused in Python before any launch, or, deferred, on the device: `skip`
+//   (nullptr, or an int32 the caller's flag kernels wrote before this launch) nonzero makes every kernel return
+//   before reading or writing anything, so a step with a NaN/Inf gradient leaves parameters and states as they were.
 // Kernels:
 //   adamw32_v1   plain: one thread per element of one tensor (a launch per tensor).  Second oracle.
 //   adamw32_v2   one launch for every tensor: a block table of (tensor row, chunk) pairs, each CUDA block updates one
@@ -65,7 +67,10 @@ __device__ __forceinline__ void adamw_element(const TensorArgs& a, float& p, flo
 
 // ---- 32-bit states ------------------------------------------------------------------------------------------------
 
-__global__ void adamw32_v1(const TensorArgs* __restrict__ args, int tensor) {
+__device__ __forceinline__ bool skipped(const int* skip) { return skip != nullptr && *skip != 0; }
+
+__global__ void adamw32_v1(const TensorArgs* __restrict__ args, int tensor, const int* __restrict__ skip) {
+    if (skipped(skip)) return;
     const TensorArgs a = args[tensor];
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= a.n) return;
@@ -78,7 +83,9 @@ __global__ void adamw32_v1(const TensorArgs* __restrict__ args, int tensor) {
     reinterpret_cast<float*>(a.v)[i] = v;
 }
 
-__global__ void adamw32_v2(const TensorArgs* __restrict__ args, const int2* __restrict__ blocks, i64 chunk) {
+__global__ void adamw32_v2(const TensorArgs* __restrict__ args, const int2* __restrict__ blocks, i64 chunk,
+                           const int* __restrict__ skip) {
+    if (skipped(skip)) return;
     const int2 bt = blocks[blockIdx.x];  // (tensor row, chunk index)
     const TensorArgs a = args[bt.x];
     const i64 start = (i64)bt.y * chunk;
@@ -126,7 +133,8 @@ __device__ __forceinline__ void adamw8_element(const TensorArgs& a, i64 i, i64 q
 }
 
 __global__ void adamw8_v1(const TensorArgs* __restrict__ args, int tensor, const float* __restrict__ code_m,
-                          const float* __restrict__ code_v) {
+                          const float* __restrict__ code_v, const int* __restrict__ skip) {
+    if (skipped(skip)) return;
     const TensorArgs a = args[tensor];
     const i64 qb = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const i64 start = qb * QBLOCK;
@@ -168,8 +176,9 @@ __device__ __forceinline__ float block_max_256(float x, float* scratch) {
 }
 
 __global__ void adamw8_v2(const TensorArgs* __restrict__ args, const int2* __restrict__ blocks,
-                                                 int qblocks_per_chunk, const float* __restrict__ code_m,
-                                                 const float* __restrict__ code_v) {
+                          int qblocks_per_chunk, const float* __restrict__ code_m, const float* __restrict__ code_v,
+                          const int* __restrict__ skip) {
+    if (skipped(skip)) return;  // uniform over the block: before the barriers
     __shared__ float s_code_m[256], s_code_v[256], scratch_m[QBLOCK / 32], scratch_v[QBLOCK / 32];
     s_code_m[threadIdx.x] = code_m[threadIdx.x];
     s_code_v[threadIdx.x] = code_v[threadIdx.x];
