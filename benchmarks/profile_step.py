@@ -7,9 +7,11 @@
   host and GPU): collate, the micro-steps (graph replays, their GPU time by CUDA events), clipping, the optimizer
   step, zero_grad, and what the fit loop does between steps.  Medians over the steps after the first two; then a
   cProfile of the optimizer step and the clip.  ``--model DIR`` for another model (e.g. a random one of its shape).
-- ``train7b`` (``train7b-no-fuse``): bench_train's ``ours`` (``ours-no-fuse``) variant (LLaMA-7B dims x 4 layers,
-  4 x 1024 tokens) under torch.profiler for two steps: GPU time by kernel kind (GEMM, the backend's CuPy kernels,
-  attention, elementwise, reductions, copies), and a cProfile of three steps.
+- ``train7b`` (``train7b-no-fuse``, ``train7b-graph``): bench_train's ``ours`` (``ours-no-fuse``, ``ours-graph``)
+  variant (LLaMA-7B dims x 4 layers, 4 x 1024 tokens) under torch.profiler for two steps: GPU time by kernel kind
+  (GEMM, the backend's CuPy kernels, attention, elementwise, reductions, copies), the GPU's idle gaps (inflated in
+  eager steps: the profiler slows the host), and a cProfile of three steps.  ``train7b-unchecked``: without the
+  clip's and the optimizer's finite checks, what the checks cost.
 - main as well: its step under torch.profiler (the last steps, unsynchronised).
 
 Prints a table per job; saves benchmarks/results/profile_step_<device>.json.  The synchronisations make the phase
@@ -290,9 +292,17 @@ def job_train7b(profile_steps: int, variant: str = "ours", checks: bool = True) 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     ids = B.batches(1)[0].cuda()
+    captured = None
+    if variant.endswith("graph"):
+        from backends.torchlib.graph import CapturedStep
+
+        captured = CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": ids})
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        if captured is not None:
+            captured({"ids": ids})
+        else:
+            model(input_ids=ids, labels=ids).loss.backward()
         clip(params)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -324,7 +334,7 @@ def main(argv=None) -> int:
         if job == "main":
             r = job_main(args.steps, args.profile_steps, args.model)
         elif job.startswith("train7b"):
-            variant = "ours-no-fuse" if "no-fuse" in job else "ours"
+            variant = "ours-no-fuse" if "no-fuse" in job else "ours-graph" if "graph" in job else "ours"
             r = job_train7b(args.profile_steps, variant, checks="unchecked" not in job)
         else:
             raise SystemExit(f"unknown job {job!r}: main, train7b, train7b-no-fuse, train7b-unchecked")
