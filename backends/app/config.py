@@ -89,7 +89,7 @@ class ModelConfig:
     loftq_iters: int = opt(1, "LoftQ rounds T of quantize(W - s B A) + rank-r SVD (with --init loftq)")
     fuse: bool = opt(
         False,
-        "--backend cupy: RMSNorm and SwiGLU as own kernels (fewer launches: H200 main job 52.9 vs 59.7 ms/step; "
+        "--backend cupy: RMSNorm and SwiGLU as own kernels (fewer launches: H200 main job 46.8 vs 55.9 ms/step; "
         "transformers' math within a few units of the last place, not bit for bit: that one run's trajectory moved, "
         "held-out exact match 68.8%% -> 60.9%%); off by default, so the command keeps transformers' numerics (RoPE "
         "runs as one kernel either way: it gives transformers' values)",
