@@ -117,6 +117,19 @@ def _device() -> dict:
     return info
 
 
+def junit_summary(path: Path) -> tuple[dict, list[dict]]:
+    """(counts of tests / failures / errors / skipped, each skipped test as {"test", "reason"}) from JUnit XML."""
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    skipped = [
+        {"test": f"{case.get('classname', '')}::{case.get('name', '')}", "reason": skip.get("message", "")}
+        for case in suite.iter("testcase")
+        for skip in case.findall("skipped")
+    ]
+    return counts, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPORT)
@@ -140,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             *args.pytest_args,
         ]
         rc = subprocess.call(cmd, cwd=REPO)
-        suite = ET.parse(junit).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        counts, skipped_tests = junit_summary(junit)
     if sources_sha256(sources) != digest_before:
         print("sources changed while the tests ran; not writing a report", file=sys.stderr)
         return 1
@@ -154,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
         "failed": counts["failures"] + counts["errors"],
         "skipped": counts["skipped"],
+        "skipped_tests": skipped_tests,
         "sources": sources,
         "sources_sha256": digest_before,
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gpu_report import EXTRA_SOURCES, REPORT, gpu_sources, sources_sha256
+from gpu_report import EXTRA_SOURCES, REPORT, gpu_sources, junit_summary, sources_sha256
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +39,18 @@ def test_report_is_a_clean_gpu_run(report):
     assert not report["device"].startswith("none"), f"the report was not made on a GPU: {report['device']}"
     assert report["passed"] > 0, "the report shows no passed GPU tests"
     assert report["failed"] == 0, f"the report shows {report['failed']} failed GPU tests"
+
+
+def test_junit_summary_names_each_skipped_test(tmp_path):
+    """The report lists which GPU tests skipped and why, not only how many (pytest's JUnit XML, as pytest writes it)."""
+    xml = tmp_path / "junit.xml"
+    xml.write_text(
+        '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1" '
+        'skipped="1" tests="3"><testcase classname="tests.a" name="test_ok"/>'
+        '<testcase classname="tests.a" name="test_bad"><failure message="boom"/></testcase>'
+        '<testcase classname="tests.b" name="test_cpu[bf16]"><skipped type="pytest.skip" message="no avx512_bf16"/>'
+        "</testcase></testsuite></testsuites>"
+    )
+    counts, skipped = junit_summary(xml)
+    assert counts == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1}
+    assert skipped == [{"test": "tests.b::test_cpu[bf16]", "reason": "no avx512_bf16"}]
