@@ -32,8 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 KINDS = (  # (kind, substrings of a kernel name), first match wins: cuDNN's attention names hold "sm90_" too
     ("attention", ("flash", "fmha", "attention", "efficient", "sdpa")),
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "cublas")),
-    ("cupy backend", ("quantize_4bit", "adamw", "matvec_4bit", "absmax", "dropout", "clip", "lora_", "check_finite")),
-    ("cupy backend", ("rmsnorm_", "swiglu_", "rope_v")),  # before "norm" below: the decoder's own kernels
+    (  # before "reduction": rmsnorm_* would match its "norm"
+        "cupy backend",
+        (
+            "quantize_4bit",
+            "adamw",
+            "matvec_4bit",
+            "absmax",
+            "dropout",
+            "clip",
+            "lora_",
+            "check_finite",
+            "rmsnorm_",
+            "swiglu_",
+            "rope_v",
+        ),
+    ),
     ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll", "sum")),
     ("copy / cast", ("copy", "cat", "memcpy", "memset", "fill")),
     ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton")),

@@ -42,7 +42,7 @@ def test_report_is_a_clean_gpu_run(report):
 
 
 def test_junit_summary_names_each_skipped_test(tmp_path):
-    """The report lists which GPU tests skipped and why, not only how many (pytest's JUnit XML, as pytest writes it)."""
+    """The report lists which GPU tests skipped and why, not only how many (JUnit XML in pytest's shape)."""
     xml = tmp_path / "junit.xml"
     xml.write_text(
         '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1" '
