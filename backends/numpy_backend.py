@@ -292,3 +292,15 @@ class NumpyBackend:
             )
         view.reshape(-1)[...] = y.reshape(-1).view(view.dtype)
         return out
+
+    def bind_matvec_4bit(self, q, tokens, *, x_dtype="bfloat16", out_dtype="bfloat16", order="spec"):
+        """``launch(x, y)``: this backend's matvec_4bit(x, q, out=y) (the spec, CPU tensors); the arguments are
+        checked now, the tensors at each call by the spec (the CPU path is the reference, not the fast one)."""
+        from qlora_ref.matvec import launch_dtypes
+
+        _, out_dtype = launch_dtypes(tokens, x_dtype, out_dtype, order)
+
+        def launch(x, y) -> None:
+            self.matvec_4bit(x, q, out=y, out_dtype=out_dtype, check_finite=False, order=order)
+
+        return launch

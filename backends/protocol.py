@@ -11,6 +11,8 @@ The seams every caller uses:
     launch = bind_dequantize_4bit(q, buf); launch()
                                        the same write, checked and resolved once: each call only launches (CUDA:
                                        on torch's current stream, no allocation, no synchronisation: capturable)
+    launch = bind_matvec_4bit(q, T); launch(x, y)
+                                       the decode matvec resolved once, for the layer's own tensors (capturable)
     flag = finite_flag(); check_finite(x, flag=flag); flag.raise_if_nonfinite()
                                        non-finite checks queued on the device, read back once per step
 """
@@ -180,4 +182,20 @@ class Backend(Protocol):
         out: a new array [T, out] ([out] for a 1-D x), bf16 as uint16 bits.  No LoRA term here.  ``check_finite=False``:
         the caller vouches that x is finite (cupy then reads nothing back, so the call can be captured; numpy's spec
         checks anyway)."""
+        ...
+
+    def bind_matvec_4bit(
+        self,
+        q: qlora_ref.Quantized4bit,
+        tokens: int,
+        *,
+        x_dtype: str = "bfloat16",
+        out_dtype: str = "bfloat16",
+        order: str = "spec",
+    ) -> Callable[[Any, Any], None]:
+        """``matvec_4bit(x, q, out=y, check_finite=False, order=order)`` as a function ``launch(x, y)`` of torch
+        tensors x [tokens, in] (``x_dtype``) and y [tokens, out] (``out_dtype``) on the backend's device, resolved
+        now; each call writes the same bits into y.  The caller vouches for the tensors (contiguous, those shapes and
+        dtypes, x finite): nothing is checked per call.  CUDA: the kernel launch on torch's current stream, no
+        allocation or synchronisation (capturable).  Bound to q's arrays: bind again when q is replaced."""
         ...

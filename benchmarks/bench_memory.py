@@ -72,6 +72,7 @@ def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_
     import torch
 
     from backends.torchlib import PagedAdamW
+    from backends.torchlib.prepare import enable_checkpointing
     from backends.torchlib.synthetic import random_qlora_model
     from qlora_ref import memory
 
@@ -96,7 +97,7 @@ def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_
     model = random_qlora_model(shape, backend="cupy", r=R, alpha=ALPHA, dropout=0.0, lora_dtype="bfloat16",
                                gradient_checkpointing=not offload, embeddings_on_host=embed_on_host)  # fmt: skip
     if offload:  # re-entrant checkpoints save their inputs through saved-tensor hooks: save_on_cpu can take them
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        enable_checkpointing(model, use_reentrant=True)
         model.enable_input_require_grads()
     model.train()
     sample("built")

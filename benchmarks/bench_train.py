@@ -136,6 +136,8 @@ def build(variant: str, model_dir: str):
     """(model, optimizer, clip function) for one variant, LoRA initialised identically."""
     import torch
 
+    from backends.torchlib.prepare import enable_checkpointing
+
     if variant.startswith("ours"):
         from backends.torchlib import PagedAdamW, clip_grad_norm_, load_model, qlora_layers
 
@@ -148,9 +150,7 @@ def build(variant: str, model_dir: str):
 
             fuse_blocks(model)
         if variant.endswith("graph"):  # no dropout, so no RNG state for the checkpoints to replay
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
-            )
+            enable_checkpointing(model, use_reentrant=False, preserve_rng_state=False)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = PagedAdamW(params, lr=LR, paged=True, check_finite="deferred")
         return model, opt, lambda ps: clip_grad_norm_(ps, MAX_NORM, error_if_nonfinite=False)
@@ -173,7 +173,7 @@ def build(variant: str, model_dir: str):
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": 0})
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, use_reentrant=False)
         model.enable_input_require_grads()
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,

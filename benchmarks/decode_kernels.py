@@ -1,8 +1,10 @@
 """The 4-bit matvec of decoding, one kernel call at a time: ours vs bitsandbytes vs bf16 cuBLAS vs the copy ceiling.
 
 Per weight shape (out, in) and token count T (x [T, in] bf16 -> y [T, out] bf16; NF4, blocksize 64, double quant):
-    ours           the cupy backend's ``matvec_4bit(order="any")`` (kernels/matvec_4bit.cu v3, MV-8), into y: what
-                   QLoRALinear decodes with up to layer.MATVEC_TOKENS rows
+    ours           the cupy backend's ``matvec_4bit(order="any")`` (kernels/matvec_4bit.cu v3, MV-8), into y, every
+                   argument checked per call
+    ours_bound     the same kernel through ``bind_matvec_4bit(q, T, order="any")(x, y)``: resolved once, a call reads
+                   two addresses and launches; what QLoRALinear decodes with up to layer.MATVEC_TOKENS rows
     ours_spec      the same in the spec's order (v2: MV-1 .. MV-5, the spec's bits)
     ours_deq_gemm  dequantize_4bit into a scratch bf16 weight + torch.mm: the layer's path for more rows
     bnb     ``bitsandbytes.matmul_4bit(x, W.t(), quant_state)``: its GEMV kernel for one token, dequantize + GEMM
@@ -73,11 +75,13 @@ def bench_shape(torch, be, bnb, cfg: KernelConfig, shape, l2: int, tbs: float) -
     for T in cfg.tokens:
         xs = [torch.randn(T, in_f, generator=g, device="cuda").to(torch.bfloat16) for _ in range(sets)]
         ys = [torch.empty(T, out_f, dtype=torch.bfloat16, device="cuda") for _ in range(sets)]
+        bound = [be.bind_matvec_4bit(q, T, order="any") for q in ours_q]  # the decode layer's path
         calls = {
             "ours": [
                 lambda i=i, xs=xs, ys=ys: be.matvec_4bit(xs[i], ours_q[i], out=ys[i], check_finite=False, order="any")
                 for i in range(sets)
             ],
+            "ours_bound": [lambda i=i, xs=xs, ys=ys, f=bound[i]: f(xs[i], ys[i]) for i in range(sets)],
             "ours_spec": [
                 lambda i=i, xs=xs, ys=ys: be.matvec_4bit(xs[i], ours_q[i], out=ys[i], check_finite=False)
                 for i in range(sets)
@@ -104,6 +108,7 @@ def bench_shape(torch, be, bnb, cfg: KernelConfig, shape, l2: int, tbs: float) -
             row[f"speedup_vs_{peer}_graph"] = theirs / ours if ours and theirs else None
         rows.append(row)
         print(f"  {out_f}x{in_f} T={T:<2} ours {_f(row['ours_graph_us'])} graph / {_f(row['ours_eager_us'])} eager us"
+              f" (bound {_f(row['ours_bound_eager_us'])} eager)"
               f"  (spec order {_f(row['ours_spec_graph_us'])}, dequantize + GEMM {_f(row['ours_deq_gemm_graph_us'])})"
               f"  bnb {_f(row.get('bnb_graph_us'))} / {_f(row.get('bnb_eager_us'))}"
               f"  bf16 {_f(row['bf16_graph_us'])} / {_f(row['bf16_eager_us'])}"
@@ -144,5 +149,6 @@ def run_kernels(cfg: KernelConfig | None = None) -> dict:
         key = f"gemv_{r['shape'][0]}x{r['shape'][1]}_t{r['tokens']}"
         doc[f"{key}_graph_us"] = r["ours_graph_us"]
         doc[f"{key}_eager_us"] = r["ours_eager_us"]
+        doc[f"{key}_bound_eager_us"] = r["ours_bound_eager_us"]
         doc[f"{key}_speedup_vs_bnb_graph"] = r["speedup_vs_bnb_graph"]
     return doc

@@ -151,7 +151,7 @@ def claim_verdict(base: list[float], other: list[float]) -> dict:
 def quiet_transformers() -> None:
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # gradient_checkpointing_enable
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # its deprecation notices
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -555,7 +555,7 @@ def llama_target_names(model: nn.Module) -> list[str]:
 def build_lm(arm: str, base: nn.Module, seed: int, *, device, r, alpha, dropout, gradient_checkpointing: bool):
     """A fresh copy of the causal LM prepared for the arm (LoRA drawn after seeding)."""
     from backends.app.trainer import seed_everything
-    from backends.torchlib.prepare import prepare_model
+    from backends.torchlib.prepare import enable_checkpointing, prepare_model
 
     model = copy.deepcopy(base)
     names = llama_target_names(model)
@@ -564,7 +564,7 @@ def build_lm(arm: str, base: nn.Module, seed: int, *, device, r, alpha, dropout,
         attach_lora(model, names, arm, device=device, r=r, alpha=alpha, dropout=dropout)
         model.config.use_cache = False
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, use_reentrant=False)
     else:
         prepare_model(model, backend=backend_name(device), r=r, alpha=alpha, dropout=dropout,
                       target="all-linear", quant_type=QUANT_TYPE[arm], double_quant=True, blocksize=64,

@@ -240,6 +240,19 @@ def matvec_bound(
 # --- MV-1, MV-9: the boundary -----------------------------------------------------------------------------------
 
 
+def launch_dtypes(tokens, x_dtype, out_dtype, order) -> tuple[str, str]:
+    """(x dtype name, out dtype name) of a bound matvec (a backend's ``bind_matvec_4bit``) after checking its
+    arguments against MV-1: 1..MAX_TOKENS tokens, x float32 or bfloat16, out one of OUT_DTYPES, order one of ORDERS."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or not 1 <= tokens <= MAX_TOKENS:
+        raise ValueError(f"tokens must be an int in 1..{MAX_TOKENS}, got {tokens!r}")
+    x_name, out_name = resolve_dtype(x_dtype, "x_dtype"), resolve_dtype(out_dtype, "out_dtype")
+    if x_name not in ("float32", "bfloat16") or out_name not in OUT_DTYPES:
+        raise ValueError(f"x_dtype and out_dtype must be float32 or bfloat16, got {x_dtype!r}, {out_dtype!r}")
+    return x_name, out_name
+
+
 def _prepare(x, q, dtype, out_dtype, lora):
     if not isinstance(q, Quantized4bit) or len(q.shape) != 2:
         raise ValueError(f"q must be a 2-D (out, in) Quantized4bit, got {type(q).__name__} {getattr(q, 'shape', '')}")

@@ -144,14 +144,13 @@ def tiny_prepared_llama(backend="numpy", *, dropout=0.0, checkpointing=False, se
     import transformers
 
     from backends.torchlib import prepare_model, qlora_layers
+    from backends.torchlib.prepare import enable_checkpointing
 
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
     prepare_model(model, backend=backend, r=4, alpha=8, dropout=dropout, gradient_checkpointing=False)
     if checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
-        )
+        enable_checkpointing(model, use_reentrant=False, preserve_rng_state=False)
     torch.manual_seed(seed + 1)
     for m in qlora_layers(model).values():
         m.reset_lora_parameters("random")

@@ -44,6 +44,7 @@ EXTRA_SOURCES = (
     "qlora_ref/quantized.py",
     "qlora_ref/adamw.py",
     "backends/torchlib/optim.py",
+    "backends/torchlib/optim_checks.py",
     "backends/torchlib/clip.py",
     "backends/torchlib/layer.py",
     "backends/torchlib/functional.py",

@@ -39,16 +39,15 @@ class GpuMicroSteps:
         from backends.torchlib.dropout import use_step_seed
         from backends.torchlib.graph import StepGraphs, capture_blockers
         from backends.torchlib.layer import QLoRALinear
+        from backends.torchlib.prepare import enable_checkpointing, is_checkpointing
 
         self.model, self.params = model, list(params.values())
         self.device = self.params[0].device
         self.seeds, self.graphs, self._acc = None, None, None
         if any(m.dropout > 0 for m in model.modules() if isinstance(m, QLoRALinear)):
             self.seeds = use_step_seed(model)
-        if getattr(model, "is_gradient_checkpointing", False):  # the masks no longer depend on RNG state
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
-            )
+        if is_checkpointing(model):  # the masks no longer depend on RNG state
+            enable_checkpointing(model, use_reentrant=False, preserve_rng_state=False)
         if cfg.train.cuda_graphs == "off":
             return
         why = capture_blockers(model) + (["data parallel (--nproc > 1)"] if D.world_size() > 1 else [])

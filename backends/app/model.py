@@ -39,12 +39,11 @@ STORED_ACTIVATIONS_SHARE = 0.5
 
 
 def recomputes(model) -> bool:
-    """Whether the model recomputes its layers in backward (transformers 5 renamed gradient to activation
-    checkpointing and deprecated the old name)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
+    """Whether the model recomputes its layers in backward (transformers 5.23 renamed gradient to activation
+    checkpointing and deprecated the old name: `backends.torchlib.prepare.is_checkpointing` reads either)."""
+    from backends.torchlib.prepare import is_checkpointing
+
+    return is_checkpointing(model)
 
 
 def settle_checkpointing(model, m: ModelConfig, *, batch: int, seq_len: int, free_bytes: int) -> str | None:
@@ -68,7 +67,9 @@ def settle_checkpointing(model, m: ModelConfig, *, batch: int, seq_len: int, fre
     gb += f" of {free_bytes / memory.GB:.1f} GB free"
     if need > STORED_ACTIVATIONS_SHARE * free_bytes:
         return f"gradient checkpointing on: {gb}"
-    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    from backends.torchlib.prepare import disable_checkpointing
+
+    disable_checkpointing(model)
     q.gradient_checkpointing = False
     return f"gradient checkpointing off: {gb}"
 

@@ -108,5 +108,14 @@ class CupyBackend:
         return matvec.matvec_4bit(x, q, dtype=dtype, out_dtype=out_dtype, out=out, check_finite=check_finite,
                                   kernel=kernel)  # fmt: skip
 
+    def bind_matvec_4bit(self, q, tokens, *, x_dtype="bfloat16", out_dtype="bfloat16", order="spec"):
+        from qlora_ref.matvec import launch_dtypes
+
+        from . import matvec
+
+        launch_dtypes(tokens, x_dtype, out_dtype, order)
+        kernel = "v2" if order == "spec" else "v3"
+        return matvec.bind_matvec_4bit(q, tokens, x_dtype=x_dtype, out_dtype=out_dtype, kernel=kernel)
+
 
 __all__ = ["CupyBackend"]

@@ -2,6 +2,9 @@
 
     y = matvec_4bit(x, q)                     x [T, in] or [in], T = 1..16, float32 or bf16; q a 2-D [out, in] state
     matvec_4bit(x, q, out=buf)                written into the caller's buffer (torch CUDA tensor or CuPy array)
+    launch = bind_matvec_4bit(q, T); launch(x, buf)
+                                              the same write for torch tensors x [T, in], buf [T, out], resolved
+                                              once: a call reads two addresses and launches (the decode layer's path)
 
 y[t, o] = round_T(((+0 + s_0) + s_1) + ...), s_c the float32 sum in j order of f32(x[t, j] * w[o, j]) over the
 row's elements in its c-th quant block, w the float32 decode of BW-7 / DQ-3 (specs/matvec.md MV-2 .. MV-5): the same
@@ -20,9 +23,9 @@ import cupy as cp
 import numpy as np
 
 import qlora_ref
-from backends.bridge import dtype_name, is_torch, on_torch_stream
+from backends.bridge import dtype_name, is_torch, on_torch_stream, torch_stream_getter
 from qlora_ref.dtypes import resolve_dtype
-from qlora_ref.matvec import MAX_TOKENS, OUT_DTYPES
+from qlora_ref.matvec import MAX_TOKENS, OUT_DTYPES, launch_dtypes
 
 from . import build, launch
 from . import offset as device_info
@@ -35,7 +38,7 @@ KERNEL_FILE = "matvec_4bit.cu"
 KERNELS = ("v1", "v2", "v3")
 MAX_IN = 2**30  # the kernel's column index is a 32-bit int with room for a block of padding
 
-__all__ = ["matvec_4bit"]
+__all__ = ["bind_matvec_4bit", "matvec_4bit"]
 
 
 def _x_dtype(x, dtype) -> str:
@@ -165,28 +168,68 @@ def matvec_4bit(
 
 
 def _launch(qd: DeviceQuantized4bit, xv, x_dtype: str, y_arg, out_dtype: str, T: int, kernel: str, config) -> None:
-    out_f, in_f = qd.shape
-    dq = qd.double_quant
-    state = state_args(qd)
+    k, grid, block, head, tail, shared = _resolve(qd, x_dtype, out_dtype, T, kernel, xv.aligned, config)
     flags = (xv.arg, np.int32(x_dtype == "bfloat16"), y_arg, np.int32(out_dtype == "bfloat16"))
+    k(grid, block, head + flags + tail, shared_mem=shared)
+
+
+def _resolve(qd: DeviceQuantized4bit, x_dtype: str, out_dtype: str, T: int, kernel: str, x_aligned: bool, config):
+    """(RawKernel, grid, block, args before x, args after y, shared bytes) of one matvec launch: everything but the
+    x and y addresses (and their dtype flags), which go between ``head`` and ``tail``."""
+    out_f, in_f = qd.shape
+    state = state_args(qd)
     log2_bs = np.int32(qd.blocksize.bit_length() - 1)
-    dqs = "true" if dq else "false"
-    kernel = launch.matvec_kernel(kernel, in_f, qd.blocksize, qd.packed.data.ptr % 16 == 0, xv.aligned)
+    dqs = "true" if qd.double_quant else "false"
+    kernel = launch.matvec_kernel(kernel, in_f, qd.blocksize, qd.packed.data.ptr % 16 == 0, x_aligned)
+    head = (qd.packed, np.int32(out_f), np.int32(in_f), np.int32(T), log2_bs) + state
     if kernel == "v3":
         tp = next(t for t in build.MATVEC_TOKENS if t >= T)
         grid, block = launch.matvec_4bit_v3_config(out_f)
         ku = launch.matvec_4bit_v3_chunks(out_f, T, device_info.current_device()["sm_count"])
-        k = build.kernel(KERNEL_FILE, f"matvec_4bit_v3<{dqs}, {tp}, {ku}>")
-        k(grid, block, (qd.packed, np.int32(out_f), np.int32(in_f), np.int32(T), log2_bs) + state + flags)
-    elif kernel == "v2":
+        return build.kernel(KERNEL_FILE, f"matvec_4bit_v3<{dqs}, {tp}, {ku}>"), grid, block, head, (), 0
+    if kernel == "v2":
         c = config or launch.matvec_4bit_v2_config(
             out_f, in_f, qd.blocksize, T, device_info.current_device()["sm_count"]
         )
         k = build.kernel(KERNEL_FILE, f"matvec_4bit_v2<{dqs}, {c.tokens}>")
-        head = (qd.packed, np.int64(qd.packed.size), np.int32(out_f), np.int32(in_f), np.int32(T), log2_bs)
+        head = (qd.packed, np.int64(qd.packed.size)) + head[1:]
         layout = (np.int32(c.period), np.int32(c.classes), np.int32(c.lanes), np.int32(c.window))
-        k(c.grid, c.block, head + state + flags + layout, shared_mem=c.shared_bytes)
-    else:
-        grid, block = launch.matvec_4bit_v1_config(T, out_f)
-        k = build.kernel(KERNEL_FILE, f"matvec_4bit_v1<{dqs}>")
-        k(grid, block, (qd.packed, np.int32(out_f), np.int32(in_f), np.int32(T), log2_bs) + state + flags)
+        return k, c.grid, c.block, head, layout, c.shared_bytes
+    grid, block = launch.matvec_4bit_v1_config(T, out_f)
+    return build.kernel(KERNEL_FILE, f"matvec_4bit_v1<{dqs}>"), grid, block, head, (), 0
+
+
+def bind_matvec_4bit(q, tokens: int, *, x_dtype: str = "bfloat16", out_dtype: str = "bfloat16", kernel: str = "v3"):
+    """``matvec_4bit(x, q, out=y, check_finite=False, kernel=kernel)`` for torch CUDA tensors x [tokens, in] of
+    ``x_dtype`` and y [tokens, out] of ``out_dtype``, resolved now (q on the device, the kernel compiled and loaded,
+    its launch configuration and every argument but the two addresses); ``launch(x, y)`` then reads x's and y's
+    addresses and launches on torch's current stream: no allocation, no synchronisation, capturable.
+
+    The caller vouches for x and y (contiguous, on q's GPU, those shapes and dtypes, x finite): the decode layer's
+    own tensors.  Only the addresses are looked at per call: an x that is not 16-byte aligned (a view at an odd
+    offset) takes the unbound path, which picks the kernel that can read it.  Call with q's device current."""
+    if not isinstance(q, qlora_ref.Quantized4bit) or len(q.shape) != 2:
+        raise ValueError(f"q must be a 2-D (out, in) Quantized4bit, got {type(q).__name__} {getattr(q, 'shape', '')}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    x_dtype, out_dtype = launch_dtypes(tokens, x_dtype, out_dtype, "any")
+    tokens = int(tokens)
+    qd = DeviceQuantized4bit.from_host(q)
+    device = qd.packed.device.id
+    with cp.cuda.Device(device):
+        k, grid, block, head, tail, shared = _resolve(qd, x_dtype, out_dtype, tokens, kernel, True, None)
+        fn = k.kernel  # the cupy.cuda.Function for this device (compiled and loaded now)
+    head = tuple(np.uint64(a.data.ptr) if isinstance(a, cp.ndarray) else a for a in head)
+    x_flag, y_flag = np.int32(x_dtype == "bfloat16"), np.int32(out_dtype == "bfloat16")
+    stream = torch_stream_getter(device)
+    uint64 = np.uint64
+
+    def launch_matvec(x, y) -> None:
+        x_ptr = x.data_ptr()
+        if x_ptr & 15:  # the bound kernel may need aligned x (v3): the checked path chooses
+            matvec_4bit(x, qd, out=y, check_finite=False, kernel=kernel)
+            return
+        fn(grid, block, (*head, uint64(x_ptr), x_flag, uint64(y.data_ptr()), y_flag, *tail), shared, stream())
+
+    launch_matvec.keep = (qd, k)  # the arrays head's addresses point into stay alive as long as the launch
+    return launch_matvec

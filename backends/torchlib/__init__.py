@@ -10,6 +10,7 @@ prepare.py    prepare_model: nn.Linear -> QLoRALinear, layer by layer on the bac
 load.py       load_model / load_tokenizer (safetensors, GGUF, bitsandbytes 4-bit checkpoints), the model cache
 synthetic.py  random LLaMA-shaped QLoRA models made on the device (memory runs)
 optim.py      PagedAdamW: the torch optimizer over the backend's AdamW step (CUDA: states paged in managed memory)
+optim_checks.py  backend_for (the backend of a device) and PagedAdamW's parameter / gradient / state-dict checks
 clip.py       the spec's global-norm gradient clipping
 graph.py      CapturedStep: forward + backward as one CUDA graph, replayed
 export.py     PEFT adapter, bitsandbytes 4-bit checkpoint, exact merged 16-bit export

@@ -23,7 +23,7 @@ import torch
 
 from backends import Backend
 
-from .optim import backend_for
+from .optim_checks import backend_for
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -244,6 +244,7 @@ class QLoRALinear(nn.Module):
         self.step_seed = None  # a dropout.StepSeed: masks from device memory (LORA-8), capturable; None: host seeds
         self.seed_salt = 0  # this layer's salt under a StepSeed (use_step_seed sets it from the module's name)
         self._bound = None  # (scratch buffer, W_hat view into it, the backend's bound dequantize launch)
+        self._matvec: dict[int, tuple] = {}  # tokens -> (q, the backend's bound matvec launch), for decoding
 
     @classmethod
     def from_linear(
@@ -377,11 +378,21 @@ class QLoRALinear(nn.Module):
         the packed 4-bit weight once (float32 sums, one rounding; any order, within MV-8's any-order bound), instead
         of writing W_hat and reading it back in a GEMM; the two paths agree to MV-8's bound, not bit for bit.  No
         host synchronisation or host-side allocation: a decode step can be captured."""
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).contiguous()
         y = torch.empty(x2.shape[0], self.out_features, dtype=self.compute_dtype, device=x.device)
-        self.backend.matvec_4bit(x2, self.q, out=y, check_finite=False, order="any")
+        self._matvec_launch(x2.shape[0])(x2, y)
         y, _ = add_lora(y, x2, self.lora_A, self.lora_B, self.bias, self.scaling, None)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _matvec_launch(self, tokens: int):
+        """The backend's matvec of ``tokens`` rows in the compute dtype, bound once per token count and q
+        (``bind_matvec_4bit``: a call is the launch; rebound when q is replaced, e.g. by a sharded base)."""
+        bound = self._matvec.get(tokens)
+        if bound is None or bound[0] is not self.q:
+            name = DTYPE_NAMES[self.compute_dtype]
+            launch = self.backend.bind_matvec_4bit(self.q, tokens, x_dtype=name, out_dtype=name, order="any")
+            bound = self._matvec[tokens] = (self.q, launch)
+        return bound[1]
 
     def extra_repr(self) -> str:
         return (

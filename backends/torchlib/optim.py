@@ -41,37 +41,16 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from backends import BACKENDS, Backend, get_backend, placement
-from backends.adamw_state import (
-    BLOCKSIZE_8BIT,
-    STATE_NAMES,
-    DeviceMemoryError,
-    StepScalars,
-    check_hyper,
-    state_layout,
-    step_scalars,
-)
+from backends import Backend
+from backends.adamw_state import BLOCKSIZE_8BIT, DeviceMemoryError, StepScalars, check_hyper, step_scalars
 from qlora_ref.checks import NonFiniteError
 
+from .optim_checks import PARAM_DTYPES, backend_for, check_grad, check_param, checked_states, common_device
+
 STATE_DICT_FORMAT = "qlora_ref.PagedAdamW/1"
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STRIDED = torch.strided
 
-__all__ = ["DeviceMemoryError", "PagedAdamW", "StepScalars", "backend_for", "step_scalars"]
-
-
-def backend_for(device: torch.device, backend: str | Backend | None = None) -> Backend:
-    """The backend that computes on ``device``: the one named (checked against the device), else the one of BACKENDS
-    whose placement (`backends.placement`) is the tensors' device type (numpy for CPU tensors, cupy for CUDA ones)."""
-    if backend is None:
-        names = [name for name in BACKENDS if placement(name)[0] == device.type]
-        if not names:
-            raise ValueError(f"no backend computes on {device} (backends: {BACKENDS}); move the tensors first")
-        backend = names[0]
-    be = get_backend(backend) if isinstance(backend, str) else backend
-    if placement(be)[0] != device.type:
-        raise ValueError(f"the {be.name} backend computes on {placement(be)[0]}, but the tensors are on {device}")
-    return be
+__all__ = ["DeviceMemoryError", "PagedAdamW", "StepScalars", "step_scalars"]
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -135,10 +114,10 @@ class PagedAdamW(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(self._params)}
         if len(self._index) != len(self._params):
             raise ValueError("a parameter appears more than once in the param groups")
-        self._device = _common_device(self._params)
+        self._device = common_device(self._params)
         for i, p in enumerate(self._params):
             self.state[p]["step"] = 0
-            _check_param(i, p)
+            check_param(i, p)
         self.backend = backend_for(self._device, backend)
         self._states = self.backend.adamw_states(
             [p.numel() for p in self._params],
@@ -232,8 +211,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 # torch itself refuses a .grad of another shape, dtype or device on assignment; what it allows and the
                 # kernel cannot take (non-contiguous, sparse, a param swapped to another dtype) goes to the full
                 # check.  This keeps the per-step host cost at ~0.5 us per tensor.
-                if g.layout is not _STRIDED or not g.is_contiguous() or p.dtype not in _DTYPES:
-                    _check_grad(i, p)
+                if g.layout is not _STRIDED or not g.is_contiguous() or p.dtype not in PARAM_DTYPES:
+                    check_grad(i, p)
                 t = self.state[p]["step"] + 1
                 key = (id(group), t)
                 if key not in cache:
@@ -345,7 +324,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     f"param group {k}: state dict has {len(saved['params'])} parameters, "
                     f"this optimizer {len(mine['params'])}"
                 )
-        steps, arrays = _checked_states(state_dict["state"], self._params, self.state_bits)
+        steps, arrays = checked_states(state_dict["state"], self._params, self.state_bits)
         self._pending = None  # the loaded counts replace whatever the last step left
         self._states.load(arrays)
         for p, step in zip(self._params, steps, strict=True):
@@ -354,69 +333,3 @@ class PagedAdamW(torch.optim.Optimizer):
             for k, v in saved.items():
                 if k != "params":
                     mine[k] = tuple(v) if k == "betas" else v
-
-
-# ---- boundary checks -------------------------------------------------------------------------------------------
-
-
-def _checked_states(state: dict, params: list[torch.Tensor], state_bits: int):
-    """(steps, host arrays) of a state dict's "state", each checked against `state_layout` of its parameter."""
-    names = STATE_NAMES[state_bits]
-    steps, arrays = [], []
-    for i, p in enumerate(params):
-        if i not in state:
-            raise ValueError(f"state dict has no state for parameter {i} (shape {tuple(p.shape)})")
-        entry = state[i]
-        missing = [k for k in ("step", *names) if k not in entry]
-        if missing:
-            raise ValueError(f"state of parameter {i} lacks {missing} (has {sorted(entry)})")
-        step = entry["step"]
-        step = int(step.item()) if isinstance(step, torch.Tensor) else step
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"state of parameter {i}: step must be an int >= 0, got {entry['step']!r}")
-        n = p.numel()
-        out = {}
-        for k, (dtype, size) in state_layout(n, state_bits).items():
-            a = entry[k]
-            a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-            if a.dtype != dtype or a.size != size:
-                raise ValueError(
-                    f"state {k!r} of parameter {i} (shape {tuple(p.shape)}, {n} elements) is "
-                    f"{a.dtype}[{a.size}], expected {np.dtype(dtype).name}[{size}]: the state dict belongs to "
-                    "different parameters"
-                )
-            out[k] = np.ascontiguousarray(a.ravel())
-        steps.append(step)
-        arrays.append(out)
-    return steps, arrays
-
-
-def _common_device(params: list[torch.Tensor]) -> torch.device:
-    if not params:
-        raise ValueError("PagedAdamW got no parameters")
-    devices = {p.device for p in params}
-    if len(devices) != 1:
-        got = sorted(map(str, devices))
-        raise ValueError(f"all parameters must be on one device (CPU or one CUDA device), got {got}")
-    return devices.pop()
-
-
-def _check_param(i: int, p: torch.Tensor) -> None:
-    if p.dtype not in _DTYPES:
-        raise TypeError(f"parameter {i} has dtype {p.dtype}; PagedAdamW takes float32, bfloat16 or float16")
-    if not p.is_contiguous():
-        raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) is not contiguous; make it contiguous first")
-
-
-def _check_grad(i: int, p: torch.Tensor) -> None:
-    g = p.grad
-    if g.is_sparse:
-        raise TypeError(f"parameter {i} has a sparse gradient; PagedAdamW supports dense gradients only")
-    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-        raise ValueError(
-            f"gradient of parameter {i} is {g.dtype}{tuple(g.shape)} on {g.device}, "
-            f"expected {p.dtype}{tuple(p.shape)} on {p.device}"
-        )
-    if not g.is_contiguous():
-        raise ValueError(f"gradient of parameter {i} is not contiguous")
-    _check_param(i, p)

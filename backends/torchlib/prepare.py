@@ -6,6 +6,11 @@
 quantizing one layer at a time on the backend's device, so the GPU never holds more than one linear weight in 16 bits.
 Everything else (embeddings, norms, the LM head) is frozen and cast to the compute dtype.  The resolved settings are
 kept on the model as ``model.qlora_config`` (a ``QLoRAConfig``) and used by ``backends.torchlib.export``.
+
+``enable_checkpointing`` / ``disable_checkpointing`` / ``is_checkpointing`` switch and read transformers' gradient
+checkpointing under either of its names: ``activation_checkpointing_enable(activation_checkpointing_kwargs=...)``,
+``activation_checkpointing_disable()``, ``is_activation_checkpointing`` from transformers 5.23 on; the
+``gradient_checkpointing_*`` names before (deprecated from 5.23, removed in v6).
 """
 
 from __future__ import annotations
@@ -243,7 +248,7 @@ def prepare_model(
         fuse_kernels(model, exact=fuse == "exact")
     model.config.use_cache = False
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, use_reentrant=False)
     model.qlora_config = QLoRAConfig(
         backend=be.name,
         r=r,
@@ -274,3 +279,32 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     """The adapter parameters (lora_A, lora_B of every QLoRALinear; lora_magnitude_vector too with DoRA), the only
     ones with requires_grad."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- gradient checkpointing, by either of transformers' names ----------------------------------------------------
+
+
+def enable_checkpointing(model, **checkpoint_kwargs) -> None:
+    """Recompute each decoder layer in backward; ``checkpoint_kwargs`` go to ``torch.utils.checkpoint.checkpoint``
+    (e.g. ``use_reentrant=False``).  transformers >= 5.23: ``activation_checkpointing_enable``; older ones:
+    ``gradient_checkpointing_enable``."""
+    kwargs = checkpoint_kwargs or None  # None: transformers' own default ({"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_checkpointing(model) -> None:
+    """Keep every layer's activations again (``activation_checkpointing_disable``, or the older name)."""
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def is_checkpointing(model) -> bool:
+    """Whether the model recomputes its layers in backward (False for a model that has no checkpointing)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        value = getattr(model, name, None)
+        if value is not None:
+            return bool(value)
+    return False

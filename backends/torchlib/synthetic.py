@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .layer import DTYPE_NAMES, QLoRALinear, as_torch_dtype, scratch_buffer
-from .prepare import QLoRAConfig, _target_names, replace_linears
+from .prepare import QLoRAConfig, _target_names, enable_checkpointing, replace_linears
 
 
 class HostEmbedding(nn.Module):
@@ -118,7 +118,7 @@ def random_qlora_model(
     if device.type == "cuda":
         torch.cuda.empty_cache()  # return the 16-bit weights' cached blocks: they were transient
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, use_reentrant=False)
     model.qlora_config = QLoRAConfig(
         backend=be.name, r=r, alpha=alpha, dropout=dropout, target="all-linear", quant_type=quant_type,
         double_quant=double_quant, blocksize=blocksize, lora_dtype=DTYPE_NAMES[ldt], compute_dtype=DTYPE_NAMES[cdt],

@@ -1,9 +1,11 @@
-"""The lean seams of the backend protocol: bind_dequantize_4bit, the deferred non-finite flag, to_host / to_device,
-placement, and the torch <-> array bridge.  Every backend (numpy in CI, cupy under the ``gpu`` marker).
+"""The lean seams of the backend protocol: bind_dequantize_4bit, bind_matvec_4bit, the deferred non-finite flag,
+to_host / to_device, placement, and the torch <-> array bridge.  Every backend (numpy in CI, cupy under the ``gpu``
+marker).
 
 bind_dequantize_4bit(q, out)() must write exactly the bytes dequantize_4bit(q, out=out) writes (BW-7, DQ-3), for every
 output dtype and for torch and array buffers; on CUDA a launch captured in a torch.cuda.CUDAGraph and replayed must
-write them too (no allocation, no synchronisation, torch's capture stream followed).
+write them too (no allocation, no synchronisation, torch's capture stream followed).  bind_matvec_4bit(q, T)(x, y)
+must write the bits matvec_4bit(x, q, out=y) writes, in both orders, the spec's order being the spec's bits.
 """
 
 from __future__ import annotations
@@ -147,6 +149,87 @@ def test_bind_follows_torch_current_stream():
         got = out.clone()
     torch.cuda.synchronize()
     np.testing.assert_array_equal(_torch_bits(got), _torch_bits(ref))
+
+
+# --- bind_matvec_4bit ---------------------------------------------------------------------------------------------
+
+
+def _matvec_io(be, shape, tokens, x_dtype, out_dtype, seed=0):
+    """(q on the device, x [tokens, in] torch tensor, y [tokens, out] torch tensor filled with 7s, spec's y bits)."""
+    torch = pytest.importorskip("torch")
+    device, _ = placement(be)
+    q_host = _state(shape, seed=seed)
+    x32 = np.random.default_rng(seed + 1).standard_normal((tokens, shape[1])).astype(np.float32)
+    x = torch.from_numpy(x32).to(device=device, dtype=getattr(torch, x_dtype))
+    y = torch.full((tokens, shape[0]), 7.0, dtype=getattr(torch, out_dtype), device=device)
+    spec = qlora_ref.matvec.matvec_4bit(bridge.to_host(x), q_host, dtype=x_dtype, out_dtype=out_dtype)
+    return be.to_device(q_host), x, y, spec
+
+
+@pytest.mark.parametrize("order", ["spec", "any"])
+@pytest.mark.parametrize(
+    "x_dtype,out_dtype", [("bfloat16", "bfloat16"), ("float32", "float32"), ("bfloat16", "float32")]
+)
+@pytest.mark.parametrize("shape,tokens", [((96, 128), 1), ((40, 320), 3), ((33, 4096), 16), ((7, 13), 2)], ids=str)
+def test_bind_matvec_same_bits(be, order, x_dtype, out_dtype, shape, tokens):
+    """The bound launch writes matvec_4bit(x, q, out=y)'s bits; in the spec's order those are the spec's."""
+    torch = pytest.importorskip("torch")
+    q, x, y, spec = _matvec_io(be, shape, tokens, x_dtype, out_dtype, seed=shape[0] + tokens)
+    ref = torch.empty_like(y)
+    be.matvec_4bit(x, q, out=ref, check_finite=False, order=order)
+    launch = be.bind_matvec_4bit(q, tokens, x_dtype=x_dtype, out_dtype=out_dtype, order=order)
+    launch(x, y)
+    np.testing.assert_array_equal(_torch_bits(y), _torch_bits(ref))
+    if order == "spec":
+        np.testing.assert_array_equal(_torch_bits(y).astype(np.int64) & (0xFFFF if out_dtype == "bfloat16" else
+                                      0xFFFFFFFF), _array_bits(spec).astype(np.int64))  # fmt: skip
+    x2 = x.flip(0).contiguous()  # another x at another address: the launch reads the addresses at each call
+    launch(x2, y)
+    be.matvec_4bit(x2, q, out=ref, check_finite=False, order=order)
+    np.testing.assert_array_equal(_torch_bits(y), _torch_bits(ref))
+
+
+def test_bind_matvec_refuses_bad_arguments(be):
+    q = be.to_device(_state((8, 64)))
+    with pytest.raises(ValueError, match="tokens"):
+        be.bind_matvec_4bit(q, 17)
+    with pytest.raises(ValueError, match="tokens"):
+        be.bind_matvec_4bit(q, True)
+    with pytest.raises(ValueError, match="x_dtype and out_dtype"):
+        be.bind_matvec_4bit(q, 1, x_dtype="float16")
+    with pytest.raises(ValueError, match="order"):
+        be.bind_matvec_4bit(q, 1, order="fast")
+
+
+@pytest.mark.gpu
+def test_bind_matvec_unaligned_x_and_capture():
+    """An x view at an address that is not 16-byte aligned takes the checked path (same bits); the bound launch
+    captured in a CUDA graph and replayed writes the eager bits (torch's capture stream followed)."""
+    torch = pytest.importorskip("torch")
+    be = get_backend("cupy")
+    q, x, y, _ = _matvec_io(be, (300, 512), 2, "bfloat16", "bfloat16", seed=5)
+    ref = torch.empty_like(y)
+    launch = be.bind_matvec_4bit(q, 2, order="any")
+    big = torch.empty(2 * 512 + 1, dtype=torch.bfloat16, device="cuda")
+    xu = big[1:].view(2, 512)  # 2 bytes past an aligned address
+    xu.copy_(x)
+    assert xu.data_ptr() % 16 != 0
+    be.matvec_4bit(xu, q, out=ref, check_finite=False, order="any")
+    launch(xu, y)
+    np.testing.assert_array_equal(_torch_bits(y), _torch_bits(ref))
+    be.matvec_4bit(x, q, out=ref, check_finite=False, order="any")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        launch(x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch(x, y)
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(_torch_bits(y), _torch_bits(ref))
 
 
 # --- the deferred non-finite check ---------------------------------------------------------------------------------

@@ -243,7 +243,6 @@ def test_sst2_command_end_to_end(minilm, shared_dir, tmp_path, monkeypatch):
 # --- the causal-LM arms (a tiny random LLaMA stands in for SmolLM2) ---------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5: gradient_checkpointing_enable's new name
 def test_lm_arms_share_targets_and_init():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_DECODER
 
+from backends.torchlib import prepare_model, qlora_layers
 from backends.torchlib.fuse import FusedRMSNorm, fuse_kernels, rms_norm_reference, rope, rope_reference, swiglu
 
 pytestmark = pytest.mark.gpu
@@ -33,6 +35,19 @@ def assert_within(ours, ref, dtype, units, *, rowwise=False):
     ours, ref = ours.double(), ref.double()
     scale = ref.abs().amax(-1, keepdim=True) if rowwise else ref
     assert torch.all((ours - ref).abs() <= units * ulp(scale, dtype)), (ours - ref).abs().max().item()
+
+
+def tiny_llama(*, fuse, checkpointing=False):
+    """A tiny random LLaMA (TINY_DECODER) prepared on cupy (r 4, alpha 8, no dropout) with the given fusion and
+    gradient checkpointing, random LoRA weights (the same seeds for every call), in train mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
+    prepare_model(m, backend="cupy", r=4, alpha=8, dropout=0.0, gradient_checkpointing=checkpointing, fuse=fuse)
+    torch.manual_seed(1)
+    for layer in qlora_layers(m).values():
+        layer.reset_lora_parameters("random")
+    return m.train()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -77,21 +92,7 @@ def test_swiglu_forward_and_backward_are_silu_times_up_within_the_bound(dtype):
 def test_prepared_model_runs_the_fused_modules_close_to_the_unfused_one():
     """prepare_model on cupy swaps every norm and MLP (fuse=False: none, same state-dict keys); the loss and the LoRA
     gradients of a tiny LLaMA agree with the unfused model's (bf16 activations: loose, relative 1% / 3%)."""
-    transformers = pytest.importorskip("transformers")
-    from conftest import TINY_DECODER
-
-    from backends.torchlib import prepare_model, qlora_layers
-
-    def build(fuse):
-        torch.manual_seed(0)
-        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
-        prepare_model(m, backend="cupy", r=4, alpha=8, dropout=0.0, gradient_checkpointing=False, fuse=fuse)
-        torch.manual_seed(1)
-        for layer in qlora_layers(m).values():
-            layer.reset_lora_parameters("random")
-        return m.train()
-
-    fused, plain = build(True), build(False)
+    fused, plain = tiny_llama(fuse=True), tiny_llama(fuse=False)
     n = TINY_DECODER["num_hidden_layers"]
     assert sum(isinstance(x, FusedRMSNorm) for x in fused.modules()) == 2 * n + 1
     assert sum(isinstance(x, FusedRMSNorm) for x in plain.modules()) == 0
@@ -151,21 +152,8 @@ def test_swiglu_vector_kernels_give_the_scalar_kernels_bits(dtype):
 def test_prepared_model_with_exact_fusion_is_the_unfused_model_bit_for_bit(checkpointing):
     """fuse="exact" (the command's default on cupy): RoPE as one kernel; logits, loss and every LoRA gradient equal
     the unfused model's exactly, with and without gradient checkpointing's recompute."""
-    transformers = pytest.importorskip("transformers")
-    from conftest import TINY_DECODER
-
-    from backends.torchlib import prepare_model, qlora_layers
-
-    def build(fuse):
-        torch.manual_seed(0)
-        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
-        prepare_model(m, backend="cupy", r=4, alpha=8, dropout=0.0, gradient_checkpointing=checkpointing, fuse=fuse)
-        torch.manual_seed(1)
-        for layer in qlora_layers(m).values():
-            layer.reset_lora_parameters("random")
-        return m.train()
-
-    exact, plain = build("exact"), build(False)
+    exact = tiny_llama(fuse="exact", checkpointing=checkpointing)
+    plain = tiny_llama(fuse=False, checkpointing=checkpointing)
     n = TINY_DECODER["num_hidden_layers"]
     assert fuse_kernels(exact, exact=True) == {"norms": 0, "mlps": 0, "ropes": n}
     ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 24), device="cuda")

@@ -8,6 +8,8 @@ GPU: the CuPy layer takes it by default and agrees with its own GEMM path within
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,10 +31,17 @@ class _Counting:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def matvec_4bit(self, *a, **kw):
-        self.calls += 1
-        self.orders = getattr(self, "orders", []) + [kw.get("order", "spec")]
-        return self.backend.matvec_4bit(*a, **kw)
+    def bind_matvec_4bit(self, q, tokens, **kw):
+        """The layer's decode path: bound once per token count, each launch counted (with the order it was bound in)."""
+        self.binds = getattr(self, "binds", 0) + 1
+        launch = self.backend.bind_matvec_4bit(q, tokens, **kw)
+
+        def counted(x, y):
+            self.calls += 1
+            self.orders = getattr(self, "orders", []) + [kw.get("order", "spec")]
+            launch(x, y)
+
+        return counted
 
 
 def test_decode_path_is_taken_only_without_gradients_and_for_few_tokens():
@@ -49,6 +58,20 @@ def test_decode_path_is_taken_only_without_gradients_and_for_few_tokens():
     with torch.no_grad():
         layer(torch.randn(MATVEC_TOKENS + 1, 160))  # more rows: dequantize + GEMM
     assert layer.backend.calls == 1
+
+
+def test_decode_binds_once_per_token_count_and_again_for_a_new_q():
+    layer = _layer()
+    layer.matvec, layer.backend = True, _Counting(layer.backend)
+    with torch.no_grad():
+        a, b = layer(torch.randn(1, 160)), layer(torch.randn(1, 160))
+        layer(torch.randn(3, 160))
+        assert (layer.backend.binds, layer.backend.calls) == (2, 3)  # T = 1 bound once and launched twice, T = 3
+        x = torch.randn(2, 160)
+        want = layer(x)
+        layer.q = dataclasses.replace(layer.q)  # a replaced base (as a sharded base swaps q): bound again
+        got = layer(x)
+    assert layer.backend.binds == 4 and torch.equal(got, want) and a.shape == b.shape == (1, 96)
 
 
 def test_decode_path_equals_the_gemm_path_within_float32_error():

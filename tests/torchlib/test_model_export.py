@@ -39,6 +39,7 @@ from backends.torchlib import (
     trainable_parameters,
 )
 from backends.torchlib.export import bnb_quantization_config
+from backends.torchlib.prepare import is_checkpointing
 from qlora_ref import lora as spec_lora
 
 transformers = pytest.importorskip("transformers")
@@ -85,7 +86,7 @@ def test_prepare_replaces_every_linear_but_the_head():
     assert len(trainable) == 2 * len(layers)
     assert {id(p) for p in trainable} == {id(p) for m in layers.values() for p in (m.lora_A, m.lora_B)}
     assert all(m.q.quant_type == "nf4" and m.q.double_quant and m.q.blocksize == 64 for m in layers.values())
-    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    assert is_checkpointing(model) and model.config.use_cache is False
     assert model.qlora_config.target_modules == list(layers)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from backends.torchlib import QLoRALinear
+from backends.torchlib.prepare import enable_checkpointing
 from backends.torchlib.synthetic import HostEmbedding, random_qlora_model
 from qlora_ref.memory import ModelShape
 
@@ -34,7 +35,7 @@ def test_host_embedding_and_offloaded_checkpoints_train():
     assert isinstance(emb, HostEmbedding)
     ids = torch.randint(0, TINY.vocab, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(emb(ids), emb.weight[ids])
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(m, use_reentrant=True)
     m.enable_input_require_grads()
     m.train()
     with torch.autograd.graph.save_on_cpu():
