@@ -14,7 +14,8 @@ by its module name (B = 0).
     ours-no-fuse  transformers' numerics, qlora finetune's default (fuse="exact": RoPE's kernel, eager RMSNorm and
                SwiGLU): what the norm and activation kernels are worth
     ours-graph the same, forward + backward captured once as a CUDA graph (backends.torchlib.CapturedStep) and
-               replayed; clipping and the optimizer step eager after each replay
+               replayed; clipping and the optimizer step eager after each replay; captured under
+               masks.causal_capture (the batches are unpadded: SDPA's causal kernel, not an explicit mask)
     ours-fused ours-no-fuse with each block's attention, MLP and norms compiled by inductor (fuse.fuse_blocks):
                RMSNorm, RoPE, SwiGLU fused around the qlora::linear operators
     ours-fused-graph  both
@@ -214,9 +215,11 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
     captured = None
     if variant.endswith("graph"):
         from backends.torchlib.graph import CapturedStep
+        from backends.torchlib.masks import causal_capture
 
         t0 = time.perf_counter()
-        captured = CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": data[0]})
+        with causal_capture(model):  # unpadded, unpacked batches: SDPA's causal kernel inside the graph, as eager
+            captured = CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": data[0]})
         setup_s += time.perf_counter() - t0
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()

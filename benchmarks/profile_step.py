@@ -307,8 +307,10 @@ def job_train7b(profile_steps: int, variant: str = "ours", checks: bool = True) 
     captured = None
     if variant.endswith("graph"):
         from backends.torchlib.graph import CapturedStep
+        from backends.torchlib.masks import causal_capture
 
-        captured = CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": ids})
+        with causal_capture(model):  # as bench_train's ours-graph
+            captured = CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": ids})
 
     def step():
         if captured is not None:

@@ -50,6 +50,7 @@ EXTRA_SOURCES = (
     "backends/torchlib/functional.py",
     "backends/torchlib/ops.py",
     "backends/torchlib/graph.py",
+    "backends/torchlib/masks.py",
     "backends/torchlib/fuse.py",
     "tests/backends/test_backend_parity.py",
     "tests/peers/test_gpu_bnb.py",
