@@ -315,7 +315,9 @@ def adamw_step(params, grads, states: DeviceAdamWStates, index, scalars, *, deca
             args[name] = getattr(first, name) if same else [getattr(s, name) for s in scalars]
         stream = stream_for(states.device_id)
         with stream:
-            table = cupy.asarray(args.view(np.uint8))  # async H2D from pinned staging, stream-ordered
+            # blocking=False: CuPy stages the bytes in pinned memory it keeps until the copy ran, and does not wait
+            # for the stream (its default blocking=True synchronises it: the host would wait for the whole backward)
+            table = cupy.asarray(args.view(np.uint8), blocking=False)
             _launch(states, table, active, np.uint64(0 if skip is None else _any_ptr(skip)))
         states._keep = table
 
@@ -347,7 +349,8 @@ def clip_grad_norm_(grads, max_norm: float, *, error_if_nonfinite: bool = True):
     """ADAMW-10 in place on the device: float64 sums of squares, one float32 norm, every gradient times min(coef, 1).
 
     Returns the float32 norm as a 0-dim torch tensor on the gradients' device (no host sync but the finite check;
-    error_if_nonfinite=False: none at all, a non-finite norm makes coef 1, so nothing is scaled).
+    error_if_nonfinite=False: none at all, not even a host-to-device copy; a non-finite norm makes coef 1, so nothing
+    is scaled).
     The reductions are torch's fused multi-tensor ones (on torch's current stream; CuPy gradients are viewed as torch
     tensors, bf16 from uint16 bits), a handful of launches whatever the number of tensors:
 
@@ -376,8 +379,10 @@ def clip_grad_norm_(grads, max_norm: float, *, error_if_nonfinite: bool = True):
         raise NonFiniteError(
             f"the gradients' global norm is {total_norm.item()} (NaN/Inf in a gradient); nothing was scaled"
         )
-    denom = total_norm + torch.tensor(CLIP_EPS, dtype=torch.float32, device=device)
-    coef = torch.div(torch.tensor(max_norm, dtype=torch.float32, device=device), denom)
+    # the constants as device fills, not torch.tensor(x, device=cuda): that is a pageable host-to-device copy, which
+    # waits for the stream to drain (the whole backward) before the host can issue the optimizer and the next step
+    denom = total_norm + torch.full((), CLIP_EPS, dtype=torch.float32, device=device)
+    coef = torch.div(torch.full((), max_norm, dtype=torch.float32, device=device), denom)
     coef = torch.clamp(coef, max=1.0)
     if not error_if_nonfinite:  # NaN/Inf somewhere: scale by 1, leave the refusal to the optimizer's check
         coef = torch.where(torch.isfinite(total_norm), coef, torch.ones_like(coef))

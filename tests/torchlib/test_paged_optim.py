@@ -581,6 +581,36 @@ def test_gpu_clip_within_bound():
         assert np.all(np.abs(got - r) <= 3 * np.spacing(np.abs(r)))
 
 
+@pytest.mark.gpu
+def test_gpu_clip_without_error_check_captures_into_a_graph():
+    """error_if_nonfinite=False issues no host synchronisation and no host-to-device copy (either is refused inside a
+    stream capture), so the clip captures into a CUDA graph; a replay scales exactly as the eager call does."""
+    rng = np.random.default_rng(5)
+    gs = [torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 3).cuda() for n in (100_000, 7, 4096)]
+    gs.append(gs[0][:2048].to(torch.bfloat16))  # a second dtype: one _foreach_norm per dtype
+
+    def params_with(grads):
+        ps = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(ps, grads, strict=True):
+            p.grad = g.clone()
+        return ps
+
+    eager = params_with(gs)
+    want = clip_grad_norm_(eager, 0.3, error_if_nonfinite=False)
+    captured = params_with(gs)
+    clip_grad_norm_(captured, 0.3, error_if_nonfinite=False)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = clip_grad_norm_(captured, 0.3, error_if_nonfinite=False)
+    for p, g in zip(captured, gs, strict=True):
+        p.grad.copy_(g)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(norm, want)
+    for p, q in zip(captured, eager, strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
 # ---- stepping inside backward; host placement -------------------------------------------------------------------
 
 
@@ -588,6 +618,40 @@ def _tiny_net(device, seed=0):
     g = torch.Generator().manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(device)
     return net, torch.randn(5, 48, generator=g).to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_unchecked_clip_and_deferred_step_leave_the_stream_running(paged):
+    """The training loop's clip (error_if_nonfinite=False) and optimizer step (check_finite="deferred") never wait
+    for the GPU: issued behind a ~1 s torch.cuda._sleep they return while the stream is still busy (any stream or
+    device synchronisation, or a pageable host-to-device copy, would have drained it first), and the parameters come
+    out as from the same calls on an idle stream."""
+
+    def run(busy: bool):
+        torch.manual_seed(0)
+        net, x = _tiny_net("cuda")
+        params = list(net.parameters())
+        opt = PagedAdamW(params, lr=1e-2, paged=paged, check_finite="deferred")
+        still_busy = None
+        for step in range(2):  # the first step allocates the states (that may wait); the second is the hot path
+            net(x).square().mean().backward()
+            if busy and step == 1:
+                torch.cuda.synchronize()
+                torch.cuda._sleep(1 << 31)
+            clip_grad_norm_(params, 0.1, error_if_nonfinite=False)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if busy and step == 1:
+                still_busy = not torch.cuda.current_stream().query()
+        torch.cuda.synchronize()
+        return still_busy, [p.detach().clone() for p in params]
+
+    busy, got = run(True)
+    _, want = run(False)
+    assert busy, "the clip or the optimizer step waited for the stream to drain"
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
 
 
 def _run_hooked(device, hooked: bool, steps: int = 3, **opt_kw):
