@@ -133,6 +133,16 @@ def init_lora_A(named_A) -> None:
             A.copy_(w.to(A.dtype))
 
 
+def captured_step(model, params, ids):
+    """The ``*-graph`` variants' CapturedStep of ``model(input_ids=ids, labels=ids).loss``, captured under
+    masks.causal_capture (the batches are unpadded and unpacked: SDPA's causal kernel inside the graph, as eager)."""
+    from backends.torchlib.graph import CapturedStep
+    from backends.torchlib.masks import causal_capture
+
+    with causal_capture(model):
+        return CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": ids})
+
+
 def build(variant: str, model_dir: str):
     """(model, optimizer, clip function) for one variant, LoRA initialised identically."""
     import torch
@@ -214,12 +224,8 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
     losses, step_ms = [], []
     captured = None
     if variant.endswith("graph"):
-        from backends.torchlib.graph import CapturedStep
-        from backends.torchlib.masks import causal_capture
-
         t0 = time.perf_counter()
-        with causal_capture(model):  # unpadded, unpacked batches: SDPA's causal kernel inside the graph, as eager
-            captured = CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": data[0]})
+        captured = captured_step(model, params, data[0])
         setup_s += time.perf_counter() - t0
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()

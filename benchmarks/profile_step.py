@@ -304,13 +304,7 @@ def job_train7b(profile_steps: int, variant: str = "ours", checks: bool = True) 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     ids = B.batches(1)[0].cuda()
-    captured = None
-    if variant.endswith("graph"):
-        from backends.torchlib.graph import CapturedStep
-        from backends.torchlib.masks import causal_capture
-
-        with causal_capture(model):  # as bench_train's ours-graph
-            captured = CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": ids})
+    captured = B.captured_step(model, params, ids) if variant.endswith("graph") else None
 
     def step():
         if captured is not None:
