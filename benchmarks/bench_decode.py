@@ -87,7 +87,7 @@ def dense_model(shape, path: str | None, s: Setup):
     """A transformers LlamaForCausalLM in s.dtype on s.device: random (shape) or loaded (path)."""
     import torch
 
-    from backends.torchlib.layer import as_torch_dtype
+    from backends.torchlib.dtypes import as_torch_dtype
 
     dt = as_torch_dtype(s.dtype)
     if path is not None:
@@ -110,7 +110,7 @@ def to_bnb(model, s: Setup):
     import bitsandbytes as bnb
     import torch
 
-    from backends.torchlib.layer import as_torch_dtype
+    from backends.torchlib.dtypes import as_torch_dtype
 
     dt = as_torch_dtype(s.dtype)
     for _, module in list(model.model.named_modules()):
@@ -131,7 +131,7 @@ def with_peft_lora(model, s: Setup):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    from backends.torchlib.layer import as_torch_dtype
+    from backends.torchlib.dtypes import as_torch_dtype
 
     peft_model = get_peft_model(model, LoraConfig(r=s.r, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
     for module in peft_model.modules():
@@ -278,7 +278,7 @@ def run_model(model_name: str, shape, path: str | None, variants: list[str], s: 
         del model
         gc.collect()
         if s.device == "cuda":
-            from backends.torchlib.layer import release_scratch
+            from backends.torchlib.scratch import release_scratch
 
             release_scratch()
             torch.cuda.empty_cache()

@@ -14,13 +14,15 @@ by its module name (B = 0).
     ours-no-fuse  transformers' numerics, qlora finetune's default (fuse="exact": RoPE's kernel, eager RMSNorm and
                SwiGLU): what the norm and activation kernels are worth
     ours-graph the same, forward + backward captured once as a CUDA graph (backends.torchlib.CapturedStep) and
-               replayed; clipping and the optimizer step eager after each replay; captured under
-               masks.causal_capture (the batches are unpadded: SDPA's causal kernel, not an explicit mask)
+               replayed; clipping and the optimizer step eager after each replay
+               (every ours variant runs under masks.causal_only: the batches are unpadded and unpacked, so SDPA's
+               causal kernel with no mask and no packed-sequence read, eager and captured)
     ours-fused ours-no-fuse with each block's attention, MLP and norms compiled by inductor (fuse.fuse_blocks):
                RMSNorm, RoPE, SwiGLU fused around the qlora::linear operators
     ours-fused-graph  both
     bnb+peft   transformers + BitsAndBytesConfig(nf4, double quant, bf16) + prepare_model_for_kbit_training + PEFT,
                bitsandbytes PagedAdamW32bit (the QLoRA repository's recipe)
+    bnb+peft-causal  bnb+peft under masks.causal_only too: what the same promise is worth to the peer
     bf16-lora  transformers bf16 model + PEFT LoRA, no quantization, bitsandbytes PagedAdamW32bit
 
 Each variant runs in its own process (clean allocator and context).  Timing: WARMUP steps, then STEPS steps between
@@ -40,6 +42,7 @@ every step (includes the CUDA context, cached blocks and managed-memory pages re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -54,7 +57,16 @@ sys.path.insert(0, str(REPO))
 HIDDEN, MLP, HEADS, VOCAB, LAYERS = 4096, 11008, 32, 32000, 4
 SEQ, BATCH, R, ALPHA, LR, MAX_NORM = 1024, 4, 64, 16, 2e-4, 0.3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("ours", "ours-no-fuse", "ours-graph", "ours-fused", "ours-fused-graph", "bnb+peft", "bf16-lora")
+VARIANTS = (
+    "ours",
+    "ours-no-fuse",
+    "ours-graph",
+    "ours-fused",
+    "ours-fused-graph",
+    "bnb+peft",
+    "bnb+peft-causal",
+    "bf16-lora",
+)
 FUSE = {"ours": True, "ours-graph": True, "ours-no-fuse": "exact"}  # prepare_model's fuse; the rest False
 INDUCTOR = ("ours-fused", "ours-fused-graph")  # blocks compiled by inductor (fuse_blocks), transformers' own modules
 LOSS_BOUND = 0.02  # stated bound: |loss_ours - loss_bnb| / loss_bnb at every step (NF4 codes agree; bf16 GEMM order)
@@ -135,11 +147,11 @@ def init_lora_A(named_A) -> None:
 
 def captured_step(model, params, ids):
     """The ``*-graph`` variants' CapturedStep of ``model(input_ids=ids, labels=ids).loss``, captured under
-    masks.causal_capture (the batches are unpadded and unpacked: SDPA's causal kernel inside the graph, as eager)."""
+    masks.causal_only (the batches are unpadded and unpacked: SDPA's causal kernel inside the graph, as eager)."""
     from backends.torchlib.graph import CapturedStep
-    from backends.torchlib.masks import causal_capture
+    from backends.torchlib.masks import causal_only
 
-    with causal_capture(model):
+    with causal_only(model):
         return CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": ids})
 
 
@@ -170,7 +182,7 @@ def build(variant: str, model_dir: str):
     import transformers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if variant == "bnb+peft":
+    if variant.startswith("bnb+peft"):
         q = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -207,9 +219,14 @@ def build(variant: str, model_dir: str):
 def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
     import torch
 
+    from backends.torchlib.masks import causal_only
+
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, opt, clip = build(variant, model_dir)
+    unpadded = contextlib.ExitStack()  # every batch below is unpadded and unpacked
+    if variant.startswith("ours") or variant.endswith("-causal"):
+        unpadded.enter_context(causal_only(model))
     # PEFT variants run as the HF Trainer runs them with --bf16 (autocast); ours computes in bf16 by construction
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not variant.startswith("ours"))
     setup_s = time.perf_counter() - t0
@@ -251,6 +268,7 @@ def run_variant(variant: str, model_dir: str, steps: int, warmup: int) -> dict:
         used.append(total - free)
     end.record()
     torch.cuda.synchronize()
+    unpadded.close()
     if hasattr(opt, "raise_if_nonfinite"):
         opt.raise_if_nonfinite()  # the last step's deferred check
     elapsed = start.elapsed_time(end) / 1e3
@@ -334,14 +352,14 @@ def main(argv=None) -> int:
 
     by = {r["variant"]: r for r in results}
     print(
-        f"\n{'variant':<12}{'tokens/s':>12}{'step ms':>10}{'host ms':>9}{'peak alloc GB':>15}{'peak used GB':>14}"
+        f"\n{'variant':<17}{'tokens/s':>12}{'step ms':>10}{'host ms':>9}{'peak alloc GB':>15}{'peak used GB':>14}"
         f"{'final loss':>12}"
     )
     for r in results:
         if "error" in r:
-            print(f"{r['variant']:<12} ERROR {r['error'][:200]}")
+            print(f"{r['variant']:<17} ERROR {r['error'][:200]}")
             continue
-        print(f"{r['variant']:<12}{r['tokens_per_s']:>12,.0f}{r['step_ms']:>10.1f}{r['host_ms_per_step']:>9.1f}"
+        print(f"{r['variant']:<17}{r['tokens_per_s']:>12,.0f}{r['step_ms']:>10.1f}{r['host_ms_per_step']:>9.1f}"
               f"{r['peak_allocated_gb']:>15.2f}{r['peak_device_used_gb']:>14.2f}{r['losses'][-1]:>12.4f}")  # fmt: skip
     summary = {}
     if "ours" in by and "bnb+peft" in by and "error" not in by["ours"] and "error" not in by["bnb+peft"]:
@@ -359,6 +377,8 @@ def main(argv=None) -> int:
             "loss_bound": LOSS_BOUND,
             "loss_within_bound": rel <= LOSS_BOUND,
         }
+        if "tokens_per_s" in by.get("bnb+peft-causal", {}):
+            summary["speedup_vs_bnb_causal"] = o["tokens_per_s"] / by["bnb+peft-causal"]["tokens_per_s"]
         if "bf16-lora" in by and "error" not in by["bf16-lora"]:
             summary["speedup_vs_bf16_lora"] = o["tokens_per_s"] / by["bf16-lora"]["tokens_per_s"]
         for name in ("ours-no-fuse", "ours-graph", "ours-fused", "ours-fused-graph"):

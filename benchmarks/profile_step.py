@@ -291,6 +291,7 @@ def job_train7b(profile_steps: int, variant: str = "ours", checks: bool = True) 
     ``checks=False``: the clip and the optimizer without their finite checks (no synchronisation in the step)."""
     import tempfile
 
+    from backends.torchlib.masks import causal_only
     from benchmarks import bench_train as B
     from benchmarks.common import cuda_median_ms
 
@@ -304,24 +305,25 @@ def job_train7b(profile_steps: int, variant: str = "ours", checks: bool = True) 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     ids = B.batches(1)[0].cuda()
-    captured = B.captured_step(model, params, ids) if variant.endswith("graph") else None
+    with causal_only(model):  # as bench_train runs every ours variant: unpadded, unpacked batches
+        captured = B.captured_step(model, params, ids) if variant.endswith("graph") else None
 
-    def step():
-        if captured is not None:
-            captured({"ids": ids})
-        else:
-            model(input_ids=ids, labels=ids).loss.backward()
-        clip(params)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def step():
+            if captured is not None:
+                captured({"ids": ids})
+            else:
+                model(input_ids=ids, labels=ids).loss.backward()
+            clip(params)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    ms = cuda_median_ms(step, warmup=1, reps=5)
-    _, top = host_top(step, 3, rows=15)
-    print("\n".join(top))
-    return {"step_ms_events": ms, "flop_bound_terms": B.step_flops(), "profile": profiled(step, profile_steps),
-            "host_top": top}  # fmt: skip
+        for _ in range(3):
+            step()
+        ms = cuda_median_ms(step, warmup=1, reps=5)
+        _, top = host_top(step, 3, rows=15)
+        print("\n".join(top))
+        return {"step_ms_events": ms, "flop_bound_terms": B.step_flops(), "profile": profiled(step, profile_steps),
+                "host_top": top}  # fmt: skip
 
 
 def main(argv=None) -> int:

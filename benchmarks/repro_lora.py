@@ -76,8 +76,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from backends.torchlib.dtypes import DTYPE_NAMES  # noqa: E402
 from backends.torchlib.layer import (  # noqa: E402
-    DTYPE_NAMES,
     QLoRAFunction,
     QLoRALinear,
     draw_dropout_seed,
@@ -164,7 +164,7 @@ def quiet_transformers() -> None:
 
 
 def free_memory(device: torch.device) -> None:
-    from backends.torchlib.layer import release_scratch
+    from backends.torchlib.scratch import release_scratch
 
     release_scratch()
     gc.collect()

@@ -155,3 +155,19 @@ def tiny_prepared_llama(backend="numpy", *, dropout=0.0, checkpointing=False, se
     for m in qlora_layers(model).values():
         m.reset_lora_parameters("random")
     return model.train()
+
+
+def spy_sdpa(monkeypatch, *, capturing_only: bool = False) -> list:
+    """Record (no mask?, is_causal) of every scaled_dot_product_attention call (only those made while a CUDA stream
+    captures, with ``capturing_only``); the calls still run.  Returns the list the calls are appended to."""
+    import torch
+
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        if not capturing_only or torch.cuda.is_current_stream_capturing():
+            seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen

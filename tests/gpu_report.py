@@ -47,6 +47,8 @@ EXTRA_SOURCES = (
     "backends/torchlib/optim_checks.py",
     "backends/torchlib/clip.py",
     "backends/torchlib/layer.py",
+    "backends/torchlib/dtypes.py",
+    "backends/torchlib/scratch.py",
     "backends/torchlib/functional.py",
     "backends/torchlib/ops.py",
     "backends/torchlib/graph.py",

@@ -13,7 +13,7 @@ optim.py      PagedAdamW: the torch optimizer over the backend's AdamW step (CUD
 optim_checks.py  backend_for (the backend of a device) and PagedAdamW's parameter / gradient / state-dict checks
 clip.py       the spec's global-norm gradient clipping
 graph.py      CapturedStep: forward + backward as one CUDA graph, replayed
-masks.py      causal_capture: SDPA's causal kernel (no explicit mask) inside the capture of an unpadded batch
+masks.py      causal_only: unpadded, unpacked batches attend with SDPA's causal kernel (no mask, no host read)
 export.py     PEFT adapter, bitsandbytes 4-bit checkpoint, exact merged 16-bit export
 gguf_export.py  the merged model as one GGUF file
 files.py      atomic file writes with the user's normal permissions (every writer above uses them)
@@ -37,10 +37,10 @@ from .export import (
     save_peft_adapter,
 )
 from .graph import CapturedStep, CaptureError, capture_blockers
-from .layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, release_scratch
+from .layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu
 from .load import gguf_as_hf_dir, load_model, load_tokenizer, model_cache_dir
 from .loftq import loftq_initialize_, loftq_state
-from .masks import causal_capture
+from .masks import causal_only
 from .optim import DeviceMemoryError, PagedAdamW, StepScalars, step_scalars
 from .prepare import (
     QLoRAConfig,
@@ -48,6 +48,7 @@ from .prepare import (
     qlora_layers,
     trainable_parameters,
 )
+from .scratch import release_scratch
 
 __all__ = [
     "CaptureError",
@@ -60,7 +61,7 @@ __all__ = [
     "QLoRALinear",
     "StepScalars",
     "adapter_prepare_kwargs",
-    "causal_capture",
+    "causal_only",
     "capture_blockers",
     "clip_grad_norm_",
     "dequantize_4bit_cpu",

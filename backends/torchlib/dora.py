@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import QLoRALinear, as_torch_dtype, round_f64
+from .dtypes import as_torch_dtype, round_f64
+from .layer import QLoRALinear
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 20  # rows per norm step: max(1, this // in) (4 MiB of float32 V at a time)
 

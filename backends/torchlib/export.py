@@ -26,8 +26,9 @@ import torch
 import qlora_ref
 
 from .dora import DoRALinear
+from .dtypes import as_torch_dtype
 from .files import write_json, write_safetensors
-from .layer import QLoRALinear, as_torch_dtype
+from .layer import QLoRALinear
 from .prepare import QLoRAConfig, qlora_layers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

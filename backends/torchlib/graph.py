@@ -21,7 +21,7 @@ The rules a captured region must keep, checked here where they can be:
   micro-batches outside (``accumulate_into``) or capture a step of the whole batch.
 - attention masks: transformers cannot tell while capturing that a batch is unpadded and unpacked (it would read
   values), so it hands SDPA an explicit causal mask and SDPA runs its masked kernels (2.7x the causal ones measured);
-  build the step under ``masks.causal_capture(model)`` when the batches carry no attention_mask / position_ids.
+  build the step under ``masks.causal_only(model)`` when the batches carry no attention_mask / position_ids.
 The optimizer step and clipping stay outside the graph: PagedAdamW is one fused launch whose step scalars (bias
 corrections) change every step, and its non-finite check reads one status word per step.
 

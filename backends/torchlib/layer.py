@@ -47,52 +47,9 @@ from backends.numpy_lut import dequantize_4bit_cpu  # noqa: F401  (re-exported: 
 from qlora_ref.lora import keep_scale
 
 from . import ops
+from .dtypes import DEQUANT_DTYPES, DTYPE_NAMES, as_torch_dtype, round_f64
 from .functional import add_lora, lora_backward, lora_forward
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-DEQUANT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the backends' dequantize writes
-
-
-def as_torch_dtype(dtype) -> torch.dtype:
-    """'bfloat16' | torch.bfloat16 -> torch.bfloat16 (float32, float16, bfloat16; float64 for CPU gradient checks)."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES:
-        return dtype
-    if isinstance(dtype, str) and dtype in TORCH_DTYPES:
-        return TORCH_DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)} (str or torch.dtype), got {dtype!r}")
-
-
-# --- one scratch buffer per (device, dtype) ------------------------------------------------------------------------
-
-
-_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-
-def scratch_buffer(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A flat tensor of >= numel elements, shared by every QLoRALinear on this device and dtype (grown on demand).
-
-    Its contents are valid only until the next dequantization on the same device/dtype: callers use it immediately
-    (same stream on CUDA, so the kernel order protects it).
-    """
-    key = (str(torch.device(device)), dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        _SCRATCH.pop(key, None)  # let the old one go before allocating the larger one
-        buf = torch.empty(numel, device=device, dtype=dtype)
-        _SCRATCH[key] = buf
-    return buf[:numel]
-
-
-def release_scratch() -> None:
-    """Drop every scratch buffer (they are re-created at the next forward)."""
-    _SCRATCH.clear()
-
+from .scratch import current, scratch_buffer, scratch_key
 
 # --- the autograd function -----------------------------------------------------------------------------------------
 
@@ -119,23 +76,6 @@ def draw_dropout_seed() -> int:
 # tensor cores do not (benchmarks/decode_kernels.py, H200: the spec-order kernel at 16 rows ran 10x cuBLAS).
 MATVEC_TOKENS = 4
 STEP_SEED = -2  # a call's seed meaning "LORA-8's mask from the layer's StepSeed" (dropout.py); -1: no dropout
-
-
-def round_f64(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float64 -> dtype with ONE rounding to nearest even (LORA-6).
-
-    float32: a direct cast.  float16/bfloat16: torch casts through float32 (two roundings), so round to odd into
-    float32 first (truncate, set the last bit if inexact), then to nearest even: one correct rounding because float32
-    keeps >= p + 2 bits of the 16-bit format (Boldo & Melquiond 2008), as qlora_ref.lora.lora_merge does.
-    """
-    if dtype == torch.float64:
-        return x64
-    y = x64.to(torch.float32)
-    if dtype == torch.float32:
-        return y
-    y = torch.where(y.double().abs() > x64.abs(), torch.nextafter(y, torch.zeros_like(y)), y)  # toward zero
-    inexact = (y.double() != x64).to(torch.int32)
-    return (y.view(torch.int32) | inexact).view(torch.float32).to(dtype)
 
 
 class QLoRAFunction(torch.autograd.Function):
@@ -243,7 +183,7 @@ class QLoRALinear(nn.Module):
         self.matvec = self.backend.name == "cupy" and self.compute_dtype in (torch.bfloat16, torch.float32)
         self.step_seed = None  # a dropout.StepSeed: masks from device memory (LORA-8), capturable; None: host seeds
         self.seed_salt = 0  # this layer's salt under a StepSeed (use_step_seed sets it from the module's name)
-        self._bound = None  # (scratch buffer, W_hat view into it, the backend's bound dequantize launch)
+        self._bound = None  # (scratch key, the buffer bound to, W_hat view into it, the bound dequantize launch)
         self._matvec: dict[int, tuple] = {}  # tokens -> (q, the backend's bound matvec launch), for decoding
 
     @classmethod
@@ -287,14 +227,14 @@ class QLoRALinear(nn.Module):
         The backend's launch is bound once (kernel, launch configuration, arguments, the scratch address) and re-bound
         only when the shared buffer was re-allocated, so a call costs the launch and nothing else."""
         bound = self._bound
-        if bound is None or _SCRATCH.get(bound[0]) is not bound[1]:
+        if bound is None or current(bound[0]) is not bound[1]:
             bound = self._bind()
         bound[3]()
         return bound[2]
 
     def _bind(self):
         q, dt = self.q, self.compute_dtype
-        key = (str(self.device), dt if dt in DEQUANT_DTYPES else torch.float32)  # float64: via float32, exact
+        key = scratch_key(self.device, dt if dt in DEQUANT_DTYPES else torch.float32)  # float64: via float32, exact
         W = scratch_buffer(q.n, self.device, key[1]).view(q.shape)
         launch = self.backend.bind_dequantize_4bit(q, W)
         if key[1] != dt:  # float64 (CPU gradient checks): the float32 values, widened exactly
@@ -305,7 +245,7 @@ class QLoRALinear(nn.Module):
                 W64.copy_(W)
 
             W = W64
-        self._bound = (key, _SCRATCH[key], W, launch)
+        self._bound = (key, current(key), W, launch)
         return self._bound
 
     def dequantize_weight(self, dtype=None) -> torch.Tensor:

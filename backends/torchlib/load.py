@@ -19,8 +19,8 @@ import torch
 
 from backends import get_backend, placement
 
+from .dtypes import as_torch_dtype
 from .files import default_file_mode
-from .layer import as_torch_dtype
 from .prepare import prepare_model
 
 # --- the model cache (converted GGUFs; app.hub keeps downloads there) ---

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from .dora import DoRALinear
-from .layer import DTYPE_NAMES, QLoRALinear, as_torch_dtype, scratch_buffer
+from .dtypes import DTYPE_NAMES, as_torch_dtype
+from .layer import QLoRALinear
 from .loftq import check_loftq_iters, loftq_layer
+from .scratch import scratch_buffer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 INITS = ("default", "loftq")

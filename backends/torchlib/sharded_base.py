@@ -38,8 +38,9 @@ from torch.distributed.tensor import DTensor
 
 import qlora_ref
 
-from .layer import QLoRALinear, scratch_buffer
+from .layer import QLoRALinear
 from .prepare import qlora_layers
+from .scratch import scratch_buffer
 
 ARRAYS = ("packed", "absmax", "absmax_q", "nested_absmax")  # the Quantized4bit fields that become Parameters
 _META = ("shape", "dtype", "quant_type", "blocksize", "offset", "nested_blocksize")

@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import DTYPE_NAMES, QLoRALinear, as_torch_dtype, scratch_buffer
+from .dtypes import DTYPE_NAMES, as_torch_dtype
+from .layer import QLoRALinear
 from .prepare import QLoRAConfig, _target_names, enable_checkpointing, replace_linears
+from .scratch import scratch_buffer
 
 
 class HostEmbedding(nn.Module):

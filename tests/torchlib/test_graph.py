@@ -3,7 +3,8 @@
 - CPU: what cannot be captured is named (dropout's host-drawn seeds, no CUDA) and bad input is refused.
 - GPU: three optimizer steps of a prepared tiny LLaMA (checkpointing on), captured vs eager, give the same loss and
   the same gradients bit for bit: the replay runs the kernels eager runs, in the same order, on the same data.
-  A batch of another shape is refused.  Both with transformers' mask under capture and with causal_capture.
+  A batch of another shape is refused.  Both with transformers' mask under capture and with causal_only (eager and
+  captured steps under it equal the plain eager steps bit for bit).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import contextlib
 
 import pytest
 import torch
-from conftest import assert_process_unharmed_by_refused_capture, tiny_prepared_llama
+from conftest import assert_process_unharmed_by_refused_capture, spy_sdpa, tiny_prepared_llama
 
 from backends.torchlib import PagedAdamW, trainable_parameters
 from backends.torchlib.graph import CapturedStep, CaptureError, capture_blockers
-from backends.torchlib.masks import causal_capture
+from backends.torchlib.masks import causal_only
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,49 +41,45 @@ def test_refuses_cpu_batches_and_no_params():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True], ids=["transformers-mask", "causal_capture"])
+@pytest.mark.parametrize("causal", [False, True], ids=["transformers-mask", "causal_only"])
 def test_gpu_captured_steps_equal_eager_bit_for_bit(causal, monkeypatch):
-    """With causal_capture (masks.py) no mask reaches SDPA during the capture (is_causal, as eager); without it
-    transformers builds an explicit one there.  Either way the steps equal eager's bit for bit at this size."""
-    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
-        if torch.cuda.is_current_stream_capturing():
-            seen.append((attn_mask is None, is_causal))
-        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    """With causal_only (masks.py) no mask reaches SDPA during the capture (is_causal, as eager); without it
+    transformers builds an explicit one there.  Either way the steps equal eager's bit for bit at this size, and
+    eager steps under causal_only equal them too."""
+    seen = spy_sdpa(monkeypatch, capturing_only=True)
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)).cuda() for i in range(3)]
 
-    def run(captured: bool):
+    def run(captured: bool, unpadded: bool):
         model = _model(backend="cupy", seed=3)
         params = trainable_parameters(model)
         opt = PagedAdamW(params, lr=1e-2)
         loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
         step = None
-        if captured:
-            with causal_capture(model) if causal else contextlib.nullcontext():
-                step = CapturedStep(loss_fn, params, {"ids": batches[0]})
         losses, grads = [], []
-        for ids in batches:
-            if step is not None:
-                loss = step({"ids": ids})
-            else:
-                loss = loss_fn(ids)
-                loss.backward()
-            losses.append(loss.detach().clone())
-            grads.append([p.grad.clone() for p in params])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with causal_only(model) if unpadded else contextlib.nullcontext():
+            if captured:
+                step = CapturedStep(loss_fn, params, {"ids": batches[0]})
+            for ids in batches:
+                if step is not None:
+                    loss = step({"ids": ids})
+                else:
+                    loss = loss_fn(ids)
+                    loss.backward()
+                losses.append(loss.detach().clone())
+                grads.append([p.grad.clone() for p in params])
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return losses, grads, step
 
-    want_losses, want_grads, _ = run(False)
-    got_losses, got_grads, step = run(True)
+    want_losses, want_grads, _ = run(False, False)
+    runs = [run(True, causal)] + ([run(False, True)] if causal else [])
     assert seen and all(call == ((True, True) if causal else (False, False)) for call in seen), seen
-    for i in range(len(batches)):
-        assert torch.equal(got_losses[i], want_losses[i]), f"step {i} loss"
-        for g, w in zip(got_grads[i], want_grads[i], strict=True):
-            assert torch.equal(g, w), f"step {i} gradient"
+    for got_losses, got_grads, _ in runs:
+        for i in range(len(batches)):
+            assert torch.equal(got_losses[i], want_losses[i]), f"step {i} loss"
+            for g, w in zip(got_grads[i], want_grads[i], strict=True):
+                assert torch.equal(g, w), f"step {i} gradient"
+    step = runs[0][2]
     with pytest.raises(ValueError, match="shaped"):
         step({"ids": batches[0][:, :8]})
 

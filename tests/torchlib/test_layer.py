@@ -17,7 +17,7 @@ import torch
 
 import qlora_ref
 from backends import get_backend
-from backends.torchlib import layer as layer_mod
+from backends.torchlib import scratch
 from backends.torchlib.layer import QLoRAFunction, QLoRALinear, dequantize_4bit_cpu, draw_dropout_seed, dropout_noise
 from qlora_ref import lora as spec_lora
 
@@ -146,11 +146,11 @@ def test_layer_dequantize_one_rounding_to_compute_dtype(src_dtype):
 
 def test_scratch_buffer_shared_across_layers():
     """One scratch buffer per (device, dtype): two layers dequantize into the same memory."""
-    layer_mod.release_scratch()
+    scratch.release_scratch()
     a, b = _layer(48, 96, seed=1), _layer(96, 48, seed=2)
     wa, wb = a.dequantized(), b.dequantized()
     assert wa.data_ptr() == wb.data_ptr()
-    assert len([k for k in layer_mod._SCRATCH if k[1] == torch.float32]) == 1
+    assert wa.data_ptr() == scratch.current(scratch.scratch_key("cpu", torch.float32)).data_ptr()
 
 
 # --- forward and backward against qlora_ref.lora

@@ -1,88 +1,95 @@
-"""causal_capture on the CPU: the mask rule, and a simulated capture (the capture flag forced on, for transformers
-too) of a tiny LLaMA: transformers alone hands SDPA an explicit mask, inside the context no mask reaches SDPA for an
-unpadded batch, the padded batch keeps its mask, and the logits are the eager ones bit for bit
-(the GPU capture itself: benchmarks/bench_train.py's ours-graph, tests/torchlib/test_graph.py)."""
+"""causal_only on the CPU, with a tiny LLaMA: inside the context no mask reaches SDPA and transformers' packed-sequence
+read is never made, eager and in a simulated capture (the capture flag forced on, for transformers too: alone it hands
+SDPA an explicit mask there), the logits are the plain eager ones bit for bit, calls that break the promise are
+refused, and the model is restored on exit (the GPU capture itself: tests/torchlib/test_graph.py,
+benchmarks/bench_train.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_DECODER
+from conftest import TINY_DECODER, spy_sdpa
 
 from backends.torchlib import masks
 
 transformers = pytest.importorskip("transformers")
-
-CALL = dict(batch_size=2, q_length=8, kv_length=8, q_offset=0, kv_offset=0, attention_mask=None)
-
-
-@pytest.mark.parametrize(
-    "change, skips",
-    [
-        ({}, True),
-        ({"attention_mask": torch.ones(2, 8, dtype=torch.bool)}, False),  # padding: the explicit mask
-        ({"kv_length": 12}, False),  # keys beyond the queries (a cache, a prefix)
-        ({"q_offset": 4, "kv_offset": 4}, False),
-        ({"q_offset": torch.tensor(0)}, False),  # a static cache's tensor offset: never read
-        ({"local_size": 4}, False),  # a sliding window inside the sequence
-        ({"local_size": 4096}, True),  # a window wider than the sequence: plain causal
-        ({"allow_is_bidirectional_skip": True}, False),  # a bidirectional (encoder) mask
-    ],
-)
-def test_skips_mask_rule(change, skips):
-    assert masks.skips_mask({**CALL, **change}) is skips
+masking_utils = pytest.importorskip("transformers.masking_utils")
 
 
-def spy_sdpa(monkeypatch) -> list:
-    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
-        seen.append((attn_mask is None, is_causal))
-        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    return seen
-
-
-def test_simulated_capture_leaves_the_causal_mask_to_sdpa(monkeypatch):
+def _llama(**extra):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**TINY_DECODER, attn_implementation="sdpa", use_cache=False)  # training
-    model = transformers.LlamaForCausalLM(cfg)
+    cfg = transformers.LlamaConfig(**TINY_DECODER, attn_implementation="sdpa", use_cache=False, **extra)  # training
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _count_packed_reads(monkeypatch) -> list:
+    calls, find = [], masking_utils.find_packed_sequence_indices
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return find(*args, **kwargs)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", counted)
+    return calls
+
+
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "simulated-capture"])
+def test_no_mask_and_no_packed_read_inside(capturing, monkeypatch):
+    model = _llama()
+    ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 8))
+    want = model(input_ids=ids).logits
+    seen, packed = spy_sdpa(monkeypatch), _count_packed_reads(monkeypatch)
+    if capturing:
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)  # what transformers asks
+    n = TINY_DECODER["num_hidden_layers"]
+    assert torch.equal(model(input_ids=ids).logits, want)
+    assert packed == [1]  # transformers alone: the packed-sequence check (a host read, eager)
+    assert seen == [(False, False) if capturing else (True, True)] * n  # capturing: an explicit mask (why masks.py is)
+    seen.clear()
+    packed.clear()
+    with masks.causal_only(model):
+        assert model.config._attn_implementation == masks.NAME
+        logits = model(input_ids=ids).logits
+    assert seen == [(True, True)] * n and packed == []  # SDPA's causal kernel, nothing read, nothing built
+    assert torch.equal(logits, want)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_refuses_calls_that_break_the_promise():
+    model = _llama()
     ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 8))
     pad = torch.ones(2, 8, dtype=torch.long)
     pad[1, 5:] = 0
-    eager, eager_padded = model(input_ids=ids).logits, model(input_ids=ids, attention_mask=pad).logits
-    seen = spy_sdpa(monkeypatch)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)  # what transformers asks
-    monkeypatch.setattr(masks, "_capturing", lambda: True)
-    n = TINY_DECODER["num_hidden_layers"]
-    assert torch.equal(model(input_ids=ids).logits, eager)
-    assert seen == [(False, False)] * n  # transformers alone: an explicit mask while capturing (why masks.py is)
-    seen.clear()
-    with masks.causal_capture(model):
-        assert model.config._attn_implementation == masks.NAME
-        logits = model(input_ids=ids).logits
-        assert seen == [(True, True)] * n  # no mask: SDPA's causal kernel in every layer
-        padded = model(input_ids=ids, attention_mask=pad).logits
-        assert seen[n:] == [(False, False)] * n  # the padded batch keeps its explicit mask
-    assert model.config._attn_implementation == "sdpa"
-    assert torch.equal(logits, eager)
-    assert torch.equal(padded[0], eager_padded[0]) and torch.equal(padded[1, :5], eager_padded[1, :5])
+    want_padded = model(input_ids=ids, attention_mask=pad).logits
+    with masks.causal_only(model):
+        for kwargs in (
+            {"attention_mask": pad},
+            {"position_ids": torch.arange(8).expand(2, 8)},
+            {"past_key_values": transformers.DynamicCache()},
+        ):
+            name = next(iter(kwargs))
+            with pytest.raises(ValueError, match=f"passes {name}.*outside the context"):
+                model(input_ids=ids, **kwargs)
+        with pytest.raises(ValueError, match="passes attention_mask"):
+            model(ids, pad)  # positional, by the forward's signature
+    assert torch.equal(model(input_ids=ids, attention_mask=pad).logits, want_padded)  # hook gone on exit
 
 
-def test_eager_calls_are_transformers_own(monkeypatch):
-    """Not capturing: the mask function is transformers' sdpa_mask, call for call."""
-    from transformers import masking_utils
-
-    got = []
-    monkeypatch.setattr(masking_utils, "sdpa_mask", lambda **kw: got.append(kw) or "transformers' mask")
-    assert masks.capture_sdpa_mask(**CALL) == "transformers' mask" and got == [CALL]
-    monkeypatch.setattr(masks, "_capturing", lambda: True)
-    assert masks.capture_sdpa_mask(**CALL) is None and len(got) == 1
+def test_sliding_window_longer_sequences_refused():
+    mistral = pytest.importorskip("transformers.models.mistral")
+    cfg = mistral.MistralConfig(**TINY_DECODER, attn_implementation="sdpa", use_cache=False, sliding_window=6)
+    model = mistral.MistralForCausalLM(cfg)
+    assert masks.sliding_window(model.config) == 6
+    with masks.causal_only(model):
+        model(input_ids=torch.randint(0, 64, (1, 6)))  # inside the window: plain causal
+        with pytest.raises(ValueError, match="longer than the model's sliding window"):
+            model(input_ids=torch.randint(0, 64, (1, 7)))
+    assert masks.sliding_window(_llama().config) is None
 
 
 def test_other_attention_implementations_are_left_alone():
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER, attn_implementation="eager"))
-    with masks.causal_capture(model):
+    with masks.causal_only(model):
         assert model.config._attn_implementation == "eager"
+        model(input_ids=torch.randint(0, 64, (1, 4)), attention_mask=torch.ones(1, 4, dtype=torch.long))  # no hook
     assert model.config._attn_implementation == "eager"
