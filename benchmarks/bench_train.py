@@ -10,7 +10,7 @@ norm 0.3.  Same initialisation everywhere: the saved base weights, and every lor
 by its module name (B = 0).
 
     ours       backends.torchlib.load_model(dir, backend="cupy")  NF4 + double quant, bf16 compute, PagedAdamW; the
-               RMSNorms, SwiGLU and RoPE as own kernels (prepare_model's fuse, fuse.fuse_kernels)
+               RMSNorms, SwiGLU, RoPE and the loss as own kernels (prepare_model's fuse, fuse.fuse_kernels)
     ours-no-fuse  transformers' numerics, qlora finetune's default (fuse="exact": RoPE's kernel, eager RMSNorm and
                SwiGLU): what the norm and activation kernels are worth
     ours-graph the same, forward + backward captured once as a CUDA graph (backends.torchlib.CapturedStep) and

@@ -46,6 +46,8 @@ KINDS = (  # (kind, substrings of a kernel name), first match wins: cuDNN's atte
             "rmsnorm_",
             "swiglu_",
             "rope_v",
+            "cross_entropy_fwd",
+            "cross_entropy_bwd",
         ),
     ),
     ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll", "sum")),

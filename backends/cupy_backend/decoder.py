@@ -1,5 +1,5 @@
-"""The decoder block's non-GEMM work on the GPU, fused: RMSNorm, the SwiGLU gate and the rotary embedding
-(kernels/rmsnorm.cu, swiglu.cu, rope.cu).
+"""The decoder's non-GEMM work on the GPU, fused: RMSNorm, the SwiGLU gate, the rotary embedding and the LM's
+cross-entropy (kernels/rmsnorm.cu, swiglu.cu, rope.cu, cross_entropy.cu).
 
     y, rstd = rmsnorm_forward(x, w, eps)          x (..., H), w (H,): one CTA per row; rstd (rows,) float32
     dx      = rmsnorm_backward(dy, x, w, rstd)    the input gradient (w frozen)
@@ -8,6 +8,8 @@
     qo, ko  = rope(q, k, cos, sin, qo, ko)        q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (1 or B, S, D), written
                                                   into qo, ko; backward=True: the input gradients of the rotation
     rope_fits(q, k, cos, sin)                     whether rope takes these operands (else the caller's eager ops)
+    loss, lse = cross_entropy_forward(z, t, ig)   z (N, V) logits, t (N,) int64 targets: per-row loss and logsumexp
+    dz  = cross_entropy_backward(z, t, lse, g, ig)  g (N,) float32: dL/dloss per row
 
 torch CUDA tensors in and out (float32, float16 or bfloat16, one dtype per call), on torch's current stream, outputs
 allocated by torch: no host synchronisation, capturable in a CUDA graph.  The math and its rounding are in the .cu
@@ -26,6 +28,7 @@ from . import build, launch
 from .launch import ceil_div
 
 RMS_THREADS = 256  # kernels/rmsnorm.cu's RMS_THREADS
+CE_THREADS = 256  # kernels/cross_entropy.cu's CE_THREADS
 
 
 @functools.cache
@@ -136,3 +139,33 @@ def rope(q, k, cos, sin, qo, ko, *, backward: bool = False):
         grid, block = launch.grid_stride_config(n)  # n: (row, vector) items
         _kernel("rope.cu", "rope_v1", q.dtype)(grid, block, args, 0, torch_stream(q.device))
     return qo, ko
+
+
+# --- cross_entropy.cu ------------------------------------------------------------------------------------------------
+
+
+def cross_entropy_forward(z, target, ignore_index: int):
+    """z (N, V) contiguous logits, target (N,) contiguous int64: (loss (N,), lse (N,)), both float32."""
+    import torch
+
+    N, V = z.shape
+    loss = torch.empty(N, dtype=torch.float32, device=z.device)
+    lse = torch.empty_like(loss)
+    if N:
+        args = (_ptr(z), _ptr(target), _ptr(loss), _ptr(lse), np.int32(V), np.int64(ignore_index))
+        fn = _kernel("cross_entropy.cu", "cross_entropy_fwd_v1", z.dtype)
+        fn((N,), (CE_THREADS,), args, 0, torch_stream(z.device))
+    return loss, lse
+
+
+def cross_entropy_backward(z, target, lse, g, ignore_index: int):
+    """dz (N, V) in z's dtype from the forward's z, target, lse and g (N,) float32 contiguous, dL/dloss per row."""
+    import torch
+
+    N, V = z.shape
+    dz = torch.empty_like(z)
+    if N:
+        args = (_ptr(z), _ptr(target), _ptr(lse), _ptr(g), _ptr(dz), np.int32(V), np.int64(ignore_index))
+        fn = _kernel("cross_entropy.cu", "cross_entropy_bwd_v1", z.dtype)
+        fn((N,), (CE_THREADS,), args, 0, torch_stream(z.device))
+    return dz

@@ -2,10 +2,12 @@
 
 ``fuse_kernels(model)`` (prepare_model's ``fuse``) swaps, in place, every RMSNorm of a LLaMA-family model for
 ``FusedRMSNorm`` (the same weight Parameter under the same name: state-dict keys unchanged), every SwiGLU MLP's
-forward for one that computes silu(gate) * up in one launch, and every attention's rotary embedding of q and k for
-one launch; all are autograd Functions over backends/cupy_backend/decoder.py (kernels/rmsnorm.cu, swiglu.cu,
-rope.cu: one launch forward, one backward, where eager transformers runs 8 and ~12 for a norm, 10 for RoPE).  The
-math is transformers' (the .cu headers say where the roundings fall): the norm and the activation equal to it within
+forward for one that computes silu(gate) * up in one launch, every attention's rotary embedding of q and k for
+one launch, and a causal LM's loss_function for ``causal_lm_loss`` (the token cross-entropy and its logits gradient
+read straight from the 16-bit logits, where transformers' ForCausalLMLoss first writes them again in float32); all are
+autograd Functions over backends/cupy_backend/decoder.py (kernels/rmsnorm.cu, swiglu.cu, rope.cu, cross_entropy.cu:
+one launch forward, one backward, where eager transformers runs 8 and ~12 for a norm, 10 for RoPE).  The math is
+transformers' (the .cu headers say where the roundings fall): the norm, the activation and the loss equal to it within
 a few units of the last place, not bit for bit; the rotation gives its values exactly, forward and backward, so
 ``fuse_kernels(model, exact=True)`` swaps only that one and keeps transformers' numerics.  A module whose weight
 trains, or whose inputs are not CUDA tensors of one kernel dtype in the kernels' layout, runs the eager formula.
@@ -231,13 +233,66 @@ def _fuse_rope(module) -> bool:
     return True
 
 
+# --- the LM's loss -------------------------------------------------------------------------------------------------
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, target, ignore_index):
+        from backends.cupy_backend.decoder import cross_entropy_forward
+
+        loss, lse = cross_entropy_forward(z, target, ignore_index)
+        ctx.save_for_backward(z, target, lse)
+        ctx.ignore_index = ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        from backends.cupy_backend.decoder import cross_entropy_backward
+
+        z, target, lse = ctx.saved_tensors
+        return cross_entropy_backward(z, target, lse, g.float().contiguous(), ctx.ignore_index), None, None
+
+
+def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kw):
+    """transformers' ForCausalLMLoss (labels shifted by one, the mean over the scored tokens, or their sum over
+    ``num_items_in_batch``) with cross_entropy.cu reading the logits as they come: no float32 copy of tokens x
+    vocab.  The eager formula where the kernel does not apply (CPU tensors, other dtypes, torch.compile's tracing)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    if not _fusable(logits) or torch.compiler.is_compiling():
+        return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kw)
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    target = shift_labels.reshape(-1).to(device=logits.device, dtype=torch.int64).contiguous()
+    total = _CrossEntropy.apply(logits.reshape(-1, vocab_size).contiguous(), target, int(ignore_index)).sum()
+    if num_items_in_batch is None:
+        return total / (target != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _fuse_loss(model) -> bool:
+    """A causal LM's loss_function set to causal_lm_loss (True also when it already was)."""
+    if not type(model).__name__.endswith("ForCausalLM") or getattr(model, "loss_type", None) not in (
+        None,
+        "ForCausalLM",
+    ):
+        return False
+    if not isinstance(getattr(type(model), "loss_function", None), property):
+        return False
+    model.loss_function = causal_lm_loss
+    return True
+
+
 # --- the swap ------------------------------------------------------------------------------------------------------
 
 
 def fuse_kernels(model, *, exact: bool = False) -> dict[str, int]:
-    """Swap the RMSNorms, SwiGLU MLP forwards and RoPE of ``model`` for the fused ones (module docstring), in place;
-    ``exact=True``: RoPE only (transformers' values).  Returns {"norms", "mlps", "ropes"}: how many modules of the
-    model run fused, counting those an earlier call swapped."""
+    """Swap the RMSNorms, SwiGLU MLP forwards, RoPE and a causal LM's loss of ``model`` for the fused ones (module
+    docstring), in place; ``exact=True``: RoPE only (transformers' values).  Returns {"norms", "mlps", "ropes",
+    "losses"}: how many of each the model runs fused, counting those an earlier call swapped."""
     norms = []
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -256,5 +311,8 @@ def fuse_kernels(model, *, exact: bool = False) -> dict[str, int]:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, attr, FusedRMSNorm(getattr(owner, attr)))
+    swapped = getattr(model, "_loss_function", None) is causal_lm_loss
+    losses = int(swapped) if exact else int(_fuse_loss(model))
     kinds = [getattr(m, "fused", None) for m in model.modules()]
-    return {"norms": kinds.count("rmsnorm"), "mlps": kinds.count("swiglu"), "ropes": kinds.count("rope")}
+    return {"norms": kinds.count("rmsnorm"), "mlps": kinds.count("swiglu"), "ropes": kinds.count("rope"),
+            "losses": losses}  # fmt: skip

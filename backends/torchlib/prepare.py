@@ -176,10 +176,10 @@ def prepare_model(
     ``init="loftq"``: each layer's 4-bit base and A, B from ``loftq_iters`` LoftQ rounds on its 16-bit weight
     (specs/loftq.md) instead of plain quantization and B = 0; the adapter then belongs with that base (save it with
     ``save_bnb_checkpoint``).  Not with ``prequantized`` (LoftQ needs the 16-bit weights).
-    ``fuse`` (cupy): the RMSNorms, SwiGLU activations and RoPE run as own kernels (fuse.fuse_kernels: one launch
-    each way instead of eager transformers' chains; the norm's and activation's math within a few units of the last
-    place, not bit for bit); ``"exact"``: only RoPE, whose kernel gives transformers' values (the model's numerics
-    stay transformers'); False: none.
+    ``fuse`` (cupy): the RMSNorms, SwiGLU activations, RoPE and a causal LM's loss run as own kernels
+    (fuse.fuse_kernels: one launch each way instead of eager transformers' chains; the norm's, activation's and
+    loss's math within a few units of the last place, not bit for bit); ``"exact"``: only RoPE, whose kernel gives
+    transformers' values (the model's numerics stay transformers'); False: none.
     Raises ValueError/TypeError for an unsupported architecture, a module that is not a plain nn.Linear, or a target
     that matches nothing.
     """

@@ -16,6 +16,7 @@ NAMES = {
     ),
     "void swiglu_bwd_v2<__nv_bfloat16>(__nv_bfloat16 const*, __nv_bfloat16 const*)": "cupy backend",
     "void rope_v1<__nv_bfloat16>(__nv_bfloat16 const*, __nv_bfloat16 const*)": "cupy backend",
+    "void cross_entropy_fwd_v1<__nv_bfloat16>(__nv_bfloat16 const*, long long const*, float*)": "cupy backend",
     "void at::native::(anonymous namespace)::cunn_SoftMaxBackward<4, float, float, float>": "reduction",
     "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise",
     "something_else": "other",

@@ -7,7 +7,14 @@ import pytest
 import torch
 from conftest import TINY_DECODER
 
-from backends.torchlib.fuse import FusedRMSNorm, fuse_kernels, rms_norm_reference, rope_reference, swiglu
+from backends.torchlib.fuse import (
+    FusedRMSNorm,
+    causal_lm_loss,
+    fuse_kernels,
+    rms_norm_reference,
+    rope_reference,
+    swiglu,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,13 +37,15 @@ def test_fuse_kernels_swaps_norms_and_mlps_and_keeps_the_model():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER)).eval()
     ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 11))
-    before, keys = model(input_ids=ids).logits, model.state_dict().keys()
+    before, keys = model(input_ids=ids, labels=ids), model.state_dict().keys()
     n = TINY_DECODER["num_hidden_layers"]
-    assert fuse_kernels(model) == {"norms": 2 * n + 1, "mlps": n, "ropes": n}
+    assert fuse_kernels(model) == {"norms": 2 * n + 1, "mlps": n, "ropes": n, "losses": 1}
     assert isinstance(model.model.norm, FusedRMSNorm) and isinstance(model.model.layers[0].input_layernorm,
                                                                      FusedRMSNorm)  # fmt: skip
     assert model.state_dict().keys() == keys
-    assert torch.equal(model(input_ids=ids).logits, before)
+    assert model.loss_function is causal_lm_loss
+    after = model(input_ids=ids, labels=ids)  # CPU tensors: transformers' own formulas, loss included
+    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
 
 
 @pytest.mark.parametrize("argv, want", [([], "exact"), (["--fuse"], True)])
@@ -76,11 +85,16 @@ def test_fuse_kernels_exact_marks_only_the_attentions_and_patches_their_module_o
     ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 11))
     before_a, before_b = a(input_ids=ids).logits, b(input_ids=ids).logits
     n = TINY_DECODER["num_hidden_layers"]
-    assert fuse_kernels(a, exact=True) == {"norms": 0, "mlps": 0, "ropes": n}
+    assert fuse_kernels(a, exact=True) == {"norms": 0, "mlps": 0, "ropes": n, "losses": 0}
     wrapped = modeling_llama.apply_rotary_pos_emb
     assert wrapped.original is not None and getattr(wrapped.original, "original", None) is None
-    assert fuse_kernels(a, exact=True) == {"norms": 0, "mlps": 0, "ropes": n}  # already marked: counted, not redone
-    assert fuse_kernels(a) == {"norms": 2 * n + 1, "mlps": n, "ropes": n}  # the rest added later
+    assert fuse_kernels(a, exact=True) == {
+        "norms": 0,
+        "mlps": 0,
+        "ropes": n,
+        "losses": 0,
+    }  # already marked: counted, not redone
+    assert fuse_kernels(a) == {"norms": 2 * n + 1, "mlps": n, "ropes": n, "losses": 1}  # the rest added later
     assert modeling_llama.apply_rotary_pos_emb is wrapped
     assert torch.equal(a(input_ids=ids).logits, before_a) and torch.equal(b(input_ids=ids).logits, before_b)
 

@@ -9,6 +9,12 @@ Backward: dx = T(g r - x c) subtracts; the error is bounded relative to the row'
 RoPE (rope.cu) rounds each product and sum as torch's kernels do: its values equal transformers', forward and
 backward (torch.equal), and a prepared model with only it fused ("exact") gives the unfused model's loss and
 gradients bit for bit.
+The loss (cross_entropy.cu) against transformers' ForCausalLMLoss on logits.float(): both sum V terms exp(z - m) in
+[0, 1] in float32 (each within 2u of exact, u = 2^-24) in different orders, so each side's s is within gamma_V + 2u
+relative of the exact sum and its log within that absolutely: |lse - lse_ref| <= b = 2 (gamma_V + 2u); the mean
+over N rows adds 2 gamma_N + 4u relative.  The gradient g (p - [j = t]), p = exp(z - lse): |dp| <= p (b + 4u), then
+one rounding to T on each side: |ours - ref| <= g p (b + 4u) + ulp_T(max(|ours|, |ref|)) (float16's subnormal
+spacing 2^-24 as the floor); rows whose target is ignored get exactly 0 on both sides.
 """
 
 from __future__ import annotations
@@ -18,7 +24,15 @@ import torch
 from conftest import TINY_DECODER
 
 from backends.torchlib import prepare_model, qlora_layers
-from backends.torchlib.fuse import FusedRMSNorm, fuse_kernels, rms_norm_reference, rope, rope_reference, swiglu
+from backends.torchlib.fuse import (
+    FusedRMSNorm,
+    causal_lm_loss,
+    fuse_kernels,
+    rms_norm_reference,
+    rope,
+    rope_reference,
+    swiglu,
+)
 
 pytestmark = pytest.mark.gpu
 MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
@@ -106,7 +120,7 @@ def test_prepared_model_runs_the_fused_modules_close_to_the_unfused_one():
         grads.append(torch.cat([p.grad.flatten().float() for p in m.parameters() if p.requires_grad]))
     assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[1])
     assert (grads[0] - grads[1]).norm() <= 3e-2 * grads[1].norm()
-    assert fuse_kernels(plain) == {"norms": 2 * n + 1, "mlps": n, "ropes": n}
+    assert fuse_kernels(plain) == {"norms": 2 * n + 1, "mlps": n, "ropes": n, "losses": 1}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -155,7 +169,7 @@ def test_prepared_model_with_exact_fusion_is_the_unfused_model_bit_for_bit(check
     exact = tiny_llama(fuse="exact", checkpointing=checkpointing)
     plain = tiny_llama(fuse=False, checkpointing=checkpointing)
     n = TINY_DECODER["num_hidden_layers"]
-    assert fuse_kernels(exact, exact=True) == {"norms": 0, "mlps": 0, "ropes": n}
+    assert fuse_kernels(exact, exact=True) == {"norms": 0, "mlps": 0, "ropes": n, "losses": 0}
     ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 24), device="cuda")
     results = []
     for m in (exact, plain):
@@ -165,3 +179,42 @@ def test_prepared_model_with_exact_fusion_is_the_unfused_model_bit_for_bit(check
     assert len(results[0]) == len(results[1]) > 2
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [1000, 32000])
+def test_cross_entropy_kernel_against_transformers_loss(dtype, V):
+    """causal_lm_loss against ForCausalLMLoss on the same logits (the bound in the module docstring): the mean and
+    the sum over num_items_in_batch, the logits gradient, ignored rows' zeros; an out-of-range target gives NaN."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    g = torch.Generator(device="cuda").manual_seed(V)
+    B, S = 3, 41
+    logits = (torch.randn(B, S, V, generator=g, device="cuda") * 3).to(dtype)
+    labels = torch.randint(0, V, (B, S), generator=g, device="cuda")
+    labels[0, :7] = -100
+    labels[2, 20:] = -100
+    u, N = 2.0**-24, B * S
+    gamma = lambda n: n * u / (1 - n * u)  # noqa: E731
+    b = 2 * (gamma(V) + 2 * u)
+    for items in (None, torch.tensor(57, device="cuda")):
+        outs = []
+        for f in (causal_lm_loss, ForCausalLMLoss):
+            z = logits.clone().requires_grad_()
+            loss = f(z, labels, V, num_items_in_batch=items)
+            loss.backward()
+            outs.append((loss, z.grad))
+        (lo, go), (lr, gr) = outs
+        assert lo.dtype == torch.float32 and lo.shape == lr.shape == ()
+        assert abs(lo.item() - lr.item()) <= b + (2 * gamma(N) + 4 * u) * abs(lr.item()), (lo.item(), lr.item())
+        target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        scored = target != -100
+        gscale = 1.0 / (int(scored.sum()) if items is None else int(items))
+        p = torch.softmax(logits.double(), -1)
+        floor = 2.0**-24 if dtype == torch.float16 else 0.0
+        bound = gscale * p * (b + 4 * u) + ulp(torch.maximum(go.abs(), gr.abs()), dtype).clamp_min(floor)
+        assert go.dtype == dtype and torch.all((go.double() - gr.double()).abs() <= bound)
+        assert torch.equal(go[~scored], torch.zeros_like(go[~scored])) and torch.equal(gr[~scored], go[~scored])
+    bad = labels.clone()
+    bad[1, 5] = V  # the target of row (1, 4): outside [0, V)
+    assert causal_lm_loss(logits, bad, V).isnan()
