@@ -261,7 +261,8 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     if not _fusable(logits) or torch.compiler.is_compiling():
-        return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kw)
+        return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                               ignore_index=ignore_index, shift_labels=shift_labels, **kw)  # fmt: skip
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     target = shift_labels.reshape(-1).to(device=logits.device, dtype=torch.int64).contiguous()
