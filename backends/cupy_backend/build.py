@@ -94,6 +94,7 @@ def _names() -> dict[str, tuple[str, ...]]:
         "rmsnorm.cu": tuple(f"rmsnorm_{d}_v1<{t}>" for d in ("fwd", "bwd") for t in ctypes),  # the decoder's norm
         "swiglu.cu": tuple(f"swiglu_{d}_{v}<{t}>" for d in ("fwd", "bwd") for v in ("v1", "v2") for t in ctypes),
         "rope.cu": tuple(f"rope_v1<{t}>" for t in ctypes),  # the attention's rotary embedding, q and k together
+        "cross_entropy.cu": tuple(f"cross_entropy_{d}_v1<{t}>" for d in ("fwd", "bwd") for t in ctypes),  # the LM loss
     }
 
 
