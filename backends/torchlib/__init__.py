@@ -3,7 +3,9 @@
     from backends.torchlib import load_model, save_peft_adapter, PagedAdamW
     model = load_model("path/to/llama-dir-or.gguf", backend="cupy", r=64, alpha=16)
 
-layer.py      QLoRALinear + its autograd function (frozen 4-bit base, LoRA A/B, shared dequantization scratch)
+layer.py      QLoRALinear + its autograd function (frozen 4-bit base, LoRA A/B)
+scratch.py    the dequantization scratch: one buffer per device and dtype, shared by every layer
+dtypes.py     the dtypes taken by name or object (as_torch_dtype), float64 -> dtype with one rounding
 dora.py       DoRALinear: QLoRALinear plus PEFT's DoRA magnitude vector (specs/dora.md)
 loftq.py      LoftQ initialisation of the 4-bit base and A/B (specs/loftq.md)
 prepare.py    prepare_model: nn.Linear -> QLoRALinear, layer by layer on the backend's device
@@ -20,7 +22,7 @@ files.py      atomic file writes with the user's normal permissions (every write
 functional.py, ops.py   the QLoRA linear's forward/backward as plain functions, and as torch custom operators
 dropout.py    StepSeed: dropout masks from a seed in device memory (capturable)
 decode.py     greedy decoding with a static KV cache, the step captured as a CUDA graph
-fuse.py       torch.compile of the decoder blocks
+fuse.py       the decoder's norms, SwiGLU, RoPE and LM loss as own kernels; or torch.compile of its blocks
 ledger.py     this implementation's memory ledger on top of the spec's
 distributed.py   DDP over the LoRA parameters, FSDP2 of them, checkpoints that load with any number of ranks
 sharded_base.py  FSDP2 of the 4-bit base too, ShardedPagedAdamW
