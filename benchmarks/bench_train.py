@@ -146,13 +146,11 @@ def init_lora_A(named_A) -> None:
 
 
 def captured_step(model, params, ids):
-    """The ``*-graph`` variants' CapturedStep of ``model(input_ids=ids, labels=ids).loss``, captured under
-    masks.causal_only (the batches are unpadded and unpacked: SDPA's causal kernel inside the graph, as eager)."""
+    """The ``*-graph`` variants' CapturedStep of ``model(input_ids=ids, labels=ids).loss``; the callers (run_variant,
+    profile_step) hold the model under masks.causal_only, so the graph has SDPA's causal kernel, as eager."""
     from backends.torchlib.graph import CapturedStep
-    from backends.torchlib.masks import causal_only
 
-    with causal_only(model):
-        return CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": ids})
+    return CapturedStep(lambda ids: model(input_ids=ids, labels=ids).loss, params, {"ids": ids})
 
 
 def build(variant: str, model_dir: str):
