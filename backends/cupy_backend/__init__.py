@@ -100,11 +100,11 @@ class CupyBackend:
     def matvec_4bit(self, x, q, *, dtype=None, out_dtype=None, out=None, check_finite=True, order="spec"):
         from qlora_ref.matvec import ORDERS
 
-        from . import matvec  # kernels/matvec_4bit.cu: v2 the spec's order and bits, v3 any order (MV-8)
+        from . import matvec  # kernels/matvec_4bit.cu: v2 the spec's order and bits, v3 / v4 any order (MV-8)
 
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        kernel = "v2" if order == "spec" else "v3"
+        kernel = "v2" if order == "spec" else "v4"
         return matvec.matvec_4bit(x, q, dtype=dtype, out_dtype=out_dtype, out=out, check_finite=check_finite,
                                   kernel=kernel)  # fmt: skip
 
@@ -114,7 +114,7 @@ class CupyBackend:
         from . import matvec
 
         launch_dtypes(tokens, x_dtype, out_dtype, order)
-        kernel = "v2" if order == "spec" else "v3"
+        kernel = "v2" if order == "spec" else "v4"
         return matvec.bind_matvec_4bit(q, tokens, x_dtype=x_dtype, out_dtype=out_dtype, kernel=kernel)
 
 

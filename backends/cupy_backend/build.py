@@ -50,6 +50,8 @@ MATVEC_TOKENS = (1, 2, 4, 8, 16)  # variants of matvec_4bit_v2: T rounded up to 
 MATVEC_V3_CHUNKS = {1: 4, 2: 4, 4: 2, 8: 1, 16: 1}  # matvec_4bit_v3: TP -> KU, 32-weight chunks in flight per row
 # ... when the grid's warps pass one wave at those KU (launch.matvec_4bit_v3_chunks): fewer registers, more warps
 MATVEC_V3_CHUNKS_MANY_ROWS = {1: 1, 2: 2, 4: 2, 8: 1, 16: 1}
+MATVEC_V4_DEPTH = {1: 4, 2: 4}  # matvec_4bit_v4: CPT -> D, rows of codes in flight ahead of the row being summed
+MATVEC_V4_DEPTHS = {1: (2, 4, 8), 2: (2, 4)}  # the D compiled per CPT (at CPT 2, D 8 spills registers on sm_90)
 
 
 def _names() -> dict[str, tuple[str, ...]]:
@@ -87,6 +89,11 @@ def _names() -> dict[str, tuple[str, ...]]:
                 f"matvec_4bit_v3<{dq}, {tp}, {ku}>"
                 for dq, tp in itertools.product(("false", "true"), MATVEC_TOKENS)
                 for ku in sorted({MATVEC_V3_CHUNKS[tp], MATVEC_V3_CHUNKS_MANY_ROWS[tp]})
+            ]
+            + [
+                f"matvec_4bit_v4<{dq}, {cpt}, {d}>"
+                for dq, cpt in itertools.product(("false", "true"), MATVEC_V4_DEPTHS)
+                for d in MATVEC_V4_DEPTHS[cpt]
             ]
         ),
         "dropout.cu": ("dropout_keep_counter_v1",)  # LORA-8; the mask applied in place of a noise tensor

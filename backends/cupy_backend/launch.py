@@ -130,13 +130,21 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def matvec_kernel(kernel: str, in_f: int, blocksize: int, packed_aligned: bool, x_aligned: bool) -> str:
-    """The matvec kernel that runs when ``kernel`` is asked for: v3 (any order) needs whole 32-weight chunks in one
-    quant block (in % 32 == 0, blocksize >= 32) and 16-byte aligned codes and x, else v2; v2 needs aligned codes,
-    else v1 (the same bits as v2)."""
-    if kernel == "v3" and in_f % 32 == 0 and blocksize >= 32 and packed_aligned and x_aligned:
+def matvec_kernel(
+    kernel: str, out_f: int, in_f: int, blocksize: int, packed_aligned: bool, x_aligned: bool, tokens: int
+) -> str:
+    """The matvec kernel that runs when ``kernel`` is asked for.  v4 (any order, one token) needs one token,
+    MATVEC_V4_MIN_CHUNKS .. MATVEC_V4_MAX_CHUNKS 32-column chunks per row and at most MATVEC_V4_MAX_WEIGHTS weights,
+    else v3; v3 (any order) needs whole
+    32-weight chunks in one quant block (in % 32 == 0, blocksize >= 32) and 16-byte aligned codes and x, else v2; v2
+    needs aligned codes, else v1 (the same bits as v2)."""
+    chunks_ok = in_f % 32 == 0 and blocksize >= 32 and packed_aligned and x_aligned
+    v4_ok = tokens == 1 and MATVEC_V4_MIN_CHUNKS <= in_f // 32 <= MATVEC_V4_MAX_CHUNKS
+    if kernel == "v4" and chunks_ok and v4_ok and out_f * in_f <= MATVEC_V4_MAX_WEIGHTS:
+        return "v4"
+    if kernel in ("v3", "v4") and chunks_ok:
         return "v3"
-    if kernel in ("v2", "v3") and packed_aligned:
+    if kernel in ("v2", "v3", "v4") and packed_aligned:
         return "v2"
     return "v1"
 
@@ -162,6 +170,51 @@ def matvec_4bit_v3_chunks(out_f: int, tokens: int, sm_count: int) -> int:
     warps = ceil_div(out_f, MATVEC_V3_ROWS)
     table = build.MATVEC_V3_CHUNKS if warps <= MATVEC_V3_WAVE_WARPS * sm_count else build.MATVEC_V3_CHUNKS_MANY_ROWS
     return table[tp]
+
+
+MATVEC_V4_MAX_THREADS = 512  # kernels/matvec_4bit.cu MV4_MAX_THREADS (its __launch_bounds__)
+MATVEC_V4_CPT = (1, 2)  # chunks per thread: x for CPT * 32 columns in registers (build's v4 variants)
+MATVEC_V4_MIN_CHUNKS = 64  # in >= 2048: below it a CTA's lanes would mostly idle (v3 serves it)
+MATVEC_V4_MAX_CHUNKS = MATVEC_V4_CPT[-1] * MATVEC_V4_MAX_THREADS  # in <= 32768
+# Past 11008 x 4096 weights v3 is the faster (H200, T = 1, graph replay, us, v4 vs v3): 4096x4096 8.4 vs 9.8,
+# 11008x4096 16.2 vs 18.8, 4096x11008 17.6 vs 24.1; but 8192x8192 35.7 vs 25.6, 32000x4096 68.6 vs 42.2, 8192x22016
+# 77.4 vs 63.7 (the many-row grids, where v3's fewer registers keep every warp resident).
+MATVEC_V4_MAX_WEIGHTS = 11008 * 4096
+
+
+class MatvecV4Config(NamedTuple):
+    """A matvec_4bit_v4 launch: G CTAs of NT threads, CPT chunks per thread, shared bytes (tables + row sums)."""
+
+    grid: tuple[int]
+    block: tuple[int]
+    chunks: int  # CPT
+    shared_bytes: int
+
+
+def matvec_4bit_v4_threads(in_f: int) -> tuple[int, int]:
+    """(CPT, NT): the fewest chunks per thread whose thread count, rounded up to whole warps, fits
+    MATVEC_V4_MAX_THREADS; NT = ceil(chunks / CPT) rounded up to 32."""
+    chunks = in_f // 32
+    for cpt in MATVEC_V4_CPT:
+        threads = 32 * ceil_div(ceil_div(chunks, cpt), 32)
+        if threads <= MATVEC_V4_MAX_THREADS:
+            return cpt, threads
+    raise ValueError(f"in = {in_f} is past matvec_4bit_v4's {32 * MATVEC_V4_MAX_CHUNKS} columns")
+
+
+def matvec_4bit_v4_shared(out_f: int, ctas: int, threads: int) -> int:
+    """Shared bytes: table 16 + code2 256 floats + one float per (row, thread) for the CTA's most rows."""
+    return 4 * (272 + ceil_div(out_f, ctas) * threads)
+
+
+def matvec_4bit_v4_config(out_f: int, in_f: int, sm_count: int, ctas_per_sm: int) -> MatvecV4Config:
+    """One wave: G = sm_count * ctas_per_sm CTAs (the occupancy the caller measured for this kernel), fewer if out
+    has fewer rows, more where the CTA's row sums would pass MATVEC_SHARED_MAX; CTA b takes rows
+    [b * out / G, (b + 1) * out / G)."""
+    cpt, threads = matvec_4bit_v4_threads(in_f)
+    rows_max = (MATVEC_SHARED_MAX // 4 - 272) // threads
+    ctas = max(1, min(out_f, sm_count * max(1, ctas_per_sm)), ceil_div(out_f, rows_max))
+    return MatvecV4Config((ctas,), (threads,), cpt, matvec_4bit_v4_shared(out_f, ctas, threads))
 
 
 def matvec_4bit_v1_config(tokens: int, out_f: int) -> Config:

@@ -19,6 +19,8 @@ non-finite check of x (MV-9) reads one status word back; pass ``flag=`` (a Finit
 
 from __future__ import annotations
 
+import functools
+
 import cupy as cp
 import numpy as np
 
@@ -35,7 +37,7 @@ from .inputs import input_view
 from .quantized import DeviceQuantized4bit, state_args
 
 KERNEL_FILE = "matvec_4bit.cu"
-KERNELS = ("v1", "v2", "v3")
+KERNELS = ("v1", "v2", "v3", "v4")
 MAX_IN = 2**30  # the kernel's column index is a 32-bit int with room for a block of padding
 
 __all__ = ["bind_matvec_4bit", "matvec_4bit"]
@@ -180,8 +182,15 @@ def _resolve(qd: DeviceQuantized4bit, x_dtype: str, out_dtype: str, T: int, kern
     state = state_args(qd)
     log2_bs = np.int32(qd.blocksize.bit_length() - 1)
     dqs = "true" if qd.double_quant else "false"
-    kernel = launch.matvec_kernel(kernel, in_f, qd.blocksize, qd.packed.data.ptr % 16 == 0, x_aligned)
+    kernel = launch.matvec_kernel(kernel, out_f, in_f, qd.blocksize, qd.packed.data.ptr % 16 == 0, x_aligned, T)
     head = (qd.packed, np.int32(out_f), np.int32(in_f), np.int32(T), log2_bs) + state
+    if kernel == "v4":
+        cpt, threads = launch.matvec_4bit_v4_threads(in_f)
+        k = build.kernel(KERNEL_FILE, f"matvec_4bit_v4<{dqs}, {cpt}, {build.MATVEC_V4_DEPTH[cpt]}>")
+        sm_count = device_info.current_device()["sm_count"]
+        per_sm = _v4_ctas_per_sm(k.kernel.ptr, out_f, threads, sm_count)
+        c = launch.matvec_4bit_v4_config(out_f, in_f, sm_count, per_sm)
+        return k, c.grid, c.block, head, (), c.shared_bytes
     if kernel == "v3":
         tp = next(t for t in build.MATVEC_TOKENS if t >= T)
         grid, block = launch.matvec_4bit_v3_config(out_f)
@@ -199,7 +208,19 @@ def _resolve(qd: DeviceQuantized4bit, x_dtype: str, out_dtype: str, T: int, kern
     return build.kernel(KERNEL_FILE, f"matvec_4bit_v1<{dqs}>"), grid, block, head, (), 0
 
 
-def bind_matvec_4bit(q, tokens: int, *, x_dtype: str = "bfloat16", out_dtype: str = "bfloat16", kernel: str = "v3"):
+@functools.lru_cache(maxsize=256)
+def _v4_ctas_per_sm(fn_ptr: int, out_f: int, threads: int, sm_count: int) -> int:
+    """CTAs of one compiled matvec_4bit_v4 a multiprocessor holds at once (the driver's occupancy), at the shared
+    bytes of a one-wave grid: those depend on the grid and the grid on the occupancy, so two rounds settle it (the
+    second grid's rows need no more shared memory than the first's, so the occupancy found still holds)."""
+    per_sm = 1
+    for _ in range(2):
+        shared = launch.matvec_4bit_v4_shared(out_f, min(out_f, sm_count * per_sm), threads)
+        per_sm = max(1, int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn_ptr, threads, shared)))
+    return per_sm
+
+
+def bind_matvec_4bit(q, tokens: int, *, x_dtype: str = "bfloat16", out_dtype: str = "bfloat16", kernel: str = "v4"):
     """``matvec_4bit(x, q, out=y, check_finite=False, kernel=kernel)`` for torch CUDA tensors x [tokens, in] of
     ``x_dtype`` and y [tokens, out] of ``out_dtype``, resolved now (q on the device, the kernel compiled and loaded,
     its launch configuration and every argument but the two addresses); ``launch(x, y)`` then reads x's and y's
@@ -226,7 +247,7 @@ def bind_matvec_4bit(q, tokens: int, *, x_dtype: str = "bfloat16", out_dtype: st
 
     def launch_matvec(x, y) -> None:
         x_ptr = x.data_ptr()
-        if x_ptr & 15:  # the bound kernel may need aligned x (v3): the checked path chooses
+        if x_ptr & 15:  # the bound kernel may need aligned x (v3, v4): the checked path chooses
             matvec_4bit(x, qd, out=y, check_finite=False, kernel=kernel)
             return
         fn(grid, block, (*head, uint64(x_ptr), x_flag, uint64(y.data_ptr()), y_flag, *tail), shared, stream())

@@ -163,6 +163,9 @@ def test_kernel_names_are_registered():
             assert f"matvec_4bit_v2<{dq}, {tp}>" in names
             assert f"matvec_4bit_v3<{dq}, {tp}, {kernel_build.MATVEC_V3_CHUNKS[tp]}>" in names
             assert f"matvec_4bit_v3<{dq}, {tp}, {kernel_build.MATVEC_V3_CHUNKS_MANY_ROWS[tp]}>" in names
+        for cpt, depth in kernel_build.MATVEC_V4_DEPTH.items():  # what matvec.py launches is compiled
+            assert f"matvec_4bit_v4<{dq}, {cpt}, {depth}>" in names
+            assert depth in kernel_build.MATVEC_V4_DEPTHS[cpt]
 
 
 def test_v3_chunks_in_flight_follow_the_wave():
@@ -174,20 +177,58 @@ def test_v3_chunks_in_flight_follow_the_wave():
 
 
 @pytest.mark.parametrize(
-    ("kernel", "in_f", "blocksize", "packed_aligned", "x_aligned", "runs"),
+    ("kernel", "out_f", "in_f", "blocksize", "packed_aligned", "x_aligned", "tokens", "runs"),
     [
-        ("v3", 4096, 64, True, True, "v3"),
-        ("v3", 4096, 32, True, True, "v3"),
-        ("v3", 4104, 64, True, True, "v2"),  # in % 32 != 0: a chunk would straddle rows
-        ("v3", 4096, 64, True, False, "v2"),  # x off 16 bytes
-        ("v3", 4096, 64, False, True, "v1"),  # codes off 16 bytes
-        ("v2", 4096, 64, True, True, "v2"),
-        ("v2", 4096, 64, False, True, "v1"),
-        ("v1", 4096, 64, True, True, "v1"),
+        ("v4", 4096, 4096, 64, True, True, 1, "v4"),
+        ("v4", 11008, 4096, 64, True, True, 1, "v4"),  # the most weights it takes
+        ("v4", 4096, 11008, 64, True, True, 1, "v4"),
+        ("v4", 8192, 8192, 64, True, True, 1, "v3"),  # many rows: v3 measured faster
+        ("v4", 32000, 4096, 64, True, True, 1, "v3"),
+        ("v4", 16, 2048, 32, True, True, 1, "v4"),  # the fewest chunks it takes (64)
+        ("v4", 16, 32768, 64, True, True, 1, "v4"),  # the most (1024: CPT 2 x 512 threads)
+        ("v4", 16, 2016, 64, True, True, 1, "v3"),  # 63 chunks: most lanes would idle
+        ("v4", 16, 32800, 64, True, True, 1, "v3"),  # 1025 chunks
+        ("v4", 16, 4096, 64, True, True, 2, "v3"),  # v4 is one token's kernel
+        ("v4", 16, 4104, 64, True, True, 1, "v2"),
+        ("v4", 16, 4096, 64, True, False, 1, "v2"),
+        ("v4", 16, 4096, 64, False, True, 1, "v1"),
+        ("v3", 16, 4096, 64, True, True, 1, "v3"),
+        ("v3", 16, 4096, 32, True, True, 3, "v3"),
+        ("v3", 16, 4104, 64, True, True, 1, "v2"),  # in % 32 != 0: a chunk would straddle rows
+        ("v3", 16, 4096, 64, True, False, 1, "v2"),  # x off 16 bytes
+        ("v3", 16, 4096, 64, False, True, 1, "v1"),  # codes off 16 bytes
+        ("v2", 16, 4096, 64, True, True, 1, "v2"),
+        ("v2", 16, 4096, 64, False, True, 1, "v1"),
+        ("v1", 16, 4096, 64, True, True, 1, "v1"),
     ],
 )
-def test_the_kernel_that_runs(kernel, in_f, blocksize, packed_aligned, x_aligned, runs):
-    assert launch.matvec_kernel(kernel, in_f, blocksize, packed_aligned, x_aligned) == runs
+def test_the_kernel_that_runs(kernel, out_f, in_f, blocksize, packed_aligned, x_aligned, tokens, runs):
+    assert launch.matvec_kernel(kernel, out_f, in_f, blocksize, packed_aligned, x_aligned, tokens) == runs
+
+
+@given(
+    out_f=st.integers(1, 200_000),
+    chunks=st.integers(launch.MATVEC_V4_MIN_CHUNKS, launch.MATVEC_V4_MAX_CHUNKS),
+    sm_count=st.integers(1, 200),
+    per_sm=st.integers(0, 32),
+)
+def test_v4_config_covers_every_row_once(out_f, chunks, sm_count, per_sm):
+    """Every chunk has a thread, every CTA at least one row, the rows of all CTAs partition out, and the row sums fit
+    the shared memory the launch asks for, within MATVEC_SHARED_MAX."""
+    in_f = 32 * chunks
+    c = launch.matvec_4bit_v4_config(out_f, in_f, sm_count, per_sm)
+    (ctas,), (threads,) = c.grid, c.block
+    assert threads % 32 == 0 and threads <= launch.MATVEC_V4_MAX_THREADS and c.chunks in launch.MATVEC_V4_CPT
+    assert c.chunks * threads >= chunks > c.chunks * (threads - 32)  # every chunk a thread, no warp idle
+    assert c.chunks == 1 or 32 * math.ceil(chunks / 32) > launch.MATVEC_V4_MAX_THREADS  # the fewest per thread
+    assert 1 <= ctas <= out_f
+    starts = [b * out_f // ctas for b in range(ctas + 1)]
+    rows = [starts[b + 1] - starts[b] for b in range(ctas)]
+    assert sum(rows) == out_f and min(rows) >= 1
+    assert 4 * (272 + max(rows) * threads) <= c.shared_bytes <= launch.MATVEC_SHARED_MAX
+    wave = min(out_f, sm_count * max(1, per_sm))
+    if 4 * (272 + math.ceil(out_f / wave) * threads) <= launch.MATVEC_SHARED_MAX:
+        assert ctas == wave  # one wave of what the multiprocessors hold, unless the row sums would not fit
 
 
 def test_v3_grid_covers_every_row():
@@ -309,6 +350,41 @@ def test_gpu_v3_within_the_any_order_bound(cupy_mv, case):
         assert_within_any_order_bound(got, x, q, dtype, case["out_dtype"], repro)
 
 
+@st.composite
+def one_token_cases(draw):
+    """Cases matvec_4bit_v4 runs: one token, in = 32 * (64 .. 1024) chunks, a block size of 32 or more, the scales of
+    `cases` plus weights near float32's smallest normals (absmax under 2^-100: the chunks that keep the spec's
+    flushed decode)."""
+    case = draw(cases(max_out=40))
+    chunks = draw(st.sampled_from([64, 128, 344, 1024]) | st.integers(64, 1024))
+    case.update(
+        T=1,
+        in_f=32 * chunks,
+        blocksize=draw(st.sampled_from([b for b in BLOCKSIZES if b >= 32])),
+        w_scale=draw(st.sampled_from([1e-38, 1e-30, 1e-3, 1.0, 50.0])),
+    )
+    return case
+
+
+@gpu
+@given(case=one_token_cases())
+def test_gpu_v4_within_the_any_order_bound(cupy_mv, case):
+    """matvec_4bit_v4 (one token: x in registers, the absmax taken out of each chunk's sum) is within MV-8's
+    any-order bound on every case, both codebooks, double quant on and off, bf16 and float32 x and y."""
+    from backends.cupy_backend.quantized import DeviceQuantized4bit
+
+    x, q, dtype = build(case)
+    qd = DeviceQuantized4bit.from_host(q)
+    assert (
+        launch.matvec_kernel(
+            "v4", case["out_f"], case["in_f"], case["blocksize"], qd.packed.data.ptr % 16 == 0, True, 1
+        )
+        == "v4"
+    )
+    got = cupy_mv.matvec_4bit(to_gpu(x), qd, dtype=dtype, out_dtype=case["out_dtype"], kernel="v4")
+    assert_within_any_order_bound(got, x, q, dtype, case["out_dtype"], f"kernel=v4, case {case}; build(case)")
+
+
 @gpu
 @pytest.mark.parametrize("T", [1, 2, 4, 7, 16])
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -318,8 +394,9 @@ def test_gpu_v3_within_the_any_order_bound(cupy_mv, case):
     ids=["4096x4096", "1027x11008", "96x576", "6400x64-many-rows"],  # the last: past one wave, the KU of many rows
 )
 def test_gpu_v3_llama_shapes_and_the_backend_order(cupy_mv, T, double_quant, shape):
-    """The serving shapes (rows not a multiple of the 16 a CTA holds, too) through the backend's order="any": within
-    MV-8's any-order bound, and not the spec's bits everywhere (so v3, not v2, ran: FMA keeps low bits)."""
+    """The serving shapes (rows not a multiple of the 16 a CTA holds, too) through the backend's order="any" (v4 for
+    one token where it runs, else v3): within MV-8's any-order bound, and not the spec's bits everywhere (so v3 or v4,
+    not v2, ran: FMA keeps low bits)."""
     rng = np.random.default_rng(T)
     q = qlora_ref.quantize_4bit((rng.standard_normal(shape) * 0.02).astype(np.float32), double_quant=double_quant)
     x = rng.standard_normal((T, shape[1])).astype(np.float32)
@@ -516,7 +593,7 @@ def test_gpu_bad_inputs(cupy_mv):
     with pytest.raises(TypeError, match="out must be a CuPy array"):
         mv(x, q, out=np.empty((2, 3), np.uint16))
     with pytest.raises(ValueError, match="kernel"):
-        mv(x, q, kernel="v4")
+        mv(x, q, kernel="v5")
     other = launch.matvec_4bit_v2_layout(3, 40, 64, 4, 8, 32, 64)
     with pytest.raises(ValueError, match="does not fit"):
         mv(x, q, config=other)  # built for 4 tokens, called with 2

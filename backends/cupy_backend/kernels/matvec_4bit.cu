@@ -371,3 +371,160 @@ __global__ void __launch_bounds__(128) matvec_4bit_v3(const u8* __restrict__ pac
                 if (o0 + r < out_f && t < T) mv_store_y(y, y_bf16, (i64)t * out_f + o0 + r, acc[r][t]);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// matvec_4bit_v4<DQ, CPT, D>: one token (T = 1), any order (MV-8 with any_order=True), for the decode step's
+// LLaMA-sized products (launch.matvec_kernel: in % 32 == 0, 64 <= in / 32 <= 2 * MV4_MAX_THREADS, blocksize >= 32,
+// packed and x 16-byte aligned).  Why not v3: at one token the product is bound by instruction issue and by how
+// many bytes are in flight, not by arithmetic.  v4 keeps x in registers and streams rows through them:
+//   CTA   NT threads (a multiple of 32, <= MV4_MAX_THREADS); thread tid owns the 32-column chunks c = tid + NT*i,
+//         i < CPT, of every row, and holds their x values as float32 (CPT * 32 registers, read once per CTA).
+//   rows  CTA b takes the rows [b*out/G, (b+1)*out/G) of a grid of G CTAs (one wave: launch.matvec_4bit_v4_config),
+//         so the rows are shared to within one; D rows of codes and absmax state are in flight ahead of the row
+//         being summed (a ring of D register slots, refilled as each is used).
+//   chunk the block's absmax is taken out of the chunk's sum (32 columns lie in one quant block):
+//           s = fma over the chunk of x[j] * table[code_j] (two interleaved chains), acc = fma(am, s, acc)
+//         one table read (shared memory), one FMA and the code's extraction per weight.  Where |am| < 2^-100 a
+//         product t * am of MV-2 could be subnormal and flushed (BW-8), so that chunk takes the spec's per-weight
+//         decode w = ftz(t * am) and acc = fma(x, w, acc) instead (every nonzero NF4 / FP4 value has |t| >= 2^-8).
+//   rows' sums: part[row][tid] in shared memory; at the end warp w sums the rows w, w + NT/32, ...: NT/32 values
+//         per lane, then a butterfly; lane 0 rounds y once (MV-5).
+//   The rounding count of MV-8's any-order bullet: relative to x * w with w = fl(t * am), a term passes through
+//   at most 17 roundings in its chain (16 FMAs and the chains' join), the product with am, the factor
+//   t * am / fl(t * am) (one u), CPT - 1 additions across the thread's chunks, NT/32 - 1 in the lane sum and 5 in
+//   the butterfly: 17 + 1 + 1 + (CPT - 1) + (NT/32 - 1) + 5 = 22 + CPT + NT/32 <= 22 + 2 + 16 = 40 <= 64 * 32 <= in
+//   roundings (CPT <= 2, NT <= 512, in >= 2048), so the any_order bound (k = in) holds as for v3.
+constexpr int MV4_MAX_THREADS = 512;
+
+// Row o's codes and absmax state for the thread's CPT chunks (zeros where the chunk or the row does not exist).
+template <bool DQ, int CPT>
+__device__ __forceinline__ void mv4_load(const u8* __restrict__ packed, const float* __restrict__ absmax,
+                                         const u8* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
+                                         i64 o, bool row_ok, int in_f, int log2_bs, int nchunk, int tid, int NT,
+                                         uint4 (&pk)[CPT], u32 (&aq)[CPT], float (&an)[CPT]) {
+#pragma unroll
+    for (int i = 0; i < CPT; i++) {
+        const int c = tid + NT * i;
+        const bool ok = row_ok && c < nchunk;
+        const i64 b = ok ? ((o * in_f + 32 * (i64)c) >> log2_bs) : 0;
+        pk[i] = ok ? __ldg(reinterpret_cast<const uint4*>(packed + o * (in_f >> 1) + 16 * (i64)c))
+                   : make_uint4(0u, 0u, 0u, 0u);
+        if (DQ) {
+            aq[i] = ok ? (u32)__ldg(absmax_q + b) : 0u;
+            an[i] = ok ? __ldg(nested_absmax + (b >> 8)) : 0.0f;
+        } else {
+            aq[i] = 0u;
+            an[i] = ok ? __ldg(absmax + b) : 0.0f;
+        }
+    }
+}
+
+// The table entry of each position of one word of codes (PK-1: byte k holds positions 2k (high nibble), 2k + 1).
+// The codes are cut out four at a time: hi4 / lo4 hold 4 * code of the even / odd positions, one per byte (two
+// shifts, two masks), and one byte permute per position moves a byte into place as the shared-memory offset of
+// its entry: 1.5 integer operations per weight instead of a shift, a mask and an address add.
+__device__ __forceinline__ void mv4_entries(u32 word, const float* __restrict__ s_table, float (&t)[8]) {
+    const u32 hi4 = (word >> 2) & 0x3C3C3C3Cu, lo4 = (word << 2) & 0x3C3C3C3Cu;
+    const char* base = reinterpret_cast<const char*>(s_table);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        t[2 * k] = *reinterpret_cast<const float*>(base + __byte_perm(hi4, 0u, 0x4440u + k));
+        t[2 * k + 1] = *reinterpret_cast<const float*>(base + __byte_perm(lo4, 0u, 0x4440u + k));
+    }
+}
+
+// acc + am * sum_j x[j] * table[code_j] over one chunk of 32 weights (codes: one uint4, PK-1 order).
+__device__ __forceinline__ float mv4_chunk(uint4 codes, const float (&xv)[32], const float* __restrict__ s_table,
+                                           float am, float acc) {
+    const u32 words[4] = {codes.x, codes.y, codes.z, codes.w};
+    if (fabsf(am) >= 0x1p-100f) {
+        float s[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int wi = 0; wi < 4; wi++) {
+            float t[8];
+            mv4_entries(words[wi], s_table, t);
+#pragma unroll
+            for (int e = 0; e < 8; e++) s[e & 1] = __fmaf_rn(xv[8 * wi + e], t[e], s[e & 1]);
+        }
+        return __fmaf_rn(am, __fadd_rn(s[0], s[1]), acc);
+    }
+#pragma unroll
+    for (int wi = 0; wi < 4; wi++) {
+        float t[8];
+        mv4_entries(words[wi], s_table, t);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc = __fmaf_rn(xv[8 * wi + e], fmul_ftz(t[e], am), acc);
+    }
+    return acc;
+}
+
+template <bool DQ, int CPT, int D>
+__global__ void __launch_bounds__(MV4_MAX_THREADS) matvec_4bit_v4(const u8* __restrict__ packed, int out_f, int in_f,
+                                                                   int T, int log2_bs, const float* __restrict__ table,
+                                                                   const float* __restrict__ absmax,
+                                                                   const u8* __restrict__ absmax_q,
+                                                                   const float* __restrict__ code2,
+                                                                   const float* __restrict__ nested_absmax,
+                                                                   float offset, const void* __restrict__ x, int x_bf16,
+                                                                   void* __restrict__ y, int y_bf16) {
+    extern __shared__ float4 mv4_smem4[];
+    float* s_table = reinterpret_cast<float*>(mv4_smem4);  // [16]
+    float* s_code2 = s_table + 16;                          // [256]
+    float* part = s_code2 + 256;                            // [rows][NT]: each row's per-thread sums
+    const int NT = blockDim.x, tid = threadIdx.x, lane = tid & 31;
+    const int nchunk = in_f >> 5;
+    const i64 r0 = (i64)blockIdx.x * out_f / gridDim.x;
+    const int nrows = (int)((i64)(blockIdx.x + 1) * out_f / gridDim.x - r0);
+
+    uint4 pk[D][CPT];
+    u32 aq[D][CPT];
+    float an[D][CPT];
+#pragma unroll
+    for (int d = 0; d < D; d++)
+        mv4_load<DQ, CPT>(packed, absmax, absmax_q, nested_absmax, r0 + d, d < nrows, in_f, log2_bs, nchunk, tid, NT,
+                          pk[d], aq[d], an[d]);
+    float xv[CPT][32];  // (the first rows' codes are in flight while x and the tables are read)
+#pragma unroll
+    for (int i = 0; i < CPT; i++) {
+        const int c = tid + NT * i;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float v[8];
+            if (c < nchunk) mv3_load_x8(x, x_bf16, 32 * (i64)c + 8 * k, v);
+            else
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[e] = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; e++) xv[i][8 * k + e] = v[e];
+        }
+    }
+    for (int i = tid; i < 16; i += NT) s_table[i] = table[i];
+    if (DQ) for (int i = tid; i < 256; i += NT) s_code2[i] = code2[i];
+    __syncthreads();
+
+    for (int base = 0; base < nrows; base += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int ri = base + d;
+            if (ri < nrows) {  // uniform over the CTA
+                float acc = 0.0f;
+#pragma unroll
+                for (int i = 0; i < CPT; i++) {  // mv_absmax_f32's two roundings (DQ-3), on the prefetched state
+                    const float am = DQ ? __fadd_rn(fmul_ftz(s_code2[aq[d][i]], an[d][i]), offset) : an[d][i];
+                    acc = mv4_chunk(pk[d][i], xv[i], s_table, am, acc);
+                }
+                part[ri * NT + tid] = acc;
+                mv4_load<DQ, CPT>(packed, absmax, absmax_q, nested_absmax, r0 + ri + D, ri + D < nrows, in_f, log2_bs,
+                                  nchunk, tid, NT, pk[d], aq[d], an[d]);
+            }
+        }
+    }
+    __syncthreads();
+    for (int ri = tid >> 5; ri < nrows; ri += NT >> 5) {
+        float v = 0.0f;
+        for (int k = lane; k < NT; k += 32) v = __fadd_rn(v, part[ri * NT + k]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+        if (lane == 0) mv_store_y(y, y_bf16, r0 + ri, v);
+    }
+}
