@@ -11,6 +11,10 @@ backward + optimizer steps.  Three memory levers, each switchable:
     --offload           re-entrant checkpointing under torch.autograd.graph.save_on_cpu: block inputs in host RAM
     --embed-on-host     the (frozen) input embedding table in pinned host RAM; lookups copy only the T rows used
 
+The optimizer checks each gradient for NaN/Inf on the device (check_finite="deferred": no host wait inside
+backward) and, stepping inside backward, runs the steps on a side stream beside backward (backends/torchlib/
+in_backward.py).  The 65B step beside bitsandbytes + PEFT's, in one run: bench_65b.py.
+
 The cap (48 GB for 65B, 24 GB for 33B, 48 GB for 7B; GB = 10^9 bytes) binds both allocators: CuPy's pool (the 4-bit
 weights) gets a limit of cap, and after the model is built torch gets set_per_process_memory_fraction of what is
 left of the cap.  A run that does not fit raises OutOfMemoryError instead of finishing.
@@ -64,7 +68,9 @@ def cli_command(shape_name: str, *, step_in_backward: bool, offload: bool, embed
     return " ".join(["qlora memory --model", shape_name, f"--seq-len {SEQ} --batch {BATCH} --r {R}", *flags])
 
 
-def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_on_host) -> dict:
+def run_one(
+    shape_name, cap_gb, steps, states, step_in_backward, offload, embed_on_host, check_finite="deferred", overlap=True
+) -> dict:
     """Build, train `steps` steps, and sample device memory; runs in its own process (clean context and pools)."""
     import contextlib
 
@@ -105,9 +111,9 @@ def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_
     left = cap - (samples[-1][1] - torch.cuda.memory_reserved())  # what torch may still take under the cap
     torch.cuda.set_per_process_memory_fraction(max(left, 0) / total)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = PagedAdamW(params, lr=LR, placement=states, page_threshold_bytes=0)
+    opt = PagedAdamW(params, lr=LR, placement=states, page_threshold_bytes=0, check_finite=check_finite)
     if step_in_backward:
-        opt.hook_into_backward()
+        opt.hook_into_backward(overlap=overlap)
     sample("optimizer")
     gen = torch.Generator(device="cuda").manual_seed(0)
     losses, step_s = [], []
@@ -127,6 +133,7 @@ def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_
         sample("step")
         step_s.append(time.perf_counter() - ts)
         losses.append(float(loss))
+    opt.raise_if_nonfinite()
     switches = dict(step_in_backward=step_in_backward, offload=offload, embed_on_host=embed_on_host)
     ledger = ledger_for(shape_name, **switches)
     peak = max(v for _, v in samples)
@@ -143,6 +150,8 @@ def run_one(shape_name, cap_gb, steps, states, step_in_backward, offload, embed_
             step_in_backward=step_in_backward,
             offload_checkpoints=offload,
             optimizer="PagedAdamW 32-bit",
+            check_finite=check_finite,
+            overlap=overlap,
             quant="nf4+dq, blocksize 64",
         ),  # fmt: skip
         "device": torch.cuda.get_device_name(0),

@@ -44,6 +44,8 @@ EXTRA_SOURCES = (
     "qlora_ref/quantized.py",
     "qlora_ref/adamw.py",
     "backends/torchlib/optim.py",
+    "backends/torchlib/in_backward.py",
+    "tests/torchlib/test_in_backward.py",
     "backends/torchlib/optim_checks.py",
     "backends/torchlib/clip.py",
     "backends/torchlib/layer.py",

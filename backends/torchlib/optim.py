@@ -31,7 +31,8 @@ across the bus and no device memory is ever taken (the 65B-shaped run's 38 GB bu
 Stepping inside backward (``hook_into_backward()``): each parameter is stepped, and its gradient freed, as soon as
 autograd has accumulated it (``register_post_accumulate_grad_hook``), so the LoRA gradients never coexist on the
 device.  The update is the same AdamW (same bits); what is given up is a global gradient-norm clip (the norm is not
-known until every gradient exists) and gradient accumulation over micro-batches.
+known until every gradient exists) and gradient accumulation over micro-batches.  How the hooks keep the
+non-finite check without a host synchronisation, and overlap the steps with backward: in_backward.py.
 """
 
 from __future__ import annotations
@@ -108,10 +109,13 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f'check_finite must be True, False or "deferred", got {check_finite!r}')
         self.check_finite = check_finite
         self._pending: list | None = None  # deferred: (param, step count) of the last step, until its flag is read
+        self._hooked = None  # in_backward.InBackwardSteps once hook_into_backward() is called
+        self._scalars: dict[tuple, StepScalars] = {}  # (t, lr, betas, eps, wd) -> step_scalars, for the hooks
         self._built = False
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._group_of = [g for g in self.param_groups for _ in g["params"]]
         if len(self._index) != len(self._params):
             raise ValueError("a parameter appears more than once in the param groups")
         self._device = common_device(self._params)
@@ -176,19 +180,40 @@ class PagedAdamW(torch.optim.Optimizer):
                 return True
         return False
 
-    def hook_into_backward(self) -> list:
+    def hook_into_backward(self, *, overlap: bool = True) -> list:
         """Step each parameter the moment its gradient is accumulated, then free that gradient (module docstring).
 
         Call once; afterwards ``loss.backward()`` performs the optimizer step (do not call ``step()`` or clip).
         Returns the hook handles (``handle.remove()`` undoes it).  The result equals ``backward(); step()``
-        parameter for parameter.
+        parameter for parameter.  Under check_finite="deferred" no hook waits for the GPU: each tensor's check is
+        read back later, and a NaN/Inf gradient raises NonFiniteError out of a later ``backward()`` (in_backward.py);
+        overlap (CUDA): the steps run on a side stream beside the rest of backward.
         """
+        from .in_backward import InBackwardSteps
 
-        def hook(p: torch.Tensor) -> None:
-            self.step()  # only p has a gradient at this moment: every earlier one was freed by its own hook
-            p.grad = None
+        if self._hooked is not None:  # hooks registered earlier: their flags are read before new ones take over
+            self._hooked.drain()
+        self._hooked = InBackwardSteps(self, overlap=overlap)
+        return [p.register_post_accumulate_grad_hook(self._hooked.hook) for p in self._params]
 
-        return [p.register_post_accumulate_grad_hook(hook) for p in self._params]
+    def _step_tensor(self, p: torch.Tensor, i: int, skip) -> int:
+        """p's step alone (its gradient checked into ``skip`` when given, else as check_finite says); its new count."""
+        group = self._group_of[i]
+        lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        g = p.grad
+        if g.layout is not _STRIDED or not g.is_contiguous() or p.dtype not in PARAM_DTYPES:
+            check_grad(i, p)
+        t = self.state[p]["step"] + 1
+        key = (t, lr, tuple(betas), eps, wd)
+        scalars = self._scalars.get(key)
+        if scalars is None:  # checks the hyperparameters too (a scheduler may have changed lr)
+            if len(self._scalars) > 256:
+                self._scalars.clear()
+            scalars = self._scalars[key] = step_scalars(t, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+        check = "deferred" if skip is not None else self.check_finite is True
+        self.backend.adamw_step([p], [g], self._states, [i], [scalars], decay=self.decay, check_finite=check, skip=skip)
+        self.state[p]["step"] = t
+        return t
 
     # -- the step -------------------------------------------------------------------------------------------------
 
@@ -255,7 +280,10 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def raise_if_nonfinite(self) -> None:
         """check_finite="deferred": raise NonFiniteError if the last step met a NaN/Inf gradient (that step wrote
-        nothing; its step counts are undone first).  Waits only for that step's flag, not for later work."""
+        nothing; its step counts are undone first).  Waits only for that step's flag, not for later work.  Stepping
+        inside backward: every flag not yet read, waiting for the GPU as needed."""
+        if self._hooked is not None:
+            self._hooked.drain()
         pending, self._pending = self._pending, None
         if pending is None:
             return
