@@ -9,6 +9,10 @@ lr 2e-4).  Variants, each in a fresh process, one after the other:
                   the steps on a side stream beside backward (overlap): backends/torchlib/in_backward.py
     ours-inline   the same with overlap off: every step in line on the compute stream
     ours-sync     the same with check_finite=True: one host wait per LoRA tensor (the hooks before in_backward.py)
+    ours-nostep   the same with the hooks freeing each gradient without a step: what the step costs without AdamW
+    optimizer     AdamW alone over the shape's 1,120 LoRA tensors (bf16 params and gradients): one fused step with
+                  the states in host memory, the same one tensor per launch (as the hooks step), one fused step with
+                  the states on the device, and the states' migration host -> device -> host (page_in / page_out)
     bnb+peft      bitsandbytes Linear4bit (nf4, double quant, bf16 compute) + PEFT LoRA, artidoro/qlora's casts
                   (norms float32, LoRA / embeddings / head bf16), non-re-entrant gradient checkpointing, bf16
                   autocast, bitsandbytes PagedAdamW32bit (states paged in managed memory, on the device)
@@ -39,8 +43,15 @@ from benchmarks.common import RESULTS, save  # noqa: E402
 
 SHAPE = "llama-65b"
 SEQ, BATCH, R, ALPHA, LR = 512, 1, 64, 16, 2e-4
-VARIANTS = ("ours", "ours-inline", "ours-sync", "bnb+peft")
-NEEDS_GB = {"ours": 40.0, "ours-inline": 40.0, "ours-sync": 40.0, "bnb+peft": 55.0}  # measured peaks + margin
+VARIANTS = ("ours", "ours-inline", "ours-sync", "ours-nostep", "bnb+peft", "optimizer")
+NEEDS_GB = {
+    "ours": 40.0,
+    "ours-inline": 40.0,
+    "ours-sync": 40.0,
+    "ours-nostep": 40.0,
+    "bnb+peft": 55.0,
+    "optimizer": 16.0,
+}  # measured peaks + margin; fmt: skip
 TARGET_GB = 38.0
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -163,9 +174,75 @@ def run_ours(variant: str, shape_name: str, steps: int) -> dict:
 
     check = True if variant == "ours-sync" else "deferred"
     overlap = variant == "ours"
-    res = run_one(shape_name, CAPS[shape_name], steps, "host", True, True, True, check_finite=check, overlap=overlap)
+    res = run_one(shape_name, CAPS[shape_name], steps, "host", True, True, True, check_finite=check, overlap=overlap,
+                  optimizer=variant != "ours-nostep")  # fmt: skip
     res["variant"] = variant
     return res
+
+
+def lora_sizes(shape) -> list[tuple[int, int]]:
+    """(rows, cols) of every LoRA A (r, in) and B (out, r) of the shape, in the model's order."""
+    kv = shape.hidden * shape.kv_heads // shape.heads
+    linears = [(shape.hidden, shape.hidden), (kv, shape.hidden), (kv, shape.hidden), (shape.hidden, shape.hidden),
+               (shape.intermediate, shape.hidden), (shape.intermediate, shape.hidden),
+               (shape.hidden, shape.intermediate)]  # fmt: skip
+    return [s for _ in range(shape.layers) for out, inp in linears for s in ((R, inp), (out, R))]
+
+
+def run_optimizer(shape_name: str, reps: int = 5) -> dict:
+    """AdamW alone over the shape's LoRA tensors (module docstring's `optimizer` variant), CUDA-event medians."""
+    import statistics
+
+    import torch
+
+    from backends.torchlib import PagedAdamW
+    from qlora_ref import memory
+
+    sizes = lora_sizes(memory.PRESETS[shape_name])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.nn.Parameter(torch.empty(s, device="cuda", dtype=torch.bfloat16).normal_(0, 0.01, generator=gen))
+              for s in sizes]  # fmt: skip
+    for p in params:
+        p.grad = torch.empty_like(p).normal_(0, 1e-3, generator=gen)
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        ms = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ms.append(a.elapsed_time(b))
+        return statistics.median(ms)
+
+    out = {"variant": "optimizer", "shape": shape_name, "device": torch.cuda.get_device_name(0),
+           "tensors": len(params), "params": sum(p.numel() for p in params)}  # fmt: skip
+    host = PagedAdamW(params, lr=LR, placement="host", check_finite=False, page_threshold_bytes=0)
+    out["state_gb"] = host.state_bytes / 1e9
+    out["fused_host_ms"] = timed(host.step)
+
+    def one_by_one(opt=host):
+        for i, p in enumerate(params):
+            opt._step_tensor(p, i, None)
+
+    out["per_tensor_host_ms"] = timed(one_by_one)
+    del host
+    dev = PagedAdamW(params, lr=LR, placement="device", check_finite=False, page_threshold_bytes=0)
+    out["fused_device_ms"] = timed(dev.step)
+    t0 = time.perf_counter()
+    dev.page_out(sync=True)
+    out["page_out_ms"] = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    dev.page_in()
+    torch.cuda.synchronize()
+    out["page_in_ms"] = (time.perf_counter() - t0) * 1e3
+    traffic = 2 * out["state_gb"]  # m and v read and written once each
+    out["bus_gbps_fused_host"] = traffic / (out["fused_host_ms"] * 1e-3)
+    out["migrate_gbps"] = out["state_gb"] / ((out["page_out_ms"] + out["page_in_ms"]) / 2 * 1e-3)
+    return out
 
 
 def median_step(r: dict) -> float:
@@ -211,10 +288,15 @@ def main(argv=None) -> int:
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant in this process
     args = ap.parse_args(argv)
     if args.one:
-        res = run_bnb(args.shape, args.steps) if args.one == "bnb+peft" else run_ours(args.one, args.shape, args.steps)
+        if args.one == "optimizer":
+            res = run_optimizer(args.shape)
+        elif args.one == "bnb+peft":
+            res = run_bnb(args.shape, args.steps)
+        else:
+            res = run_ours(args.one, args.shape, args.steps)
         print("RESULT " + json.dumps(res))
         return 0
-    results, skipped = [], []
+    results, skipped, optimizer = [], [], None
     for v in args.variants:
         free = free_gb()
         if free < NEEDS_GB[v]:
@@ -232,15 +314,21 @@ def main(argv=None) -> int:
             continue
         res = json.loads(lines[-1][len("RESULT ") :])
         res["process_s"] = time.perf_counter() - t0
+        if v == "optimizer":
+            optimizer = res
+            print("optimizer alone: " + ", ".join(f"{k} {x:.4g}" for k, x in res.items() if isinstance(x, float)))
+            continue
         results.append(res)
         print(f"{v}: {median_step(res):.3f} s/step, peak {res['peak_device_used_gb']:.2f} GB", flush=True)
     if not results:
         return 1
     by = {r["variant"]: r for r in results}
-    print(f"\n{'variant':<13}{'s/step':>8}{'peak used GB':>14}{'torch alloc GB':>16}{'losses':>10}")
+    print(f"\n{'variant':<13}{'s/step':>8}{'fwd s':>7}{'bwd s':>7}{'peak used GB':>14}{'torch alloc GB':>16}  losses")
     for r in results:
-        print(f"{r['variant']:<13}{median_step(r):>8.3f}{r['peak_device_used_gb']:>14.2f}"
-              f"{r['torch_max_allocated_gb']:>16.2f}  {', '.join(f'{x:.3f}' for x in r['losses'])}")  # fmt: skip
+        ph = r.get("phase_s", {})
+        print(f"{r['variant']:<13}{median_step(r):>8.3f}{ph.get('forward', 0):>7.3f}{ph.get('backward', 0):>7.3f}"
+              f"{r['peak_device_used_gb']:>14.2f}{r['torch_max_allocated_gb']:>16.2f}  "
+              f"{', '.join(f'{x:.3f}' for x in r['losses'])}")  # fmt: skip
     summary = {}
     if "ours" in by and "bnb+peft" in by:
         o, b = by["ours"], by["bnb+peft"]
@@ -258,7 +346,7 @@ def main(argv=None) -> int:
               f"(<= bnb's): {'met' if summary['as_fast_as_bnb'] else 'MISSED'}")  # fmt: skip
     device = results[0]["device"]
     payload = {"device": device, "command": " ".join(sys.argv), "summary": summary, "results": results,
-               "not_run": skipped}  # fmt: skip
+               "optimizer": optimizer, "not_run": skipped}  # fmt: skip
     name = f"bench_65b_{device.replace(' ', '_')}" + ("" if args.shape == SHAPE else f"_{args.shape}")
     path = save(name, payload)
     plot(results, RESULTS / f"{name}.png")

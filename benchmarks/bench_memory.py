@@ -69,7 +69,16 @@ def cli_command(shape_name: str, *, step_in_backward: bool, offload: bool, embed
 
 
 def run_one(
-    shape_name, cap_gb, steps, states, step_in_backward, offload, embed_on_host, check_finite="deferred", overlap=True
+    shape_name,
+    cap_gb,
+    steps,
+    states,
+    step_in_backward,
+    offload,
+    embed_on_host,
+    check_finite="deferred",
+    overlap=True,
+    optimizer=True,
 ) -> dict:
     """Build, train `steps` steps, and sample device memory; runs in its own process (clean context and pools)."""
     import contextlib
@@ -90,10 +99,16 @@ def run_one(
     context = total - free
     samples = [("context", context)]
 
+    phases: dict[str, list[float]] = {}
+    mark = [time.perf_counter()]
+
     def sample(what: str) -> None:
         torch.cuda.synchronize()
         f, t = torch.cuda.mem_get_info()
         samples.append((what, t - f))
+        now = time.perf_counter()
+        phases.setdefault(what, []).append(now - mark[0])
+        mark[0] = now
 
     cap = int(cap_gb * memory.GB)
     pool = cupy.get_default_memory_pool()
@@ -112,15 +127,18 @@ def run_one(
     torch.cuda.set_per_process_memory_fraction(max(left, 0) / total)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = PagedAdamW(params, lr=LR, placement=states, page_threshold_bytes=0, check_finite=check_finite)
-    if step_in_backward:
+    if step_in_backward and optimizer:
         opt.hook_into_backward(overlap=overlap)
+    elif step_in_backward:  # the step without AdamW (bench_65b's ours-nostep): each gradient freed as it lands
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     sample("optimizer")
     gen = torch.Generator(device="cuda").manual_seed(0)
     losses, step_s = [], []
     for _ in range(steps):
         ids = torch.randint(0, shape.vocab, (BATCH, SEQ), device="cuda", generator=gen)
         torch.cuda.synchronize()
-        ts = time.perf_counter()
+        ts = mark[0] = time.perf_counter()
         ctx = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
         with ctx:
             loss = model(input_ids=ids, labels=ids).loss
@@ -167,6 +185,7 @@ def run_one(
         "optimizer_state_location": opt.state_location(),
         "build_s": build_s,
         "step_s": step_s,
+        "phase_s": {k: sorted(v[1:] or v)[len(v[1:] or v) // 2] for k, v in phases.items()},  # medians after step 1
         "losses": losses,
         "ledger_gb": {k: v / 1e9 for k, v in ledger.components.items()},
         "ledger_resident_gb": ledger.resident / 1e9,

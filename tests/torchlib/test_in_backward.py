@@ -152,7 +152,7 @@ def test_gpu_overlap_runs_the_steps_on_a_side_stream_joined_after_backward():
     so a read of a parameter there sees the stepped value (compared with the overlap=False run)."""
     net, x = _net("cuda")
     params = list(net.parameters())
-    opt = PagedAdamW(params, lr=1e-2, check_finite="deferred")
+    opt = PagedAdamW(params, lr=1e-2, weight_decay=0.1, check_finite="deferred")
     opt.hook_into_backward(overlap=True)
     side = opt._hooked.side
     assert side is not None and side != torch.cuda.current_stream()
