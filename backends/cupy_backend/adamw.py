@@ -120,7 +120,7 @@ class DeviceAdamWStates:
             if state_bits == 8:
                 self.code_m = cupy.asarray(dynamic_map(signed=True))  # (256,)
                 self.code_v = cupy.asarray(dynamic_map(signed=False))  # (256,)
-        self._blocks_cache: dict[tuple[int, ...], cupy.ndarray] = {}
+        self._blocks_cache: dict[tuple, list] = {}  # key -> [int32 table on the device, its upload event or None]
         self._keep = None  # the last uploaded table, alive until the next step's launch is queued
 
     # -- paging: the arena's -----------------------------------------------------------------------------------------
@@ -169,18 +169,32 @@ class DeviceAdamWStates:
             stream.synchronize()
 
     def blocks(self, active: tuple[int, ...]) -> cupy.ndarray:
-        """(row in the launch table, chunk index) per CUDA block, int32[nblocks, 2]; cached by the tensors stepped."""
-        cached = self._blocks_cache.get(active)
+        """(row in the launch table, chunk index) per CUDA block, int32[nblocks, 2]; cached by the tensors stepped.
+
+        A one-tensor step (PagedAdamW.hook_into_backward: one call per tensor) is cached by its chunk count, which is
+        all its rows depend on, so stepping many tensors one by one re-uses a few tables instead of uploading one per
+        call; the upload is asynchronous (a blocking copy would synchronise the stream inside backward)."""
+        key = ("one", ceil_div(self.sizes[active[0]], self.chunk)) if len(active) == 1 else active
+        cached = self._blocks_cache.get(key)
+        stream = stream_for(self.device_id)
         if cached is None:
             rows = []
             for k, i in enumerate(active):
                 nchunks = ceil_div(self.sizes[i], self.chunk)  # 8-bit: chunk / 256 quantization blocks each
                 rows.append(np.stack([np.full(nchunks, k, np.int32), np.arange(nchunks, dtype=np.int32)], axis=1))
-            cached = cupy.asarray(np.ascontiguousarray(np.concatenate(rows)))  # (nblocks, 2)
-            if len(self._blocks_cache) > 8:
-                self._blocks_cache.clear()
-            self._blocks_cache[active] = cached
-        return cached
+            table = np.ascontiguousarray(np.concatenate(rows))  # (nblocks, 2)
+            with stream:
+                cached = [cupy.asarray(table, blocking=False), cupy.cuda.Event(disable_timing=True)]
+                cached[1].record(stream)
+            if len(self._blocks_cache) > 16:
+                self._blocks_cache = {k: v for k, v in self._blocks_cache.items() if k[0] == "one"}
+            self._blocks_cache[key] = cached
+        elif cached[1] is not None:  # uploaded on a stream that may not be this one: wait for it on the GPU
+            if cached[1].done:
+                cached[1] = None
+            else:
+                stream.wait_event(cached[1])
+        return cached[0]
 
 
 def adamw_states(sizes, *, state_bits=32, device=None, paged=True, placement="device", margin_bytes=None,

@@ -13,9 +13,11 @@ from qlora_ref.checks import NonFiniteError
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _net(device):
+def _net(device, depth: int = 0):
+    """48 -> 32 -> (depth x 32 -> 32) -> 8 linears with tanh between; 2 * (depth + 2) tensors."""
     g = torch.Generator().manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    mid = [m for _ in range(depth) for m in (torch.nn.Linear(32, 32), torch.nn.Tanh())]
+    net = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.Tanh(), *mid, torch.nn.Linear(32, 8))
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
@@ -119,10 +121,11 @@ def test_hook_into_backward_twice_replaces_the_hooks():
 @pytest.mark.parametrize("placement", ["device", "host"])
 def test_gpu_deferred_hooks_never_wait_for_the_gpu(placement):
     """Hooked steps under check_finite="deferred" issued behind a ~1 s GPU sleep: backward() returns while the
-    stream is still busy (no hook synchronised), and the parameters equal an idle-stream run's bit for bit."""
+    stream is still busy (no hook synchronised), and the parameters equal an idle-stream run's bit for bit.  40
+    tensors: more one-tensor steps than the optimizer's caches of launch tables hold entries."""
 
     def run(busy: bool):
-        net, x = _net("cuda")
+        net, x = _net("cuda", depth=18)
         params = list(net.parameters())
         opt = PagedAdamW(params, lr=1e-2, placement=placement, check_finite="deferred", page_threshold_bytes=0)
         opt.hook_into_backward()
