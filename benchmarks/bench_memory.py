@@ -11,9 +11,9 @@ backward + optimizer steps.  Three memory levers, each switchable:
     --offload           re-entrant checkpointing under torch.autograd.graph.save_on_cpu: block inputs in host RAM
     --embed-on-host     the (frozen) input embedding table in pinned host RAM; lookups copy only the T rows used
 
-The optimizer checks each gradient for NaN/Inf on the device (check_finite="deferred": no host wait inside
-backward) and, stepping inside backward, runs the steps on a side stream beside backward (backends/torchlib/
-in_backward.py).  The 65B step beside bitsandbytes + PEFT's, in one run: bench_65b.py.
+The optimizer checks the gradients for NaN/Inf on the device (check_finite="deferred": no host wait inside backward)
+and, stepping inside backward, steps up to 16 tensors per launch (backends/torchlib/in_backward.py). The 65B step
+beside bitsandbytes + PEFT's, in one run: bench_65b.py.
 
 The cap (48 GB for 65B, 24 GB for 33B, 48 GB for 7B; GB = 10^9 bytes) binds both allocators: CuPy's pool (the 4-bit
 weights) gets a limit of cap, and after the model is built torch gets set_per_process_memory_fraction of what is
@@ -77,7 +77,8 @@ def run_one(
     offload,
     embed_on_host,
     check_finite="deferred",
-    overlap=True,
+    overlap=False,
+    group=16,
     optimizer=True,
 ) -> dict:
     """Build, train `steps` steps, and sample device memory; runs in its own process (clean context and pools)."""
@@ -128,7 +129,7 @@ def run_one(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = PagedAdamW(params, lr=LR, placement=states, page_threshold_bytes=0, check_finite=check_finite)
     if step_in_backward and optimizer:
-        opt.hook_into_backward(overlap=overlap)
+        opt.hook_into_backward(overlap=overlap, group=group)
     elif step_in_backward:  # the step without AdamW (bench_65b's ours-nostep): each gradient freed as it lands
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
@@ -170,6 +171,7 @@ def run_one(
             optimizer="PagedAdamW 32-bit",
             check_finite=check_finite,
             overlap=overlap,
+            group=group,
             quant="nf4+dq, blocksize 64",
         ),  # fmt: skip
         "device": torch.cuda.get_device_name(0),

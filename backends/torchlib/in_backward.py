@@ -1,28 +1,33 @@
-"""Stepping inside backward (``PagedAdamW.hook_into_backward``): one tensor at a time, no host synchronisation.
+"""Stepping inside backward (``PagedAdamW.hook_into_backward``): a few tensors at a time, no host synchronisation.
 
-Each trainable tensor p_i is stepped the moment autograd has accumulated its gradient (a post-accumulate-grad hook)
-and the gradient is freed at once, so the gradients never coexist on the device.  Under check_finite="deferred" the
-spec's non-finite check (ADAMW-12) is kept per tensor, on the device, and read back without waiting:
+Each trainable tensor p_i is stepped soon after autograd has accumulated its gradient (a post-accumulate-grad hook):
+the hooks gather up to ``group`` tensors (16 by default; a LLaMA layer has 14) and step them in one launch, then free
+their gradients, so at most a group's gradients coexist on the device, and a group costs one launch, one check and one
+table upload instead of one each per tensor (the host work that bounds the step).  What is gathered is stepped at the
+end of each autograd graph task too.  Under check_finite="deferred" the spec's non-finite check (ADAMW-12) is kept per
+group, on the device, and read back without waiting:
 
-    flag[i] <- 1 if p_i.grad holds NaN/Inf else 0      queued on the stream; p_i's step kernel reads flag[i] and
-                                                       writes nothing (p_i, m_i, v_i untouched) when it is set
+    flag[k] <- 1 if a gradient of group k holds NaN/Inf else 0    queued on the stream; the group's step kernel
+                                                       reads flag[k] and writes nothing (its p, m, v untouched) when set
     end of each autograd graph task:  flag -> a pinned host copy, an event recorded behind it
     each later hook:  the copies the GPU has passed are read (event.query(): no wait); before p_i is stepped again,
                       the copy covering its last step is read (waiting for work queued a whole forward earlier)
     a set flag:       those tensors' step counts are undone and NonFiniteError is raised (out of loss.backward());
-                      the tensors with finite gradients were stepped, as their hooks ran
+                      the other groups were stepped, as their hooks ran
 
 So a bad gradient never writes a value, and is reported at the latest by the next backward (or at once by
-``raise_if_nonfinite()`` / ``state_dict()``, which wait).  check_finite=True checks each gradient with one host
-synchronisation per tensor (the spec's raise-before-write, at ~1 wait per LoRA tensor); False checks nothing.
+``raise_if_nonfinite()`` / ``state_dict()``, which wait).  check_finite=True checks each group's gradients with one host
+synchronisation per group (the spec's raise-before-write, at one wait per launch); False checks nothing.
 
-overlap (CUDA): the steps run on a side stream that first waits for the gradient's stream, so the AdamW kernels (which
-cross the bus when the states are host-placed, ``placement="host"``) run beside the rest of backward instead of in
-line with it; each gradient is recorded on the side stream before it is freed (its memory is not reused early), and at
-the end of each graph task the caller's stream waits for the side stream, so whatever runs after ``backward()``
-(the next forward) reads the updated parameters.  Under re-entrant checkpointing each block's recompute is a graph
-task of its own, so the join is per block there.  The values are the same bits either way: the same kernel, on the
-same data, in the same order per tensor.
+overlap (CUDA, off by default: on the H200's 65B-shaped step it measured slower, 1.19 against 1.08 s, the AdamW
+kernels reading host memory beside the GEMMs; benchmarks/bench_65b.py): the steps run on a side stream that first
+waits for the gradient's stream, so the AdamW kernels (which cross the bus when the states are host-placed,
+``placement="host"``) run beside the rest of backward instead of in line with it; each gradient is recorded on the
+side stream before it is freed (its memory is not reused early), and at the end of each graph task the caller's
+stream waits for the side stream, so whatever runs after ``backward()`` (the next forward) reads the updated
+parameters. Under re-entrant checkpointing each block's recompute is a graph task of its own, so the join is per
+block there. The values are the same bits either way: the same kernel, on the same data, in the same order per
+tensor.
 """
 
 from __future__ import annotations
@@ -35,19 +40,22 @@ from qlora_ref.checks import NonFiniteError
 
 
 class _Copy:
-    """Steps (tensor index -> its step count) whose flags one host copy holds, and the event behind the copy."""
+    """Steps (tensor index -> (its step count, the flag slot its launch read)) whose flags one host copy holds, and
+    the event behind the copy."""
 
     __slots__ = ("entries", "event")
 
     def __init__(self):
-        self.entries: dict[int, int] = {}
+        self.entries: dict[int, tuple[int, int]] = {}
         self.event = None  # torch.cuda.Event once copied (None on the CPU: the flags are the copy)
 
 
 class InBackwardSteps:
     """The hooks of one optimizer (``opt``: a PagedAdamW) and their deferred checks (module docstring)."""
 
-    def __init__(self, opt, *, overlap: bool = True):
+    def __init__(self, opt, *, overlap: bool = False, group: int = 16):
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"group must be a positive int (tensors per launch), got {group!r}")
         self.opt = opt
         device = opt.device
         self.cuda = device.type == "cuda"
@@ -62,26 +70,42 @@ class InBackwardSteps:
         self.copies: deque[_Copy] = deque()  # copied, not yet read, oldest first
         self.unread: dict[int, _Copy] = {}  # tensor index -> the copy (or open) that holds its last step's flag
         self.queued: set[int] = set()  # graph tasks whose end callback is queued
+        self.group = group
+        self.batch: list[tuple[torch.Tensor, int]] = []  # (param, index) hooked, not yet stepped
 
     def hook(self, p: torch.Tensor) -> None:
-        opt = self.opt
-        i = opt._index[id(p)]
+        i = self.opt._index[id(p)]
+        if any(j == i for _, j in self.batch):  # hooked twice before a flush: step what came first
+            self.flush()
         if self.deferred:
             self.poll(i)
-        skip = self.views[i] if self.deferred else None
-        g = p.grad
-        if self.side is not None:
-            self.side.wait_stream(torch.cuda.current_stream(opt.device))
-            with torch.cuda.stream(self.side):
-                t = opt._step_tensor(p, i, skip)
-            g.record_stream(self.side)
-        else:
-            t = opt._step_tensor(p, i, skip)
-        p.grad = None
-        if self.deferred:
-            self.open.entries[i] = t
-            self.unread[i] = self.open
+        self.batch.append((p, i))
+        if len(self.batch) >= self.group:
+            self.flush()
         self._at_task_end()
+
+    def flush(self) -> None:
+        """Step the gathered tensors in one launch and free their gradients."""
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        params, index = [p for p, _ in batch], [i for _, i in batch]
+        slot = index[0]  # the group's flag: a NaN/Inf in any of its gradients leaves all of them unstepped
+        skip = self.views[slot] if self.deferred else None
+        if self.side is not None:
+            self.side.wait_stream(torch.cuda.current_stream(self.opt.device))
+            with torch.cuda.stream(self.side):
+                counts = self.opt._step_tensors(params, index, skip)
+            for p in params:
+                p.grad.record_stream(self.side)
+        else:
+            counts = self.opt._step_tensors(params, index, skip)
+        for p in params:
+            p.grad = None
+        if self.deferred:
+            for i, t in zip(index, counts, strict=True):
+                self.open.entries[i] = (t, slot)
+                self.unread[i] = self.open
 
     def _at_task_end(self) -> None:
         task = torch._C._current_graph_task_id()
@@ -97,7 +121,9 @@ class InBackwardSteps:
             torch.autograd.Variable._execution_engine.queue_callback(done)
 
     def end_task(self) -> None:
-        """At the end of a graph task, on the caller's stream: join the side stream, copy the flags to the host."""
+        """At the end of a graph task, on the caller's stream: step what is gathered, join the side stream, copy the
+        flags to the host."""
+        self.flush()
         if self.open.entries:
             self._copy()  # joins the side stream first
         elif self.side is not None:
@@ -128,10 +154,10 @@ class InBackwardSteps:
                     break
                 copy.event.synchronize()
             self.copies.popleft()
-            for j, t in copy.entries.items():
+            for j, (t, slot) in copy.entries.items():
                 if self.unread.get(j) is copy:
                     del self.unread[j]
-                if self.host_np[j]:
+                if self.host_np[slot]:
                     bad.append((j, t))
             if copy is held:
                 held = None
@@ -149,5 +175,6 @@ class InBackwardSteps:
 
     def drain(self) -> None:
         """Read every outstanding flag, waiting for the GPU as needed (raise_if_nonfinite, state_dict)."""
+        self.flush()
         if self.deferred:
             self.poll(wait=True)

@@ -180,40 +180,49 @@ class PagedAdamW(torch.optim.Optimizer):
                 return True
         return False
 
-    def hook_into_backward(self, *, overlap: bool = True) -> list:
+    def hook_into_backward(self, *, overlap: bool = False, group: int = 16) -> list:
         """Step each parameter the moment its gradient is accumulated, then free that gradient (module docstring).
 
         Call once; afterwards ``loss.backward()`` performs the optimizer step (do not call ``step()`` or clip).
         Returns the hook handles (``handle.remove()`` undoes it).  The result equals ``backward(); step()``
         parameter for parameter.  Under check_finite="deferred" no hook waits for the GPU: each tensor's check is
-        read back later, and a NaN/Inf gradient raises NonFiniteError out of a later ``backward()`` (in_backward.py);
-        overlap (CUDA): the steps run on a side stream beside the rest of backward.
+        read back later, and a NaN/Inf gradient raises NonFiniteError out of a later ``backward()`` (in_backward.py).
+        group: up to this many tensors are gathered and stepped in one launch; overlap (CUDA): the steps run on a
+        side stream beside the rest of backward.
         """
         from .in_backward import InBackwardSteps
 
         if self._hooked is not None:  # hooks registered earlier: their flags are read before new ones take over
             self._hooked.drain()
-        self._hooked = InBackwardSteps(self, overlap=overlap)
+        self._hooked = InBackwardSteps(self, overlap=overlap, group=group)
         return [p.register_post_accumulate_grad_hook(self._hooked.hook) for p in self._params]
 
-    def _step_tensor(self, p: torch.Tensor, i: int, skip) -> int:
-        """p's step alone (its gradient checked into ``skip`` when given, else as check_finite says); its new count."""
-        group = self._group_of[i]
-        lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        g = p.grad
-        if g.layout is not _STRIDED or not g.is_contiguous() or p.dtype not in PARAM_DTYPES:
-            check_grad(i, p)
-        t = self.state[p]["step"] + 1
-        key = (t, lr, tuple(betas), eps, wd)
-        scalars = self._scalars.get(key)
-        if scalars is None:  # checks the hyperparameters too (a scheduler may have changed lr)
-            if len(self._scalars) > 256:
-                self._scalars.clear()
-            scalars = self._scalars[key] = step_scalars(t, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    def _step_tensors(self, params: list, index: list[int], skip) -> list[int]:
+        """These parameters' step in one launch (their gradients checked into ``skip`` when given, else as
+        check_finite says); returns their new step counts."""
+        grads, scalars, counts = [], [], []
+        for p, i in zip(params, index, strict=True):
+            group = self._group_of[i]
+            lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            g = p.grad
+            if g.layout is not _STRIDED or not g.is_contiguous() or p.dtype not in PARAM_DTYPES:
+                check_grad(i, p)
+            t = self.state[p]["step"] + 1
+            key = (t, lr, tuple(betas), eps, wd)
+            s = self._scalars.get(key)
+            if s is None:  # checks the hyperparameters too (a scheduler may have changed lr)
+                if len(self._scalars) > 256:
+                    self._scalars.clear()
+                s = self._scalars[key] = step_scalars(t, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+            grads.append(g)
+            scalars.append(s)
+            counts.append(t)
         check = "deferred" if skip is not None else self.check_finite is True
-        self.backend.adamw_step([p], [g], self._states, [i], [scalars], decay=self.decay, check_finite=check, skip=skip)
-        self.state[p]["step"] = t
-        return t
+        self.backend.adamw_step(params, grads, self._states, index, scalars, decay=self.decay, check_finite=check,
+                                skip=skip)  # fmt: skip
+        for p, t in zip(params, counts, strict=True):
+            self.state[p]["step"] = t
+        return counts
 
     # -- the step -------------------------------------------------------------------------------------------------
 

@@ -24,13 +24,13 @@ def _net(device, depth: int = 0):
     return net.to(device), torch.randn(5, 48, generator=g).to(device)
 
 
-def _train(device, hooked: bool, steps=3, poison=None, overlap=True, **kw):
+def _train(device, hooked: bool, steps=3, poison=None, overlap=False, group=16, **kw):
     """Params after `steps` steps; poison: {step: param index} makes that parameter's gradient NaN in that step."""
     net, x = _net(device)
     params = list(net.parameters())
     opt = PagedAdamW(params, lr=1e-2, weight_decay=0.1, **kw)
     if hooked:
-        opt.hook_into_backward(overlap=overlap)
+        opt.hook_into_backward(overlap=overlap, group=group)
     poison = poison or {}
     state = {"step": 0}
     for k, p in enumerate(params):
@@ -54,10 +54,10 @@ def _devices():
 @pytest.mark.parametrize("check", [True, False, "deferred"])
 def test_hooked_steps_equal_backward_then_step(device, check):
     want, _, _, _ = _train(device, False, check_finite=check)
-    for overlap in (True, False):
-        got, opt, _, _ = _train(device, True, check_finite=check, overlap=overlap)
+    for overlap, group in ((False, 16), (True, 16), (False, 1), (False, 3)):
+        got, opt, _, _ = _train(device, True, check_finite=check, overlap=overlap, group=group)
         for a, b in zip(want, got, strict=True):
-            assert torch.equal(a, b), (check, overlap)
+            assert torch.equal(a, b), (check, overlap, group)
         opt.raise_if_nonfinite()
         assert all(opt.state[p]["step"] == 3 for p in opt._params)
 
@@ -70,7 +70,7 @@ def test_deferred_nan_leaves_its_tensor_unstepped_and_raises_later(device):
     net, x = _net(device)
     params = list(net.parameters())
     opt = PagedAdamW(params, lr=1e-2, weight_decay=0.1, check_finite="deferred")
-    opt.hook_into_backward()
+    opt.hook_into_backward(group=1)
     poisoned = 2
     flag = {"on": False}
     params[poisoned].register_hook(lambda g: g * float("nan") if flag["on"] else g)
@@ -97,12 +97,32 @@ def test_deferred_nan_leaves_its_tensor_unstepped_and_raises_later(device):
 @pytest.mark.parametrize("device", _devices())
 def test_deferred_nan_is_raised_by_raise_if_nonfinite_and_state_dict(device):
     for read in ("raise_if_nonfinite", "state_dict"):
-        _, opt, _, _ = _train(device, True, steps=1, poison={0: 1}, check_finite="deferred")
+        _, opt, _, _ = _train(device, True, steps=1, poison={0: 1}, check_finite="deferred", group=1)
         with pytest.raises(NonFiniteError, match="optimizer index 1"):
             getattr(opt, read)()
         assert opt.state[opt._params[1]]["step"] == 0
         assert opt.state[opt._params[0]]["step"] == 1
         opt.state_dict()  # read once: nothing left to raise
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_deferred_nan_in_a_group_leaves_the_whole_group_unstepped(device):
+    """group=2 over 4 tensors hooked in the order 3, 2, 1, 0 (backward reaches the last layer first): a NaN in
+    tensor 1's gradient skips its group {1, 0}; {3, 2} steps."""
+    start, _, _, _ = _train(device, True, steps=0)
+    got, opt, _, _ = _train(device, True, steps=1, poison={0: 1}, check_finite="deferred", group=2)
+    assert [torch.equal(a, b) for a, b in zip(start, got, strict=True)] == [True, True, False, False]
+    with pytest.raises(NonFiniteError, match=r"2 tensor\(s\) \(optimizer index [01], [01]\)"):
+        opt.raise_if_nonfinite()
+    assert [opt.state[p]["step"] for p in opt._params] == [0, 0, 1, 1]
+
+
+def test_group_must_be_a_positive_int():
+    net, _ = _net("cpu")
+    opt = PagedAdamW(list(net.parameters()), check_finite="deferred")
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="group must be a positive int"):
+            opt.hook_into_backward(group=bad)
 
 
 def test_hook_into_backward_twice_replaces_the_hooks():
