@@ -9,8 +9,9 @@ The spec's terms stay the spec's; what changes, term by term:
     layer="qlora-ref"    QLoRALinear (layer.py): the dropout mask is redrawn from a seed and casts are transient, so
                          activations lose lora_input_bytes; its layers share one scratch buffer: dequant_scratch
                          counts 1 buffer (MEM-10's PEFT count is 2)
-    step_in_backward     PagedAdamW.hook_into_backward: each adapter gradient is stepped and freed as soon as autograd
-                         accumulates it: lora_grads = l * the largest adapter tensor
+    step_in_backward     PagedAdamW.hook_into_backward: adapter gradients are stepped and freed in groups of
+                         step_group (16, the hooks' default) as autograd accumulates them: lora_grads = l * the
+                         step_group largest adapter tensors (1: the largest alone)
     offload_checkpoints  re-entrant checkpointing under torch.autograd.graph.save_on_cpu: the L c T h block inputs
                          live in host memory (checkpoints = 0 on the device)
     embeddings_on_host   synthetic.HostEmbedding (untied models only): the input table stays in pinned host memory,
@@ -44,6 +45,7 @@ class Runtime:
 
     layer: str = "qlora-ref"  # whose LoRA layer: ours, or bitsandbytes + PEFT ("peft", the paper's)
     step_in_backward: bool = False  # optimizer steps inside backward (PagedAdamW.hook_into_backward)
+    step_group: int = 16  # tensors per step inside backward (hook_into_backward's group)
     offload_checkpoints: bool = False  # checkpointed block inputs in host memory
     embeddings_on_host: bool = False  # input embedding table in host memory (untied models)
     overhead_bytes: int = CUDA_OVERHEAD_BYTES  # CUDA context and kernels; 0 for the tensors alone
@@ -54,11 +56,15 @@ class Runtime:
         v = self.overhead_bytes
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"overhead_bytes must be a non-negative integer, got {v!r}")
+        g = self.step_group
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"step_group must be a positive integer, got {g!r}")
 
     def config(self) -> dict:
+        group = {"step_group": self.step_group} if self.step_in_backward else {}
         return dict(
-            layer=self.layer, step_in_backward=self.step_in_backward, offload_checkpoints=self.offload_checkpoints,
-            embeddings_on_host=self.embeddings_on_host,
+            layer=self.layer, step_in_backward=self.step_in_backward, **group,
+            offload_checkpoints=self.offload_checkpoints, embeddings_on_host=self.embeddings_on_host,
         )  # fmt: skip
 
 
@@ -72,10 +78,12 @@ def activation_bytes(shape: ModelShape, recipe: Recipe, runtime: Runtime) -> int
 
 
 def lora_grad_bytes(shape: ModelShape, recipe: Recipe, runtime: Runtime) -> int:
-    """MEM-5, or with steps inside backward one gradient at a time: l * the largest adapter tensor, r * max(in, out)."""
+    """MEM-5, or with steps inside backward a group at a time: l * the step_group largest adapter tensors (A: r x in,
+    B: out x r; bounded by all of them)."""
     if not runtime.step_in_backward:
         return spec.lora_param_bytes(shape, recipe)
-    return recipe.lora_bytes * max(recipe.r * max(fin, fout) for _, fin, fout in shape.linears())
+    sizes = [recipe.r * n for _, fin, fout in shape.linears() for n in (fin, fout)] * shape.layers
+    return recipe.lora_bytes * sum(sorted(sizes, reverse=True)[: runtime.step_group])
 
 
 def embedding_bytes(shape: ModelShape, recipe: Recipe, runtime: Runtime) -> int:
