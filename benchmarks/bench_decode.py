@@ -338,8 +338,9 @@ def plot(doc: dict, path: Path) -> None:
             ax.set_xticks([i + 0.4 - w / 2 for i in range(len(groups))], [f"{m}\nbatch {b}" for m, b in groups])
             ax.set(ylabel="ms per decode step (lower is better)", title=f"greedy decode on {doc['info']['device']}")
         else:
-            names = [("ours", "ours (any order, v3)"), ("ours_spec", "ours (spec order, v2)"), ("bnb", "bitsandbytes"),
-                     ("bf16", "bf16 cuBLAS"), ("floor", "4-bit bytes at copy bandwidth")]  # fmt: skip
+            names = [("ours", "ours (any order, v3/v4)"), ("ours_spec", "ours (spec order, v2)"),
+                     ("bnb", "bitsandbytes"), ("bf16", "bf16 cuBLAS"),
+                     ("floor", "4-bit bytes at copy bandwidth")]  # fmt: skip
             w = 0.8 / len(names)
             for j, (key, label) in enumerate(names):
                 vals = [r.get("floor_us" if key == "floor" else f"{key}_graph_us") or 0.0 for r in kernel]

@@ -1,7 +1,8 @@
 """The 4-bit matvec of decoding, one kernel call at a time: ours vs bitsandbytes vs bf16 cuBLAS vs the copy ceiling.
 
 Per weight shape (out, in) and token count T (x [T, in] bf16 -> y [T, out] bf16; NF4, blocksize 64, double quant):
-    ours           the cupy backend's ``matvec_4bit(order="any")`` (kernels/matvec_4bit.cu v3, MV-8), into y, every
+    ours           the cupy backend's ``matvec_4bit(order="any")`` (kernels/matvec_4bit.cu as launch.matvec_kernel
+                   picks: v4 for one token up to MATVEC_V4_MAX_WEIGHTS weights, v3 otherwise; MV-8), into y, every
                    argument checked per call
     ours_bound     the same kernel through ``bind_matvec_4bit(q, T, order="any")(x, y)``: resolved once, a call reads
                    two addresses and launches; what QLoRALinear decodes with up to layer.MATVEC_TOKENS rows
