@@ -42,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import RESULTS, save  # noqa: E402
+from benchmarks.common import RESULTS, cuda_median_ms, save  # noqa: E402
 
 SHAPE = "llama-65b"
 SEQ, BATCH, R, ALPHA, LR = 512, 1, 64, 16, 2e-4
@@ -189,8 +189,6 @@ def lora_sizes(shape) -> list[tuple[int, int]]:
 
 def run_optimizer(shape_name: str, reps: int = 5) -> dict:
     """AdamW alone over the shape's LoRA tensors (module docstring's `optimizer` variant), CUDA-event medians."""
-    import statistics
-
     import torch
 
     from backends.torchlib import PagedAdamW
@@ -204,17 +202,7 @@ def run_optimizer(shape_name: str, reps: int = 5) -> dict:
         p.grad = torch.empty_like(p).normal_(0, 1e-3, generator=gen)
 
     def timed(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        ms = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ms.append(a.elapsed_time(b))
-        return statistics.median(ms)
+        return cuda_median_ms(fn, warmup=1, reps=reps)
 
     out = {"variant": "optimizer", "shape": shape_name, "device": torch.cuda.get_device_name(0),
            "tensors": len(params), "params": sum(p.numel() for p in params)}  # fmt: skip
