@@ -271,6 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--shape", default=SHAPE, help="a qlora_ref.memory preset (a smaller one for a quick check)")
+    ap.add_argument("--suffix", default="", help="appended to the result's file name (e.g. _repeat)")
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant in this process
     args = ap.parse_args(argv)
     if args.one:
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
     device = results[0]["device"]
     payload = {"device": device, "command": " ".join(sys.argv), "summary": summary, "results": results,
                "optimizer": optimizer, "not_run": skipped}  # fmt: skip
-    name = f"bench_65b_{device.replace(' ', '_')}" + ("" if args.shape == SHAPE else f"_{args.shape}")
+    name = f"bench_65b_{device.replace(' ', '_')}" + ("" if args.shape == SHAPE else f"_{args.shape}") + args.suffix
     path = save(name, payload)
     plot(results, RESULTS / f"{name}.png")
     print(f"wrote {path}")
